@@ -1,0 +1,422 @@
+"""Service and agent configuration: parsing and validation (pure, no OS binding
+beyond reading the files and their permissions).
+
+Every error names the file, the key and what is allowed, so that an operator
+can fix it without reading code. Nothing here changes the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import signal
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Signals a service may ask to be drained with; SIGKILL/SIGSTOP cannot drain.
+DRAIN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+READY_TYPES = ("notify", "http", "tcp", "exec")
+SOCKET_MODES = ("inherit",)
+INSTANCE_PORT = "{instance_port}"
+
+DEFAULT_CONFIG_DIR = Path("/etc/zdd-agent/services")
+DEFAULT_AGENT_CONFIG = Path("/etc/zdd-agent/agent.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/zdd-agent")
+
+
+def check_name(name: object, where: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: invalid service name {name!r} "
+                          "(allowed: [a-z0-9][a-z0-9-]{0,47})")
+    return name
+
+
+def check_version(version: object, where: str = "version") -> str:
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise ConfigError(f"{where}: invalid version {version!r} "
+                          "(allowed: [A-Za-z0-9][A-Za-z0-9._-]{0,63})")
+    return version
+
+
+def parse_duration(value: object) -> float:
+    """'2s', '500ms', '1m', '1h', or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration like 500ms, 2s, 1m or 1h")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str | None  # None: all addresses
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return str(self.port)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Ready:
+    type: str = "notify"
+    url: str | None = None
+    command: tuple[str, ...] | None = None
+    period: float = 2.0
+    timeout: float = 1.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    initial_delay: float = 0.0
+    deadline: float = 60.0
+
+    @property
+    def needs_instance_port(self) -> bool:
+        return any(INSTANCE_PORT in s for s in (self.url or "", *(self.command or ())))
+
+
+@dataclass(frozen=True)
+class Drain:
+    grace_period: float = 30.0
+    signal: str = "SIGTERM"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    command: tuple[str, ...]
+    listen: tuple[Listen, ...]
+    path: Path = Path("<memory>")
+    socket: str = "inherit"
+    user: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    ready: Ready = field(default_factory=Ready)
+    drain: Drain = field(default_factory=Drain)
+
+    def argv(self, version: str) -> list[str]:
+        """The instance's argv: split without a shell, {version} substituted."""
+        check_version(version)
+        return [a.replace("{version}", version) for a in self.command]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(sorted({lst.port for lst in self.listen}))
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Checker:
+    """Validates one mapping; every message names the file and the dotted key."""
+
+    def __init__(self, path: Path, data: Mapping[str, Any], prefix: str = "") -> None:
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.prefix}{key}: {msg}",
+                           file=str(self.path), key=f"{self.prefix}{key}")
+
+    def reject_unknown(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise self.fail(str(key), f"unknown key (allowed: {', '.join(allowed)})")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def duration(self, key: str, default: float, lo: float, hi: float) -> float:
+        raw = self.data.get(key, default)
+        try:
+            value = parse_duration(raw)
+        except ValueError as e:
+            raise self.fail(key, f"{e} (allowed: {format_duration(lo)}..{format_duration(hi)})")
+        if not lo <= value <= hi:
+            raise self.fail(key, f"{raw!r} is out of range "
+                                 f"(allowed: {format_duration(lo)}..{format_duration(hi)})")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        raw = self.data.get(key, default)
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise self.fail(key, f"{raw!r} is not an integer (allowed: {lo}..{hi})")
+        if not lo <= raw <= hi:
+            raise self.fail(key, f"{raw} is out of range (allowed: {lo}..{hi})")
+        return raw
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.data.get(key, default)
+        if raw not in allowed:
+            raise self.fail(key, f"{raw!r} is not allowed (allowed: {', '.join(allowed)})")
+        return str(raw)
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        raw = self.data.get(key)
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            raise self.fail(key, f"must be a mapping, got {type(raw).__name__}")
+        return raw
+
+    def argv(self, key: str, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            try:
+                parts = shlex.split(raw)
+            except ValueError as e:
+                raise self.fail(key, f"cannot split {raw!r} into arguments: {e}")
+        elif isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+            parts = list(raw)
+        else:
+            raise self.fail(key, "must be a command line string or a list of strings")
+        if not parts:
+            raise self.fail(key, "must not be empty")
+        for a in parts:
+            if any(ord(c) < 32 or ord(c) == 127 for c in a):
+                raise self.fail(key, f"argument {a!r} contains a control character")
+        if not parts[0].startswith("/"):
+            raise self.fail(key, f"executable {parts[0]!r} must be an absolute path")
+        return tuple(parts)
+
+
+def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise chk.fail("listen", "must be a non-empty list of host:port")
+    out: list[Listen] = []
+    for item in raw:
+        text = str(item)
+        host: str | None
+        m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))?:?(\d{1,5})", text)
+        if not m or (m.group(1) is None and m.group(2) is None and ":" in text):
+            raise chk.fail("listen", f"{text!r} is not host:port "
+                                     "(allowed: 127.0.0.1:8080, [::1]:8080 or 8080)")
+        host = m.group(1) or m.group(2)
+        if host is not None:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise chk.fail("listen", f"{host!r} in {text!r} is not an IP address")
+        port = int(m.group(3))
+        if not 1 <= port <= 65535:
+            raise chk.fail("listen", f"port {port} in {text!r} is out of range (allowed: 1..65535)")
+        entry = Listen(host, port)
+        if entry in out:
+            raise chk.fail("listen", f"{text!r} is listed twice")
+        out.append(entry)
+    return tuple(out)
+
+
+def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...]) -> Ready:
+    chk = _Checker(path, raw, "ready.")
+    chk.reject_unknown(("type", "url", "command", "period", "timeout", "failure_threshold",
+                        "success_threshold", "initial_delay", "deadline"))
+    rtype = chk.choice("type", "notify", READY_TYPES)
+    url = chk.get("url")
+    command = chk.get("command")
+    if rtype in ("http", "tcp"):
+        if not isinstance(url, str) or not url:
+            raise chk.fail("url", f"required for type {rtype} "
+                                  f"(e.g. http://127.0.0.1:{INSTANCE_PORT}/ready)")
+        _check_probe_url(chk, rtype, url, listen)
+    elif url is not None:
+        raise chk.fail("url", f"only for type http or tcp, not {rtype}")
+    argv: tuple[str, ...] | None = None
+    if rtype == "exec":
+        if command is None:
+            raise chk.fail("command", "required for type exec (an argv; exit 0 = ready)")
+        argv = chk.argv("command", command)
+    elif command is not None:
+        raise chk.fail("command", f"only for type exec, not {rtype}")
+    period = chk.duration("period", 2.0, 1.0, 60.0)
+    timeout = chk.duration("timeout", 1.0, 0.1, 60.0)
+    if timeout > period:
+        raise chk.fail("timeout", f"{format_duration(timeout)} is longer than period "
+                                  f"{format_duration(period)} (allowed: 100ms..period)")
+    return Ready(
+        type=rtype, url=url, command=argv, period=period, timeout=timeout,
+        failure_threshold=chk.integer("failure_threshold", 3, 1, 100),
+        success_threshold=chk.integer("success_threshold", 1, 1, 100),
+        initial_delay=chk.duration("initial_delay", 0.0, 0.0, 3600.0),
+        deadline=chk.duration("deadline", 60.0, 1.0, 3600.0),
+    )
+
+
+def _check_probe_url(chk: _Checker, rtype: str, url: str, listen: tuple[Listen, ...]) -> None:
+    scheme = "http://" if rtype == "http" else "tcp://"
+    rest = url[len(scheme):] if url.startswith(scheme) else None
+    if rtype == "tcp" and rest is None and "://" not in url:
+        rest = url
+    if rest is None:
+        raise chk.fail("url", f"{url!r} must start with {scheme}")
+    hostport = rest.split("/", 1)[0]
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\{instance_port\}|\d{1,5})", hostport)
+    if not m:
+        raise chk.fail("url", f"{url!r}: expected {scheme}HOST:PORT/... with PORT a number "
+                              f"or {INSTANCE_PORT}")
+    if m.group(2) != INSTANCE_PORT and int(m.group(2)) in {lst.port for lst in listen}:
+        raise chk.fail("url", f"{url!r} probes the shared listen port, where the old "
+                              f"instance may answer (use {INSTANCE_PORT}, a port of this "
+                              "instance alone)")
+
+
+def parse_service(path: Path, data: Any, expected_name: str | None = None) -> ServiceConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the file must hold a mapping of keys, "
+                          f"got {type(data).__name__}", file=str(path), key="")
+    chk = _Checker(path, data)
+    chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
+                        "ready", "drain"))
+    for required in ("name", "command", "listen"):
+        if required not in data:
+            raise chk.fail(required, "required key is missing")
+    try:
+        name = check_name(data["name"], "name")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", file=str(path), key="name")
+    if expected_name is not None and name != expected_name:
+        raise chk.fail("name", f"{name!r} differs from the file name {path.name!r} "
+                               f"(expected {expected_name!r})")
+    command = chk.argv("command", data["command"])
+    listen = _parse_listen(chk, data["listen"])
+    socket_mode = chk.choice("socket", "inherit", SOCKET_MODES)
+    user = data.get("user")
+    if user is not None and (not isinstance(user, str) or not USER_RE.fullmatch(user)):
+        raise chk.fail("user", f"{user!r} is not a user name (allowed: [a-z_][a-z0-9_-]{{0,31}}"
+                               " or null for root)")
+    env: list[tuple[str, str]] = []
+    for key, value in chk.mapping("environment").items():
+        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+            raise chk.fail("environment", f"{key!r} is not a variable name "
+                                          "(allowed: [A-Za-z_][A-Za-z0-9_]*)")
+        if key.startswith(("ZDD_", "LISTEN_", "NOTIFY_SOCKET")):
+            raise chk.fail(f"environment.{key}", "is set by the agent or systemd")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise chk.fail(f"environment.{key}", f"{value!r} must be a string or a number")
+        text = str(value)
+        if any(ord(c) < 32 for c in text):
+            raise chk.fail(f"environment.{key}", "contains a control character")
+        env.append((key, text))
+    ready = _parse_ready(path, chk.mapping("ready"), listen)
+    dchk = _Checker(path, chk.mapping("drain"), "drain.")
+    dchk.reject_unknown(("grace_period", "signal"))
+    drain = Drain(grace_period=dchk.duration("grace_period", 30.0, 1.0, 3600.0),
+                  signal=dchk.choice("signal", "SIGTERM", DRAIN_SIGNALS))
+    assert hasattr(signal, drain.signal)
+    return ServiceConfig(name=name, command=command, listen=listen, path=path,
+                         socket=socket_mode, user=user, environment=tuple(env),
+                         ready=ready, drain=drain)
+
+
+# ------------------------------------------------------------------- loading
+
+
+def check_not_writable_by_others(path: Path) -> None:
+    """Root must not act on config that someone else can change."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found", file=str(path), key="")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: writable by group or others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}; allowed: 0644 or stricter, "
+                          f"e.g. chmod go-w {path})", file=str(path), key="")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path}: owned by uid {st.st_uid}, not by root "
+                          f"(allowed: owner root; chown root {path})", file=str(path), key="")
+
+
+def read_yaml(path: Path) -> Any:
+    check_not_writable_by_others(path.parent)
+    check_not_writable_by_others(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}",
+                          file=str(path), key="")
+
+
+def service_path(config_dir: Path, name: str) -> Path:
+    return config_dir / f"{check_name(name)}.yaml"
+
+
+def load_service(config_dir: Path, name: str) -> ServiceConfig:
+    path = service_path(config_dir, name)
+    if not path.exists():
+        raise ConfigError(f"{path}: no config for service {name!r}", file=str(path), key="")
+    return parse_service(path, read_yaml(path), expected_name=name)
+
+
+def load_all(config_dir: Path) -> list[ServiceConfig]:
+    if not config_dir.is_dir():
+        return []
+    services = [parse_service(p, read_yaml(p), expected_name=p.stem)
+                for p in sorted(config_dir.glob("*.yaml"))]
+    seen: dict[int, str] = {}
+    for svc in services:
+        for port in svc.ports:
+            if port in seen:
+                raise ConfigError(f"{svc.path}: listen: port {port} is also used by service "
+                                  f"{seen[port]!r}", file=str(svc.path), key="listen")
+            seen[port] = svc.name
+    return services
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path | None = None
+    sysctl: tuple[tuple[str, str | None], ...] = ()  # overrides; None: leave that key alone
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    if not path.exists():
+        return AgentConfig()
+    data = read_yaml(path) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the file must hold a mapping of keys", file=str(path), key="")
+    chk = _Checker(path, data)
+    chk.reject_unknown(("sysctl",))
+    from .sysctl import DEFAULTS  # the keys the agent manages
+
+    overrides: list[tuple[str, str | None]] = []
+    for key, value in chk.mapping("sysctl").items():
+        if key not in DEFAULTS:
+            raise chk.fail(f"sysctl.{key}", f"not a key the agent manages "
+                                            f"(allowed: {', '.join(DEFAULTS)})")
+        if value is None:
+            overrides.append((key, None))
+        elif isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise chk.fail(f"sysctl.{key}", f"{value!r} must be an integer, a string or null")
+        elif not re.fullmatch(r"[0-9]+(?:[ \t]+[0-9]+)*", str(value).strip()):
+            raise chk.fail(f"sysctl.{key}", f"{value!r} must be numbers separated by spaces")
+        else:
+            overrides.append((key, " ".join(str(value).split())))
+    return AgentConfig(path=path, sysctl=tuple(overrides))
