@@ -1,0 +1,325 @@
+"""zdd-agent's command line: a thin click layer. Library code raises typed
+errors; only `main` turns them into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
+from .errors import Exit, SwapFailed, ZddError
+
+EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
+
+HELP = f"""Replace a systemd service's running version with a new one, with zero
+failed requests: the new instance starts beside the old one on the same
+listening socket (a socket unit shared through Sockets=), is admitted once
+ready, and the old one is drained with its stop signal while its live TCP
+connections are counted through netlink.
+
+\b
+Exit codes:
+{EXIT_CODES}
+"""
+
+
+class Ctx:
+    def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
+        from .deploy import Paths
+
+        self.paths = Paths(config_dir, state_dir, agent_config)
+
+
+def _out(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+class Progress:
+    """Renders swap events: a live line on a terminal, plain lines otherwise,
+    nothing with --json (one result object at the end instead)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.status: Any = None
+        self.last_plain = 0.0
+
+    def __enter__(self) -> Progress:
+        if self.live:
+            self.status = self.console.status("preflight")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def line(self, text: str, transient: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.live:
+            self.status.update(text)
+            if not transient:
+                self.console.print(text, highlight=False)
+        elif not transient or time.monotonic() - self.last_plain >= 1.0:
+            self.last_plain = time.monotonic()
+            click.echo(text, err=True)
+
+    def __call__(self, kind: str, d: dict[str, Any]) -> None:
+        if kind == "phase":
+            extra = f": {d['reason']}" if d.get("reason") else ""
+            self.line(f"phase {d['phase']}{extra}")
+        elif kind == "probe":
+            self.line(f"  readiness check {d['checks']}: {'ok' if d['ok'] else 'not ready'} "
+                      f"({d['detail']}) {d['successes']}/{d['needed']}", transient=not d["ok"])
+        elif kind == "drain":
+            self.line(f"  draining {d['version']}: {d['connections']} connections left, "
+                      f"{d['elapsed']:.1f}s of {d['grace']:g}s grace", transient=True)
+        elif kind == "killed":
+            self.line(f"  {d['version']} killed at the grace period ({d['grace']:g}s) "
+                      f"holding {d['connections']} connections")
+        elif kind in ("stray", "warning"):
+            self.line(f"  warning: {d.get('message') or d}")
+
+
+def _swap_summary(r: dict[str, Any]) -> str:
+    if r["result"] == "unchanged":
+        return f"{r['service']}: {r['reason']}; nothing to do"
+    text = (f"swapped {r['service']} {r['from_version'] or '(nothing)'} -> {r['to_version']} "
+            f"in {r['seconds']:.2f}s (ready after {r['phases'].get('ready', 0):.2f}s, "
+            f"{r['readiness_checks']} check{'s' if r['readiness_checks'] != 1 else ''}")
+    d = r.get("drain")
+    if d:
+        text += (f"; drained {d['connections_drained']} connections in {d['seconds']:.2f}s")
+        if d["killed_at_grace"]:
+            text += f", {d['connections_at_end']} cut at the grace period"
+    return text + ")"
+
+
+@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config-dir", type=click.Path(path_type=Path), envvar="ZDD_CONFIG_DIR",
+              default=DEFAULT_CONFIG_DIR, show_default=True,
+              help="Directory of service configs, one NAME.yaml per service [env ZDD_CONFIG_DIR].")
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="ZDD_STATE_DIR",
+              default=DEFAULT_STATE_DIR, show_default=True,
+              help="Where the agent records serving versions and history [env ZDD_STATE_DIR].")
+@click.option("--agent-config", type=click.Path(path_type=Path), envvar="ZDD_AGENT_CONFIG",
+              default=DEFAULT_AGENT_CONFIG, show_default=True,
+              help="The agent's own config (sysctl overrides) [env ZDD_AGENT_CONFIG].")
+@click.pass_context
+def cli(ctx: click.Context, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
+    ctx.obj = Ctx(config_dir, state_dir, agent_config)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def _run_swap(ctx: Ctx, as_json: bool, fn: Any) -> None:
+    with Progress(not as_json) as progress:
+        try:
+            result = fn(progress)
+        except SwapFailed as e:
+            res = e.details["result"].to_dict()  # type: ignore[union-attr]
+            if as_json:
+                _out(res)
+            else:
+                click.echo(f"swap of {res['service']} to {res['to_version']} failed: "
+                           f"{res['reason']}", err=True)
+                old = res["from_version"]
+                click.echo(f"{old} still serving, untouched" if old else
+                           "nothing was serving before; nothing serves now", err=True)
+                if res["journal"]:
+                    click.echo(f"last lines of zdd-{res['service']}@{res['to_version']}"
+                               ".service:", err=True)
+                    for ln in res["journal"]:
+                        click.echo(f"  {ln}", err=True)
+            raise SystemExit(int(e.exit_code))
+    r = result.to_dict()
+    if as_json:
+        _out(r)
+    else:
+        click.echo(_swap_summary(r))
+
+
+@cli.command(help="Swap SERVICE to VERSION: start it beside the serving one, admit it once "
+                  "ready, drain and retire the old one. Also the first deploy. On failure "
+                  "the old version keeps serving and the exit code is 4.")
+@click.argument("service")
+@click.option("--version", "version", required=True, help="The version to serve.")
+@json_option
+@click.pass_obj
+def swap(ctx: Ctx, service: str, version: str, as_json: bool) -> None:
+    from . import deploy
+
+    _run_swap(ctx, as_json, lambda p: deploy.swap(ctx.paths, service, version, p))
+
+
+@cli.command(help="Swap SERVICE back to the version that served before the last swap.")
+@click.argument("service")
+@json_option
+@click.pass_obj
+def rollback(ctx: Ctx, service: str, as_json: bool) -> None:
+    from . import deploy
+
+    _run_swap(ctx, as_json, lambda p: deploy.rollback(ctx.paths, service, p))
+
+
+@cli.command(help="Show each service (or SERVICE): serving version, instances, their "
+                  "states and connections, and the last swap.")
+@click.argument("service", required=False)
+@json_option
+@click.pass_obj
+def status(ctx: Ctx, service: str | None, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import deploy
+
+    rows = deploy.status(ctx.paths, service)
+    if as_json:
+        _out(rows)
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("SERVICE", "SERVING", "INSTANCE", "STATE", "CONNS", "SINCE", "LAST SWAP"):
+        table.add_column(col)
+    for row in rows:
+        last = row["last_swap"]
+        last_text = "-" if last is None else (
+            f"{last['from_version'] or '-'} -> {last['to_version']} {last['result']} "
+            f"{_fmt_time((last['started_at'] or 0) + (last['seconds'] or 0))}")
+        insts = row["instances"] or [None]
+        for i, inst in enumerate(insts):
+            table.add_row(
+                row["service"] if i == 0 else "", (row["serving"] or "-") if i == 0 else "",
+                inst["version"] if inst else "-",
+                f"{inst['active']} ({inst['sub']}), {inst['enabled']}" if inst else "-",
+                str(inst["connections"]) if inst else "-",
+                _fmt_time(inst["since"]) if inst else "-",
+                last_text if i == 0 else "")
+    Console(width=200).print(table)
+
+
+@cli.group(help="Kernel settings for zero-downtime swaps (per network namespace).")
+def sysctl() -> None:
+    pass
+
+
+def _sysctl_plan(ctx: Ctx) -> tuple[Any, list[Any]]:
+    from .config import load_agent_config, load_all
+    from .sysctl import Sysctl
+
+    agent = load_agent_config(ctx.paths.agent_config)
+    ports = [p for svc in load_all(ctx.paths.config_dir) for p in svc.ports]
+    s = Sysctl(ctx.paths.state_dir)
+    return s, s.plan(agent.sysctl, ports)
+
+
+def _print_changes(changes: list[Any], as_json: bool, verb: str) -> None:
+    if as_json:
+        _out([{"key": c.key, "old": c.old, "new": c.new} for c in changes])
+        return
+    if not changes:
+        click.echo(f"nothing to {verb}: every value is as wanted")
+    for c in changes:
+        click.echo(f"{c.key}: {c.old} -> {c.new}")
+
+
+@sysctl.command("apply", help="Write the wanted values to /proc/sys, read them back, and "
+                              "record the old ones for `restore`.")
+@json_option
+@click.pass_obj
+def sysctl_apply(ctx: Ctx, as_json: bool) -> None:
+    s, plan = _sysctl_plan(ctx)
+    missing = [c for c in plan if c.old is None]
+    done = s.apply(plan)
+    _print_changes(done, as_json, "change")
+    for c in missing:
+        click.echo(f"warning: {c.key}: not in this kernel ({_kernel()}); skipped", err=True)
+
+
+@sysctl.command("check", help="Compare the running values with the wanted ones; exit 6 and "
+                              "list the differences when any differ.")
+@json_option
+@click.pass_obj
+def sysctl_check(ctx: Ctx, as_json: bool) -> None:
+    _s, plan = _sysctl_plan(ctx)
+    differ = [c for c in plan if c.differs]
+    if as_json:
+        _out({"ok": not differ, "differ": [{"key": c.key, "running": c.old, "wanted": c.new}
+                                           for c in differ],
+              "missing": [c.key for c in plan if c.old is None]})
+    else:
+        for c in differ:
+            click.echo(f"{c.key}: running {c.old!r}, wanted {c.new!r}")
+        for c in plan:
+            if c.old is None:
+                click.echo(f"{c.key}: not in this kernel ({_kernel()})", err=True)
+        if not differ:
+            click.echo("all sysctls as wanted")
+    if differ:
+        raise SystemExit(int(Exit.DRIFT))
+
+
+@sysctl.command("restore", help="Put back the values recorded by the first `apply`.")
+@json_option
+@click.pass_obj
+def sysctl_restore(ctx: Ctx, as_json: bool) -> None:
+    from .sysctl import Sysctl
+
+    _print_changes(Sysctl(ctx.paths.state_dir).restore(), as_json, "restore")
+
+
+def _kernel() -> str:
+    import os
+
+    return f"Linux {os.uname().release}"
+
+
+@cli.command(help="Boot a throwaway systemd sandbox, deploy the bundled demo API under the "
+                  "agent, load it with concurrent clients, swap versions back and forth and "
+                  "report requests sent and failed. Needs root.")
+@click.option("--swaps", default=4, show_default=True, type=click.IntRange(1, 50))
+@click.option("--clients", default=32, show_default=True, type=click.IntRange(1, 1000))
+@json_option
+def demo(swaps: int, clients: int, as_json: bool) -> None:
+    from .demo.run import run_demo
+
+    report = run_demo(swaps=swaps, clients=clients, echo=None if as_json else click.echo)
+    if as_json:
+        _out(report)
+    if not report["ok"]:
+        raise SystemExit(int(Exit.INTERNAL))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except ZddError as e:
+        click.echo(f"zdd-agent: error: {e}", err=True)
+        sys.exit(int(e.exit_code))
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(int(Exit.CONFIG))
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

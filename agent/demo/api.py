@@ -1,0 +1,225 @@
+"""The bundled demo HTTP/1.1 API: a small service that drains the way
+zdd-agent expects, used by `zdd-agent demo` and the end-to-end tests.
+
+- listeners inherited from systemd (LISTEN_FDS, sd_listen_fds(3)), or bound
+  with --listen when run by hand;
+- READY=1 to systemd (sd_notify(3)) once it accepts, and GET /ready on the
+  instance's own port (ZDD_INSTANCE_PORT) for http readiness probes;
+- on SIGTERM: stop accepting (its copy of the listener closes; the socket
+  unit keeps the queue for the new instance), /ready turns 503, every
+  keep-alive connection's next response carries `Connection: close` (closing
+  an idle keep-alive connection races with the client's next request, node
+  #60617), connections idle after that are closed, requests in flight finish,
+  then it exits 0.
+
+Endpoints: `/` (JSON with version and pid), `/slow?ms=N`, `/hold` (streams a
+chunk a second until the client or the agent ends it).
+Flags for failure tests: --fail-at-start, --never-ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from urllib.parse import parse_qs, urlsplit
+
+SD_LISTEN_FDS_START = 3
+IDLE_AFTER_DRAIN = 1.0  # seconds an idle keep-alive connection may sit once draining
+
+
+def listen_fds() -> list[socket.socket]:
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    n = int(os.environ.get("LISTEN_FDS", "0"))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(n)]
+
+
+def sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+class Api:
+    def __init__(self, version: str, never_ready: bool) -> None:
+        self.version = version
+        self.never_ready = never_ready
+        self.draining = asyncio.Event()
+        self.busy: set[asyncio.Task[None]] = set()
+        self.idle: dict[asyncio.StreamWriter, float] = {}  # writer -> idle since
+        self.servers: list[asyncio.Server] = []
+        self.drain_started = 0.0
+
+    def response(self, status: int, body: bytes, close: bool,
+                 ctype: str = "application/json") -> bytes:
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable",
+                  400: "Bad Request"}.get(status, "OK")
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n")
+        if close:
+            head += "Connection: close\r\n"
+        return head.encode() + b"\r\n" + body
+
+    async def serve_conn(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.busy.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self.busy.discard(task)
+            self.idle.pop(writer, None)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            self.idle[writer] = asyncio.get_running_loop().time()
+            try:
+                head = await self._read_head(reader)
+            finally:
+                self.idle.pop(writer, None)
+            if head is None:
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3:
+                writer.write(self.response(400, b'{"error":"bad request"}\n', True))
+                await writer.drain()
+                return
+            method, target, proto = parts
+            headers = {}
+            for ln in lines[1:]:
+                k, _, v = ln.partition(":")
+                headers[k.strip().lower()] = v.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            if length:
+                await reader.readexactly(length)
+            close = (proto == "HTTP/1.0" or headers.get("connection", "").lower() == "close")
+            url = urlsplit(target)
+            if url.path == "/hold":
+                await self._hold(writer)
+                return
+            if url.path == "/slow":
+                ms = int(parse_qs(url.query).get("ms", ["100"])[0])
+                await asyncio.sleep(min(ms, 60000) / 1000)
+            # Decided after the work: a request that began before the drain
+            # signal still tells its client to reconnect elsewhere.
+            close = close or self.draining.is_set()
+            body = json.dumps({"version": self.version, "pid": os.getpid(),
+                               "path": url.path}).encode() + b"\n"
+            writer.write(self.response(200, body, close))
+            await writer.drain()
+            if close:
+                return
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            return await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+
+    async def _hold(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        while True:  # a long-lived stream: ends only when the peer or SIGKILL does
+            writer.write(b"5\r\nhold\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(1)
+
+    async def serve_ready(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            ok = not self.draining.is_set() and not self.never_ready
+            writer.write(self.response(200 if ok else 503,
+                                       b'{"ready":%s}\n' % (b"true" if ok else b"false"), True))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def drain(self) -> None:
+        sd_notify("STOPPING=1")
+        self.draining.set()
+        self.drain_started = asyncio.get_running_loop().time()
+        for server in self.servers:
+            server.close()  # closes this process's copy of the listener only
+        loop = asyncio.get_running_loop()
+        while self.busy:
+            # A connection idle since the signal gets IDLE_AFTER_DRAIN to send
+            # its next request (answered with Connection: close); then it closes.
+            for writer, since in list(self.idle.items()):
+                if loop.time() - max(since, self.drain_started) >= IDLE_AFTER_DRAIN:
+                    self.idle.pop(writer, None)
+                    writer.close()
+            await asyncio.sleep(0.05)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    api = Api(args.version, args.never_ready)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    socks = listen_fds()
+    if not socks:
+        if not args.listen:
+            print("no LISTEN_FDS from systemd and no --listen", file=sys.stderr)
+            return 2
+        host, _, port = args.listen.rpartition(":")
+        s = socket.socket(socket.AF_INET)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host or "127.0.0.1", int(port)))
+        s.listen(4096)
+        socks = [s]
+    for s in socks:
+        s.setblocking(False)
+        api.servers.append(await asyncio.start_server(api.serve_conn, sock=s, backlog=4096))
+    ready_server = None
+    port = os.environ.get("ZDD_INSTANCE_PORT")
+    if port:
+        ready_server = await asyncio.start_server(api.serve_ready, "127.0.0.1", int(port))
+    if not args.never_ready:
+        sd_notify(f"READY=1\nSTATUS=serving {args.version}\nMAINPID={os.getpid()}")
+    print(f"demo api {args.version} serving (pid {os.getpid()})", flush=True)
+    await stop.wait()
+    print("Received SIGTERM; transition to drain mode.", flush=True)
+    await api.drain()
+    if ready_server is not None:
+        ready_server.close()
+    print("Drain complete. 0 active connections remaining.", flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="zdd-agent's demo HTTP/1.1 API")
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--listen", help="host:port to bind when not socket-activated")
+    ap.add_argument("--fail-at-start", action="store_true", help="exit 1 at once")
+    ap.add_argument("--never-ready", action="store_true", help="never report ready")
+    args = ap.parse_args()
+    if args.fail_at_start:
+        print(f"demo api {args.version}: failing at start as asked", file=sys.stderr)
+        return 1
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

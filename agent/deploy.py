@@ -1,0 +1,247 @@
+"""Swap, rollback and status of one service on this host: the glue between
+config, unit rendering, systemd, the census, the probes and the state file.
+The decisions themselves are in swap.py."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import units
+from .census import Census
+from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
+                     ServiceConfig, check_version, load_agent_config, load_all, load_service)
+from .errors import ConfigError, NoHistoryError, SwapFailed, SystemdError
+from .probes import free_port, probe
+from .state import ServiceState, StateStore
+from .swap import Emit, InstanceStatus, Swap, SwapResult, SystemClock
+from .sysctl import DEFAULTS
+from .systemd import Systemd, journal_tail
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path = DEFAULT_CONFIG_DIR
+    state_dir: Path = DEFAULT_STATE_DIR
+    agent_config: Path = DEFAULT_AGENT_CONFIG
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def preflight(svc: ServiceConfig, version: str) -> None:
+    """Everything that can be checked before the host is touched."""
+    check_version(version)
+    exe = svc.argv(version)[0]
+    if not _executable(exe):
+        what = "not found" if not os.path.exists(exe) else "not an executable file"
+        raise ConfigError(f"{svc.path}: command: cannot start {units.instance_unit(svc.name, version)}"
+                          f": {exe} {what}", file=str(svc.path), key="command")
+    if svc.user is not None:
+        try:
+            pwd.getpwnam(svc.user)
+        except KeyError:
+            raise ConfigError(f"{svc.path}: user: no such user {svc.user!r} on this host",
+                              file=str(svc.path), key="user") from None
+    if svc.ready.command and not _executable(svc.ready.command[0]):
+        raise ConfigError(f"{svc.path}: ready.command: {svc.ready.command[0]} is not an "
+                          "executable file", file=str(svc.path), key="ready.command")
+
+
+def _listen_lines(text: str | None) -> list[str]:
+    return sorted(ln for ln in (text or "").splitlines() if ln.startswith("ListenStream="))
+
+
+class SystemdOps:
+    """InstanceOps on a real host: pystemd, netlink census, probes."""
+
+    def __init__(self, svc: ServiceConfig, sd: Systemd) -> None:
+        self.svc, self.sd = svc, sd
+        self.census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen])
+        self.ports: dict[str, int | None] = {}
+
+    def unit(self, version: str) -> str:
+        return units.instance_unit(self.svc.name, version)
+
+    def prepare(self, version: str) -> None:
+        port = free_port() if self.svc.ready.needs_instance_port else None
+        self.ports[version] = port
+        dropin = units.render_instance_dropin(self.svc, version, port)
+        self.sd.reset_failed(self.unit(version))
+        if self.sd.write_unit_files({units.dropin_path(self.svc.name, version): dropin}):
+            self.sd.reload()
+
+    def start(self, version: str) -> None:
+        self.sd.start(self.unit(version))
+
+    def stop(self, version: str) -> None:
+        self.sd.stop(self.unit(version))
+
+    def status(self, version: str) -> InstanceStatus:
+        st = self.sd.state(self.unit(version))
+        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job)
+
+    def probe(self, version: str) -> tuple[bool, str]:
+        port = self.ports.get(version)
+        env = {"ZDD_SERVICE": self.svc.name, "ZDD_VERSION": version,
+               "ZDD_MAIN_PID": str(self.sd.state(self.unit(version)).main_pid)}
+        if port is not None:
+            env["ZDD_INSTANCE_PORT"] = str(port)
+        r = probe(self.svc.ready, port, env)
+        return r.ok, r.detail
+
+    def pids(self, version: str) -> list[int]:
+        return self.sd.processes(self.unit(version))
+
+    def connections(self, pids: list[int]) -> int:
+        return self.census.count(pids)
+
+    def enable(self, version: str) -> None:
+        self.sd.enable(self.unit(version))
+
+    def disable(self, version: str) -> None:
+        self.sd.disable(self.unit(version))
+
+    def cleanup(self, version: str) -> None:
+        self.sd.remove_unit_file(units.dropin_path(self.svc.name, version))
+        self.sd.reset_failed(self.unit(version))
+
+    def journal(self, version: str) -> list[str]:
+        return journal_tail(self.unit(version), 20)
+
+
+def _backlog(paths: Paths) -> int:
+    overrides = dict(load_agent_config(paths.agent_config).sysctl)
+    value = overrides.get("net.core.somaxconn", DEFAULTS["net.core.somaxconn"])
+    return int(value or DEFAULTS["net.core.somaxconn"])
+
+
+def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
+    """Render and write the service's units; refuse to move a running listener."""
+    rendered = units.render_service(svc, backlog).files
+    sock = units.socket_unit(svc.name)
+    installed = sd.read_unit_file(sock)
+    if installed is not None and _listen_lines(installed) != _listen_lines(rendered[sock]):
+        if sd.state(sock).active in ("active", "activating"):
+            raise ConfigError(
+                f"{svc.path}: listen: differs from the running {sock} "
+                f"({', '.join(_listen_lines(installed))}); moving a listener would drop its "
+                f"queue. Stop every instance and {sock} first, then swap again.",
+                file=str(svc.path), key="listen")
+    changed = sd.write_unit_files(rendered)
+    if changed:
+        sd.reload()
+    if sd.is_enabled(units.TARGET) != "enabled":
+        sd.enable(units.TARGET)
+    return changed
+
+
+def active_versions(svc: ServiceConfig, sd: Systemd) -> list[str]:
+    out = []
+    for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+        version = units.version_of(svc.name, unit)
+        if version is not None and sd.state(unit).active in ("active", "activating", "reloading"):
+            out.append(version)
+    return out
+
+
+def serving_version(svc: ServiceConfig, sd: Systemd, st: ServiceState,
+                    exclude: str | None = None) -> str | None:
+    """The instance serving now according to systemd, preferring the recorded one."""
+    active = active_versions(svc, sd)
+    if st.serving in active:
+        return st.serving
+    others = [v for v in active if v != exclude]
+    if len(others) > 1:
+        raise SystemdError(f"several instances of {svc.name} are active "
+                           f"({', '.join(others)}) and none is recorded as serving; stop all "
+                           "but one (systemctl stop zdd-NAME@VERSION.service), then swap again")
+    return others[0] if others else None
+
+
+def _serving_or_none(svc: ServiceConfig, sd: Systemd, st: ServiceState) -> str | None:
+    try:
+        return serving_version(svc, sd, st)
+    except SystemdError:
+        return None
+
+
+def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> SwapResult:
+    svc = load_service(paths.config_dir, name)
+    preflight(svc, version)
+    backlog = _backlog(paths)
+    store = StateStore(paths.state_dir)
+    with store.lock(name):
+        state = store.load(name)
+        with Systemd() as sd:
+            install_units(svc, sd, backlog)
+            old = serving_version(svc, sd, state, exclude=version)
+            runner = Swap(svc, SystemdOps(svc, sd), SystemClock(), emit)
+            try:
+                result = runner.run(old, version)
+            except SwapFailed as e:
+                res = e.details["result"]
+                assert isinstance(res, SwapResult)
+                state.record(res.to_dict())
+                store.save(state)
+                raise
+            if result.result != "unchanged" or state.serving != version:
+                state.record(result.to_dict())
+                store.save(state)
+            return result
+
+
+def rollback(paths: Paths, name: str, emit: Emit | None = None) -> SwapResult:
+    state = StateStore(paths.state_dir).load(name)
+    if not state.previous:
+        raise NoHistoryError(f"no previous version of {name} is recorded; nothing to roll "
+                             "back to (use swap --version)")
+    return swap(paths, name, state.previous, emit)
+
+
+def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
+    store = StateStore(paths.state_dir)
+    if name is not None:
+        svcs = [load_service(paths.config_dir, name)]
+    else:
+        svcs = load_all(paths.config_dir)
+    out = []
+    with Systemd() as sd:
+        for svc in svcs:
+            st = store.load(svc.name)
+            census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen])
+            instances: list[dict[str, Any]] = []
+            groups: dict[str, list[int]] = {}
+            for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+                version = units.version_of(svc.name, unit)
+                if version is None:
+                    continue
+                us = sd.state(unit)
+                groups[version] = sd.processes(unit)
+                instances.append({"version": version, "unit": unit, "active": us.active,
+                                  "sub": us.sub, "main_pid": us.main_pid,
+                                  "enabled": sd.is_enabled(unit),
+                                  "since": us.since_us / 1e6 if us.since_us else None})
+            counts = census.count_many(groups) if groups else {}
+            for inst in instances:
+                inst["connections"] = counts.get(inst["version"], 0)
+            sock = units.socket_unit(svc.name)
+            last = st.last
+            out.append({
+                "service": svc.name,
+                "serving": _serving_or_none(svc, sd, st),
+                "recorded_serving": st.serving,
+                "previous": st.previous,
+                "since": st.since,
+                "socket": {"unit": sock, "active": sd.state(sock).active,
+                           "listen": [str(lst) for lst in svc.listen]},
+                "instances": instances,
+                "last_swap": None if last is None else {
+                    k: last.get(k) for k in ("from_version", "to_version", "result", "reason",
+                                             "started_at", "seconds")},
+            })
+    return out

@@ -1,0 +1,197 @@
+"""The systemd boundary: unit files on disk and the manager over D-Bus (pystemd).
+
+As root the manager's private socket (/run/systemd/private) is used, as
+systemctl does: it needs no D-Bus daemon, which a sandboxed systemd (and a
+minimal host) lacks. systemctl/journalctl are run only where D-Bus offers
+nothing: the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .errors import SystemdError
+from .fsutil import fsync_dir, write_if_changed
+
+PRIVATE_SOCKET = Path("/run/systemd/private")
+UNIT_DIR = Path(os.environ.get("ZDD_UNIT_DIR", "/etc/systemd/system"))
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    load: str  # loaded, not-found, bad-setting, ...
+    active: str  # active, activating, deactivating, inactive, failed
+    sub: str  # running, auto-restart, dead, ...
+    result: str  # success, exit-code, signal, timeout, ...
+    main_pid: int
+    restarts: int
+    since_us: int  # realtime usec of the last active-state change
+    job: str = ""  # type of the queued job (start, stop, ...), "" when none
+
+
+class Systemd:
+    """A connection to the system manager; use as a context manager."""
+
+    def __init__(self, unit_dir: Path = UNIT_DIR) -> None:
+        self.unit_dir = unit_dir
+        self._bus: Any = None
+        self._manager: Any = None
+
+    def __enter__(self) -> Systemd:
+        from pystemd.dbuslib import DBus, DBusAddress
+        from pystemd.systemd1 import Manager
+
+        try:
+            if os.geteuid() == 0 and PRIVATE_SOCKET.exists():
+                self._bus = DBusAddress(f"unix:path={PRIVATE_SOCKET}".encode(), peer_to_peer=True)
+            else:
+                self._bus = DBus()
+            self._bus.open()
+            self._manager = Manager(bus=self._bus)
+            self._manager.load()
+        except Exception as e:
+            raise SystemdError(f"cannot connect to systemd: {e}") from e
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise SystemdError(f"{what}: {_s(getattr(e, 'args', [e])[0]) if e.args else e}") from e
+
+    # ------------------------------------------------------------ unit files
+
+    def write_unit_files(self, files: dict[str, str]) -> list[str]:
+        """Write the files that changed; return their names (relative paths)."""
+        changed = [rel for rel, content in files.items()
+                   if write_if_changed(self.unit_dir / rel, content)]
+        return changed
+
+    def remove_unit_file(self, rel: str) -> bool:
+        path = self.unit_dir / rel
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        try:
+            path.parent.rmdir() if path.parent != self.unit_dir else None
+        except OSError:
+            pass
+        fsync_dir(self.unit_dir)
+        return True
+
+    def read_unit_file(self, rel: str) -> str | None:
+        try:
+            return (self.unit_dir / rel).read_text()
+        except FileNotFoundError:
+            return None
+
+    # --------------------------------------------------------------- manager
+
+    def reload(self) -> None:
+        self._call("daemon-reload", self._manager.Manager.Reload)
+
+    def start(self, unit: str) -> None:
+        self._call(f"cannot start {unit}", self._manager.Manager.StartUnit,
+                   unit.encode(), b"replace")
+
+    def stop(self, unit: str) -> None:
+        self._call(f"cannot stop {unit}", self._manager.Manager.StopUnit,
+                   unit.encode(), b"replace")
+
+    def reset_failed(self, unit: str) -> None:
+        try:
+            self._manager.Manager.ResetFailedUnit(unit.encode())
+        except Exception:
+            pass  # not loaded or not failed: nothing to reset
+
+    def enable(self, unit: str) -> None:
+        self._call(f"cannot enable {unit}", self._manager.Manager.EnableUnitFiles,
+                   [unit.encode()], False, True)
+
+    def disable(self, unit: str) -> None:
+        self._call(f"cannot disable {unit}", self._manager.Manager.DisableUnitFiles,
+                   [unit.encode()], False)
+
+    def is_enabled(self, unit: str) -> str:
+        try:
+            return _s(self._manager.Manager.GetUnitFileState(unit.encode()))
+        except Exception:
+            return "not-found"
+
+    def _unit(self, unit: str) -> Any:
+        from pystemd.systemd1 import Unit
+
+        path = self._call(f"cannot load {unit}", self._manager.Manager.LoadUnit, unit.encode())
+        u = Unit(unit.encode(), bus=self._bus)
+        u.path = path
+        self._call(f"cannot introspect {unit}", u.load)
+        return u
+
+    def state(self, unit: str) -> UnitState:
+        u = self._unit(unit)
+        is_service = unit.endswith(".service")
+        props = u.Unit
+        svc = u.Service if is_service else None
+        load = _s(props.LoadState)
+        return UnitState(
+            name=unit, load=load, active=_s(props.ActiveState), sub=_s(props.SubState),
+            result=_s(svc.Result) if svc is not None and load == "loaded" else "",
+            main_pid=int(svc.MainPID) if svc is not None and load == "loaded" else 0,
+            restarts=int(svc.NRestarts) if svc is not None and load == "loaded" else 0,
+            since_us=int(props.StateChangeTimestamp),
+            job=self._job_type(unit) if props.Job[0] else "")
+
+    def _job_type(self, unit: str) -> str:
+        for _id, name, jtype, _state, _job, _unit in self._call(
+                "cannot list jobs", self._manager.Manager.ListJobs):
+            if _s(name) == unit:
+                return _s(jtype)
+        return ""
+
+    def processes(self, unit: str) -> list[int]:
+        u = self._unit(unit)
+        if _s(u.Unit.ActiveState) in ("inactive", "failed"):
+            return []
+        try:
+            procs = u.Service.GetProcesses()
+        except Exception:
+            return []
+        return sorted({int(pid) for _cg, pid, _cmd in procs})
+
+    def list_units(self, pattern: str) -> list[str]:
+        """Loaded units matching a glob, e.g. 'zdd-api@*.service'."""
+        units = self._call("cannot list units", self._manager.Manager.ListUnitsByPatterns,
+                           [], [pattern.encode()])
+        return sorted(_s(u[0]) for u in units)
+
+    def unit_files(self, pattern: str) -> list[str]:
+        files = self._call("cannot list unit files",
+                           self._manager.Manager.ListUnitFilesByPatterns, [], [pattern.encode()])
+        return sorted(os.path.basename(_s(f[0])) for f in files)
+
+
+def journal_tail(unit: str, lines: int = 20) -> list[str]:
+    """The unit's last log lines (journalctl: the journal has no D-Bus API)."""
+    try:
+        r = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines),
+                            "-u", unit], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln for ln in r.stdout.splitlines() if ln.strip()][-lines:]
