@@ -27,6 +27,7 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP = 1
 INET_DIAG_BC_S_EQ = 11  # linux/inet_diag.h: source (local) port equals
 TCP_ESTABLISHED = 1
 TCP_LISTEN = 10
@@ -46,17 +47,22 @@ _MSG_MIN = 16 + 72
 def port_filter(ports: Iterable[int]) -> bytes:
     """inet_diag bytecode accepting sockets whose local port is in `ports`.
 
-    Each test is two 4-byte ops: {S_EQ, yes, no} then {0, 0, port}. Jumping
-    exactly to the end accepts; jumping 4 bytes past it rejects
-    (net/ipv4/inet_diag.c: inet_diag_bc_run)."""
+    An op is {code, yes, no}: the run jumps `yes` bytes on a match and `no`
+    bytes otherwise; landing exactly on the end accepts, 4 bytes past it
+    rejects. The kernel's audit (net/ipv4/inet_diag.c: inet_diag_bc_audit,
+    valid_cc) only accepts `no` targets on the chain of `yes` jumps, so an OR
+    is laid out as ss(8) does it: each port test is followed by a JMP whose
+    `no` (a JMP always takes `no`) leads to the end:
+
+        S_EQ(yes=8, no=12) PORT JMP(yes=4, no=->end) S_EQ ... PORT
+    """
     ports = sorted(set(ports))
-    length = 8 * len(ports)
+    length = 12 * len(ports) - 4
     out = b""
     for i, port in enumerate(ports):
-        here = 8 * i
-        yes = length - here
-        no = 8 if i < len(ports) - 1 else length - here + 4
-        out += _OP.pack(INET_DIAG_BC_S_EQ, yes, no) + _OP.pack(0, 0, port)
+        out += _OP.pack(INET_DIAG_BC_S_EQ, 8, 12) + _OP.pack(0, 0, port)
+        if i < len(ports) - 1:
+            out += _OP.pack(INET_DIAG_BC_JMP, 4, length - (12 * i + 8))
     return out
 
 

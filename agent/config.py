@@ -211,8 +211,8 @@ def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
     for item in raw:
         text = str(item)
         host: str | None
-        m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))?:?(\d{1,5})", text)
-        if not m or (m.group(1) is None and m.group(2) is None and ":" in text):
+        m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]:|([0-9.]+):)?(\d{1,5})", text)
+        if not m:
             raise chk.fail("listen", f"{text!r} is not host:port "
                                      "(allowed: 127.0.0.1:8080, [::1]:8080 or 8080)")
         host = m.group(1) or m.group(2)

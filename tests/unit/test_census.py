@@ -1,0 +1,100 @@
+"""The netlink census against real loopback sockets (no mocks: it is cheap)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from agent.census import INET_DIAG_BC_JMP, INET_DIAG_BC_S_EQ, Census, port_filter
+
+HOLDER = r"""
+import socket, sys
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(64)
+print(ls.getsockname()[1], flush=True)
+n = int(sys.argv[1])
+held = [ls.accept()[0] for _ in range(n)]
+if sys.argv[2] == "close": ls.close()
+print("ready", flush=True)
+for line in sys.stdin:   # "drop" closes one connection
+    held.pop().close()
+    print("dropped", flush=True)
+"""
+
+
+def test_port_filter_bytecode() -> None:
+    code = port_filter([8080])
+    assert struct.unpack("=BBHBBH", code) == (INET_DIAG_BC_S_EQ, 8, 12, 0, 0, 8080)
+    two = port_filter([9090, 8080])
+    ops = [struct.unpack_from("=BBH", two, i) for i in range(0, len(two), 4)]
+    # a match lands on the JMP, which jumps to the end (accept); a mismatch
+    # goes to the next test; the last one jumps past the end (reject)
+    assert ops == [(INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 8080), (INET_DIAG_BC_JMP, 4, 12),
+                   (INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 9090)]
+
+
+def start_holder(n: int, mode: str) -> tuple[subprocess.Popen[str], int, list[socket.socket]]:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(n), mode], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    port = int(p.stdout.readline())
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    assert p.stdout.readline().strip() == "ready"
+    return p, port, clients
+
+
+def stop_holder(p: subprocess.Popen[str]) -> None:
+    p.kill()
+    p.communicate()  # reaps it and closes its pipes
+
+
+def test_counts_only_the_holders_connections() -> None:
+    p, port, clients = start_holder(25, "keep")
+    other, other_port, other_clients = start_holder(5, "keep")
+    try:
+        census = Census.for_listen([("127.0.0.1", port)])
+        assert census.count([p.pid]) == 25
+        assert census.count([other.pid]) == 0  # other port
+        assert census.count([]) == 0
+        assert census.count_many({"a": [p.pid], "b": [other.pid]}) == {"a": 25, "b": 0}
+        both = Census.for_listen([("127.0.0.1", port), ("127.0.0.1", other_port)])
+        assert both.count_many({"a": [p.pid], "b": [other.pid]}) == {"a": 25, "b": 5}
+        three = Census.for_listen([("127.0.0.1", 1), ("127.0.0.1", port),
+                                   ("127.0.0.1", other_port)])
+        assert three.count_many({"a": [p.pid], "b": [other.pid]}) == {"a": 25, "b": 5}
+    finally:
+        for proc in (p, other):
+            stop_holder(proc)
+        for c in clients + other_clients:
+            c.close()
+
+
+def test_count_falls_as_a_draining_holder_closes() -> None:
+    p, port, clients = start_holder(10, "close")
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        census = Census.for_listen([("127.0.0.1", port)])
+        assert census.count([p.pid]) == 10
+        for expected in (9, 8, 7):
+            p.stdin.write("drop\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "dropped"
+            deadline = time.monotonic() + 5
+            while census.count([p.pid]) != expected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert census.count([p.pid]) == expected
+        # a fresh census agrees with the reused walk
+        assert Census.for_listen([("127.0.0.1", port)]).count([p.pid]) == 7
+    finally:
+        stop_holder(p)
+        for c in clients:
+            c.close()
+
+
+def test_ipv6_family_for_any_address() -> None:
+    c = Census.for_listen([(None, 8080)])
+    assert c.families == (socket.AF_INET6,)
+    c = Census.for_listen([("127.0.0.1", 8080), ("::1", 8080)])
+    assert set(c.families) == {socket.AF_INET, socket.AF_INET6}

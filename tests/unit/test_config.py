@@ -1,0 +1,206 @@
+"""Service config validation: every bad input names the file, the key and
+what is allowed; good input comes out typed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.config import (load_agent_config, load_all, load_service, parse_duration,
+                          parse_service)
+from agent.errors import ConfigError, Exit
+
+GOOD = """\
+name: api
+command: /opt/api/{version}/bin/api --workers 2 "--label=a b"
+listen: ["127.0.0.1:8080", "[::1]:8081"]
+socket: inherit
+user: null
+environment: {LOG_LEVEL: info, WORKERS: 2}
+ready:
+  type: http
+  url: http://127.0.0.1:{instance_port}/ready
+  period: 2s
+  timeout: 1s
+  failure_threshold: 3
+  success_threshold: 1
+  initial_delay: 0s
+  deadline: 60s
+drain:
+  grace_period: 30s
+  signal: SIGTERM
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "api") -> Path:
+    d = tmp_path / "services"
+    d.mkdir(exist_ok=True, mode=0o755)
+    os.chmod(d, 0o755)
+    p = d / f"{name}.yaml"
+    p.write_text(text)
+    os.chmod(p, 0o644)
+    return p
+
+
+def test_good_config_parses(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    svc = load_service(p.parent, "api")
+    assert svc.name == "api"
+    assert svc.argv("v2") == ["/opt/api/v2/bin/api", "--workers", "2", "--label=a b"]
+    assert [str(lst) for lst in svc.listen] == ["127.0.0.1:8080", "[::1]:8081"]
+    assert svc.ports == (8080, 8081)
+    assert dict(svc.environment) == {"LOG_LEVEL": "info", "WORKERS": "2"}
+    assert svc.ready.type == "http" and svc.ready.needs_instance_port
+    assert (svc.ready.period, svc.ready.timeout, svc.ready.deadline) == (2.0, 1.0, 60.0)
+    assert svc.drain.grace_period == 30.0 and svc.drain.signal == "SIGTERM"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: api\ncommand: /bin/api\nlisten: [8080]\n")
+    svc = load_service(p.parent, "api")
+    assert svc.ready.type == "notify" and svc.ready.deadline == 60.0
+    assert svc.listen[0].host is None and str(svc.listen[0]) == "8080"
+    assert svc.drain.grace_period == 30.0
+
+
+@pytest.mark.parametrize("value,seconds", [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0),
+                                           ("1h", 3600.0), (3, 3.0), ("1.5s", 1.5)])
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["2", "s", "-1s", "2 days", True, None, [1]])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+BAD = [
+    # (replace this, with that, key named in the message, words in the message)
+    ("socket: inherit", "socket: inherit\ncolour: blue", "colour", "unknown key"),
+    ("  period: 2s", "  period: 2s\n  perid: 3s", "ready.perid", "unknown key"),
+    ("  period: 2s", "  period: 90s", "ready.period", "1s..60s"),
+    ("  period: 2s", "  period: fast", "ready.period", "allowed"),
+    ("  grace_period: 30s", "  grace_period: 0s", "drain.grace_period", "1s..3600s"),
+    ("  grace_period: 30s", "  grace_period: 2h", "drain.grace_period", "1s..3600s"),
+    ("  deadline: 60s", "  deadline: 500ms", "ready.deadline", "allowed"),
+    ("  failure_threshold: 3", "  failure_threshold: three", "ready.failure_threshold",
+     "not an integer"),
+    ("  success_threshold: 1", "  success_threshold: 0", "ready.success_threshold", "1..100"),
+    ("  timeout: 1s", "  timeout: 5s", "ready.timeout", "longer than period"),
+    ("name: api", "name: API", "name", "[a-z0-9]"),
+    ("name: api", "name: other", "name", "differs from the file name"),
+    ("command: /opt/api/{version}/bin/api --workers 2 \"--label=a b\"",
+     "command: bin/api", "command", "absolute path"),
+    ("command: /opt/api/{version}/bin/api --workers 2 \"--label=a b\"",
+     "command: 42", "command", "command line string or a list"),
+    ("command: /opt/api/{version}/bin/api --workers 2 \"--label=a b\"",
+     "command: '/bin/api \"unclosed'", "command", "cannot split"),
+    ('listen: ["127.0.0.1:8080", "[::1]:8081"]', 'listen: ["localhost:8080"]', "listen",
+     "not host:port"),
+    ('listen: ["127.0.0.1:8080", "[::1]:8081"]', 'listen: ["127.0.0.1:70000"]', "listen",
+     "1..65535"),
+    ('listen: ["127.0.0.1:8080", "[::1]:8081"]', "listen: []", "listen", "non-empty"),
+    ("socket: inherit", "socket: shared", "socket", "allowed: inherit"),
+    ("user: null", "user: 'root; rm -rf /'", "user", "not a user name"),
+    ("environment: {LOG_LEVEL: info, WORKERS: 2}", "environment: {1BAD: x}", "environment",
+     "not a variable name"),
+    ("environment: {LOG_LEVEL: info, WORKERS: 2}", "environment: {ZDD_VERSION: x}",
+     "environment.ZDD_VERSION", "set by the agent"),
+    ("environment: {LOG_LEVEL: info, WORKERS: 2}", "environment: [a, b]", "environment",
+     "must be a mapping"),
+    ("  type: http", "  type: magic", "ready.type", "notify, http, tcp, exec"),
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:8080/ready",
+     "ready.url", "shared listen port"),
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: ftp://x/ready", "ready.url",
+     "must start with http://"),
+    ("  signal: SIGTERM", "  signal: SIGKILL", "drain.signal", "SIGTERM"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,words", BAD)
+def test_bad_config_names_file_key_and_allowed(tmp_path: Path, old: str, new: str, key: str,
+                                              words: str) -> None:
+    assert old in GOOD
+    p = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as e:
+        load_service(p.parent, "api")
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: {key}"), msg
+    assert words in msg, msg
+    assert e.value.exit_code == Exit.CONFIG == 2
+
+
+def test_unparseable_yaml(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: api\ncommand: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{p}: not valid YAML"):
+        load_service(p.parent, "api")
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    p = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_service(p.parent, "api")
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: api\nlisten: [8080]\n")
+    with pytest.raises(ConfigError, match=rf"{p}: command: required key is missing"):
+        load_service(p.parent, "api")
+
+
+def test_exec_needs_command_and_http_needs_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ready.command: required for type exec"):
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
+                                       "ready": {"type": "exec"}})
+    with pytest.raises(ConfigError, match="ready.url: required for type http"):
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
+                                       "ready": {"type": "http"}})
+    with pytest.raises(ConfigError, match="ready.url: only for type http or tcp"):
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
+                                       "ready": {"url": "http://127.0.0.1:1/"}})
+
+
+@pytest.mark.parametrize("target", ["file", "dir"])
+def test_writable_by_others_is_refused(tmp_path: Path, target: str) -> None:
+    p = write(tmp_path, GOOD)
+    victim = p if target == "file" else p.parent
+    os.chmod(victim, 0o664 if target == "file" else 0o775)
+    with pytest.raises(ConfigError, match=rf"{victim}: writable by group or others"):
+        load_service(p.parent, "api")
+
+
+def test_bad_service_name_on_command_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid service name"):
+        load_service(tmp_path, "../etc/passwd")
+
+
+def test_version_validation() -> None:
+    svc = parse_service(Path("x.yaml"), {"name": "x", "command": "/r/{version}/x",
+                                         "listen": [1]})
+    assert svc.argv("v1.2.3-rc_1") == ["/r/v1.2.3-rc_1/x"]
+    for bad in ("", "-v1", "v1/../../etc", "v1 v2", "v" * 65, "v1\n"):
+        with pytest.raises(ConfigError, match="invalid version"):
+            svc.argv(bad)
+
+
+def test_load_all_rejects_shared_port(tmp_path: Path) -> None:
+    write(tmp_path, "name: a\ncommand: /bin/a\nlisten: [8080]\n", "a")
+    p = write(tmp_path, "name: b\ncommand: /bin/b\nlisten: ['127.0.0.1:8080']\n", "b")
+    with pytest.raises(ConfigError, match=rf"{p}: listen: port 8080 is also used by service 'a'"):
+        load_all(p.parent)
+
+
+def test_agent_config(tmp_path: Path) -> None:
+    p = tmp_path / "agent.yaml"
+    p.write_text("sysctl:\n  net.core.somaxconn: 4096\n  net.ipv4.tcp_migrate_req: null\n")
+    os.chmod(p, 0o644)
+    os.chmod(tmp_path, 0o755)
+    cfg = load_agent_config(p)
+    assert dict(cfg.sysctl) == {"net.core.somaxconn": "4096", "net.ipv4.tcp_migrate_req": None}
+    p.write_text("sysctl:\n  kernel.panic: 1\n")
+    with pytest.raises(ConfigError, match=r"sysctl.kernel.panic: not a key the agent manages"):
+        load_agent_config(p)
+    assert load_agent_config(tmp_path / "missing.yaml").sysctl == ()

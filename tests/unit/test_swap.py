@@ -1,0 +1,244 @@
+"""The swap state machine, replayed against a fake clock and a fake host whose
+instances follow scripted timelines (no sleeps, no systemd)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.config import Drain, Listen, Ready, ServiceConfig
+from agent.errors import SwapFailed
+from agent.swap import InstanceStatus, ReadinessGate, Swap
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.now += seconds
+
+
+@dataclass
+class Script:
+    """How one fake instance behaves, in seconds after its start/stop."""
+
+    ready_after: float | None = 0.5  # notify: active after this; None: never
+    exits_after: float | None = None  # dies during start-up
+    probe: Callable[[float], bool] = lambda t: t >= 0.5  # http-style readiness by age
+    drain_connections: list[int] = field(default_factory=lambda: [3, 1, 0])
+    drain_seconds: float = 0.6  # exits this long after its stop signal
+    connections: int = 3
+
+
+class FakeHost:
+    def __init__(self, clock: FakeClock, grace: float, scripts: dict[str, Script],
+                 running: tuple[str, ...] = ()) -> None:
+        self.clock, self.grace, self.scripts = clock, grace, scripts
+        self.calls: list[tuple[str, str]] = []
+        self.started: dict[str, float] = {v: clock.now - 100 for v in running}
+        self.stopped: dict[str, float] = {}
+        self.probes: list[float] = []
+
+    def _log(self, what: str, version: str) -> None:
+        self.calls.append((what, version))
+
+    def prepare(self, version: str) -> None:
+        self._log("prepare", version)
+
+    def start(self, version: str) -> None:
+        self._log("start", version)
+        self.started[version] = self.clock.now
+        self.stopped.pop(version, None)
+
+    def stop(self, version: str) -> None:
+        self._log("stop", version)
+        self.stopped[version] = self.clock.now
+
+    def status(self, version: str) -> InstanceStatus:
+        sc = self.scripts[version]
+        if version in self.stopped:
+            dt = self.clock.now - self.stopped[version]
+            if dt >= min(sc.drain_seconds, self.grace):
+                return InstanceStatus("inactive" if dt < self.grace else "failed", "dead",
+                                      "success" if sc.drain_seconds < self.grace else "timeout")
+            return InstanceStatus("deactivating", "stop-sigterm", "success")
+        if version not in self.started:
+            return InstanceStatus("inactive", "dead", "success")
+        age = self.clock.now - self.started[version]
+        if sc.exits_after is not None and age >= sc.exits_after:
+            return InstanceStatus("failed", "failed", "exit-code")
+        if sc.ready_after is not None and age >= sc.ready_after:
+            return InstanceStatus("active", "running", "success")
+        return InstanceStatus("activating", "start", "success")
+
+    def probe(self, version: str) -> tuple[bool, str]:
+        self.probes.append(self.clock.now - self.started[version])
+        ok = self.scripts[version].probe(self.clock.now - self.started[version])
+        return ok, "HTTP 200" if ok else "HTTP 503"
+
+    def pids(self, version: str) -> list[int]:
+        return [hash(version) % 30000 + 2]
+
+    def connections(self, pids: list[int]) -> int:
+        for version, sc in self.scripts.items():
+            if pids == self.pids(version):
+                if version not in self.stopped:
+                    return sc.connections
+                polls = int((self.clock.now - self.stopped[version]) / 0.25)
+                seq = sc.drain_connections
+                return seq[min(polls, len(seq) - 1)]
+        return 0
+
+    def enable(self, version: str) -> None:
+        self._log("enable", version)
+
+    def disable(self, version: str) -> None:
+        self._log("disable", version)
+
+    def cleanup(self, version: str) -> None:
+        self._log("cleanup", version)
+
+    def journal(self, version: str) -> list[str]:
+        return [f"{version}: something went wrong"]
+
+
+def service(ready: Ready | None = None, grace: float = 5.0) -> ServiceConfig:
+    return ServiceConfig(name="api", command=("/opt/api/{version}/bin/api",),
+                         listen=(Listen("127.0.0.1", 8080),), path=Path("api.yaml"),
+                         ready=ready or Ready(type="notify", deadline=10.0),
+                         drain=Drain(grace_period=grace))
+
+
+def run(scripts: dict[str, Script], old: str | None, new: str, ready: Ready | None = None,
+        grace: float = 5.0) -> tuple[FakeHost, FakeClock, list[tuple[str, dict]], object]:
+    clock = FakeClock()
+    host = FakeHost(clock, grace, scripts, running=(old,) if old else ())
+    events: list[tuple[str, dict]] = []
+    swap = Swap(service(ready, grace), host, clock, lambda k, d: events.append((k, d)))
+    try:
+        result: object = swap.run(old, new)
+    except SwapFailed as e:
+        result = e
+    return host, clock, events, result
+
+
+def test_first_deploy_starts_gates_and_enables() -> None:
+    host, clock, events, res = run({"v1": Script(ready_after=1.5)}, None, "v1")
+    assert not isinstance(res, SwapFailed)
+    assert res.result == "ok" and res.drain is None
+    assert host.calls == [("prepare", "v1"), ("start", "v1"), ("enable", "v1")]
+    assert 1.5 <= res.phases["ready"] < 1.7
+    assert events[-1][0] == "done"
+
+
+def test_swap_drains_old_after_new_is_ready() -> None:
+    scripts = {"v1": Script(drain_connections=[3, 2, 1, 0], drain_seconds=1.0),
+               "v2": Script(ready_after=0.3)}
+    host, clock, events, res = run(scripts, "v1", "v2")
+    assert res.result == "ok"
+    # the old one is stopped only after the new one is up and enabled
+    assert host.calls == [("prepare", "v2"), ("start", "v2"), ("enable", "v2"),
+                          ("stop", "v1"), ("disable", "v1"), ("cleanup", "v1")]
+    assert res.drain.connections_at_start == 3
+    assert res.drain.connections_at_end == 0 and not res.drain.killed_at_grace
+    assert 1.0 <= res.drain.seconds <= 1.3
+    drains = [d["connections"] for k, d in events if k == "drain"]
+    assert drains[0] == 3 and drains == sorted(drains, reverse=True)
+    assert res.to_dict()["drain"]["connections_drained"] == 3
+
+
+def test_old_that_holds_past_grace_is_reported_killed() -> None:
+    scripts = {"v1": Script(drain_connections=[4, 2, 2], drain_seconds=999),
+               "v2": Script()}
+    host, clock, events, res = run(scripts, "v1", "v2", grace=3.0)
+    assert res.result == "ok"
+    assert res.drain.killed_at_grace
+    assert res.drain.connections_at_end == 2
+    assert 3.0 <= res.drain.seconds <= 3.3
+    assert any(k == "killed" and d["connections"] == 2 for k, d in events)
+
+
+def test_new_that_exits_at_start_is_rolled_back_and_old_untouched() -> None:
+    scripts = {"v1": Script(), "v2": Script(ready_after=None, exits_after=0.2)}
+    host, clock, events, res = run(scripts, "v1", "v2")
+    assert isinstance(res, SwapFailed)
+    result = res.details["result"]
+    assert result.result == "rolled_back" and "exited during start-up" in result.reason
+    assert result.journal == ["v2: something went wrong"]
+    assert ("stop", "v1") not in host.calls and ("disable", "v1") not in host.calls
+    assert host.calls[-3:] == [("stop", "v2"), ("disable", "v2"), ("cleanup", "v2")]
+    assert ("enable", "v2") not in host.calls
+
+
+def test_new_that_never_gets_ready_fails_at_the_deadline() -> None:
+    scripts = {"v1": Script(), "v2": Script(ready_after=None)}
+    host, clock, events, res = run(scripts, "v1", "v2", ready=Ready(deadline=4.0))
+    assert isinstance(res, SwapFailed)
+    result = res.details["result"]
+    assert "not ready within the deadline of 4s" in result.reason
+    assert 4.0 <= result.phases["ready"] < 4.2
+    assert ("stop", "v1") not in host.calls
+
+
+def test_http_gate_waits_initial_delay_and_probes_each_period() -> None:
+    ready = Ready(type="http", url="http://127.0.0.1:{instance_port}/ready", period=1.0,
+                  timeout=0.5, initial_delay=2.0, success_threshold=2, deadline=30.0)
+    scripts = {"v2": Script(probe=lambda t: t >= 4.0)}
+    host, clock, events, res = run(scripts, None, "v2", ready=ready)
+    assert res.result == "ok"
+    assert host.probes[0] >= 2.0
+    gaps = [b - a for a, b in zip(host.probes, host.probes[1:])]
+    assert all(0.99 <= g <= 1.11 for g in gaps), gaps
+    # two consecutive successes needed: first success at >=4s, ready at the next
+    assert res.readiness_checks == len(host.probes)
+    assert sum(1 for t in host.probes if t >= 4.0) == 2
+
+
+def test_flapping_after_first_success_fails_at_failure_threshold() -> None:
+    ready = Ready(type="http", url="http://127.0.0.1:{instance_port}/ready", period=1.0,
+                  timeout=0.5, success_threshold=3, failure_threshold=2, deadline=30.0)
+    scripts = {"v1": Script(), "v2": Script(probe=lambda t: 1.0 <= t < 2.0)}
+    host, clock, events, res = run(scripts, "v1", "v2", ready=ready)
+    assert isinstance(res, SwapFailed)
+    assert "failed 2 readiness checks in a row" in res.details["result"].reason
+
+
+def test_same_version_is_unchanged() -> None:
+    host, clock, events, res = run({"v1": Script()}, "v1", "v1")
+    assert res.result == "unchanged" and host.calls == []
+
+
+def test_gate_failures_before_first_success_are_start_up() -> None:
+    gate = ReadinessGate(Ready(type="http", url="x", failure_threshold=1), started=0.0)
+    assert gate.observe(False, "refused") == "pending"
+    assert gate.observe(False, "refused") == "pending"
+    assert gate.observe(True, "200") == "ready"
+    assert gate.checks == 3
+
+
+def test_stray_new_instance_is_stopped_before_start() -> None:
+    scripts = {"v1": Script(), "v2": Script(drain_seconds=0.3)}
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, scripts, running=("v1", "v2"))
+    events: list[tuple[str, dict]] = []
+    res = Swap(service(), host, clock, lambda k, d: events.append((k, d))).run("v1", "v2")
+    assert res.result == "ok"
+    assert host.calls[:3] == [("stop", "v2"), ("prepare", "v2"), ("start", "v2")]
+    assert any(k == "stray" for k, _ in events)
+
+
+@pytest.mark.parametrize("ready_after", [0.1, 2.0, 7.5])
+def test_ready_phase_duration_follows_the_instance(ready_after: float) -> None:
+    host, clock, events, res = run({"v1": Script(ready_after=ready_after)}, None, "v1")
+    assert ready_after <= res.phases["ready"] <= ready_after + 0.2
