@@ -307,6 +307,10 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except ZddError as e:
+        if "--json" in sys.argv[1:]:  # machines get the error as JSON too
+            _out({"error": str(e), "exit_code": int(e.exit_code),
+                  "class": e.exit_code.name.lower(),
+                  **{k: v for k, v in e.details.items() if isinstance(v, (str, int))}})
         click.echo(f"zdd-agent: error: {e}", err=True)
         sys.exit(int(e.exit_code))
     except click.exceptions.Abort:

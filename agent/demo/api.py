@@ -26,6 +26,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 SD_LISTEN_FDS_START = 3
@@ -57,7 +59,7 @@ class Api:
         self.version = version
         self.never_ready = never_ready
         self.draining = asyncio.Event()
-        self.busy: set[asyncio.Task[None]] = set()
+        self.open_conns = 0
         self.idle: dict[asyncio.StreamWriter, float] = {}  # writer -> idle since
         self.servers: list[asyncio.Server] = []
         self.drain_started = 0.0
@@ -72,19 +74,30 @@ class Api:
             head += "Connection: close\r\n"
         return head.encode() + b"\r\n" + body
 
+    def accept(self, reader: asyncio.StreamReader,
+               writer: asyncio.StreamWriter) -> Coroutine[Any, Any, None]:
+        """Called synchronously when a connection is made: it counts as busy
+        before its task first runs, so a drain cannot end in between and
+        reset it."""
+        self.open_conns += 1
+        return self.serve_conn(reader, writer)
+
     async def serve_conn(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.busy.add(task)
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
-            self.busy.discard(task)
             self.idle.pop(writer, None)
             writer.close()
+            try:
+                # Until the kernel has the last bytes: exiting with a response
+                # still in the transport's buffer would cut it (EOF mid-response).
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+            self.open_conns -= 1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -159,10 +172,18 @@ class Api:
         sd_notify("STOPPING=1")
         self.draining.set()
         self.drain_started = asyncio.get_running_loop().time()
-        for server in self.servers:
-            server.close()  # closes this process's copy of the listener only
         loop = asyncio.get_running_loop()
-        while self.busy:
+        # Stop accepting first, close the listener later: Server.close() while
+        # accept tasks are still setting up connections the kernel handed us
+        # makes those tasks fail (Server._attach asserts it is open, Python
+        # 3.11), and the orphaned sockets are reset when the process exits.
+        for server in self.servers:
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0.1)
+        for server in self.servers:
+            server.close()  # this process's copy of the listener; the socket unit keeps it
+        while self.open_conns:
             # A connection idle since the signal gets IDLE_AFTER_DRAIN to send
             # its next request (answered with Connection: close); then it closes.
             for writer, since in list(self.idle.items()):
@@ -191,7 +212,7 @@ async def main_async(args: argparse.Namespace) -> int:
         socks = [s]
     for s in socks:
         s.setblocking(False)
-        api.servers.append(await asyncio.start_server(api.serve_conn, sock=s, backlog=4096))
+        api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))
     ready_server = None
     port = os.environ.get("ZDD_INSTANCE_PORT")
     if port:

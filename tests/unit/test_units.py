@@ -55,7 +55,7 @@ def test_service_units() -> None:
     assert "Service=zdd-api-hold.service" in sock
     tmpl = files["zdd-api@.service"]
     for line in ("Sockets=zdd-api.socket", "Requires=zdd-api.socket", "KillSignal=SIGQUIT",
-                 "TimeoutStopSec=12s", "Type=notify", "StartLimitIntervalSec=0",
+                 "TimeoutStopSec=12s", "Type=notify", "StartLimitIntervalSec=0", "NonBlocking=yes",
                  "WantedBy=zdd.target", 'Environment="GREETING=hello world"',
                  'Environment="PCT=50%%"'):
         assert f"\n{line}\n" in tmpl, line
