@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what zdd-agent's demo and tests need on a Debian machine, as root:
+# Debian packages (only those missing) and a virtualenv in .venv with the
+# project installed in editable mode. Idempotent; sourced by ../run-demo and
+# ../run-tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "zdd-agent: the demo and the end-to-end tests boot a sandboxed systemd: run as root" >&2
+    exit 1
+fi
+
+# pystemd compiles against libsystemd; wrk and curl are the load and probe
+# clients; util-linux has unshare/nsenter; iproute2 has ss (census benchmark).
+packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2
+          util-linux)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import agent, pystemd, pyroute2, pytest" 2>/dev/null \
+        || [ pyproject.toml -nt .venv/.installed ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+    touch .venv/.installed
+fi
