@@ -131,7 +131,7 @@ def _run_swap(ctx: Ctx, as_json: bool, fn: Any) -> None:
         try:
             result = fn(progress)
         except SwapFailed as e:
-            res = e.details["result"].to_dict()  # type: ignore[union-attr]
+            res = e.details["result"].to_dict()  # type: ignore[attr-defined]
             if as_json:
                 _out(res)
             else:
@@ -145,7 +145,7 @@ def _run_swap(ctx: Ctx, as_json: bool, fn: Any) -> None:
                                ".service:", err=True)
                     for ln in res["journal"]:
                         click.echo(f"  {ln}", err=True)
-            raise SystemExit(int(e.exit_code))
+            raise SystemExit(int(e.exit_code)) from None
     r = result.to_dict()
     if as_json:
         _out(r)

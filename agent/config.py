@@ -154,7 +154,8 @@ class _Checker:
         try:
             value = parse_duration(raw)
         except ValueError as e:
-            raise self.fail(key, f"{e} (allowed: {format_duration(lo)}..{format_duration(hi)})")
+            allowed = f"{format_duration(lo)}..{format_duration(hi)}"
+            raise self.fail(key, f"{e} (allowed: {allowed})") from None
         if not lo <= value <= hi:
             raise self.fail(key, f"{raw!r} is out of range "
                                  f"(allowed: {format_duration(lo)}..{format_duration(hi)})")
@@ -187,7 +188,7 @@ class _Checker:
             try:
                 parts = shlex.split(raw)
             except ValueError as e:
-                raise self.fail(key, f"cannot split {raw!r} into arguments: {e}")
+                raise self.fail(key, f"cannot split {raw!r} into arguments: {e}") from None
         elif isinstance(raw, list) and all(isinstance(a, str) for a in raw):
             parts = list(raw)
         else:
@@ -220,7 +221,7 @@ def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
             try:
                 ipaddress.ip_address(host)
             except ValueError:
-                raise chk.fail("listen", f"{host!r} in {text!r} is not an IP address")
+                raise chk.fail("listen", f"{host!r} in {text!r} is not an IP address") from None
         port = int(m.group(3))
         if not 1 <= port <= 65535:
             raise chk.fail("listen", f"port {port} in {text!r} is out of range (allowed: 1..65535)")
@@ -297,7 +298,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     try:
         name = check_name(data["name"], "name")
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}", file=str(path), key="name")
+        raise ConfigError(f"{path}: {e}", file=str(path), key="name") from None
     if expected_name is not None and name != expected_name:
         raise chk.fail("name", f"{name!r} differs from the file name {path.name!r} "
                                f"(expected {expected_name!r})")
@@ -340,7 +341,7 @@ def check_not_writable_by_others(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not found", file=str(path), key="")
+        raise ConfigError(f"{path}: not found", file=str(path), key="") from None
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: writable by group or others "
                           f"(mode {stat.S_IMODE(st.st_mode):04o}; allowed: 0644 or stricter, "
@@ -356,12 +357,12 @@ def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="")
+        raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}",
-                          file=str(path), key="")
+                          file=str(path), key="") from None
 
 
 def service_path(config_dir: Path, name: str) -> Path:

@@ -39,8 +39,9 @@ def preflight(svc: ServiceConfig, version: str) -> None:
     exe = svc.argv(version)[0]
     if not _executable(exe):
         what = "not found" if not os.path.exists(exe) else "not an executable file"
-        raise ConfigError(f"{svc.path}: command: cannot start {units.instance_unit(svc.name, version)}"
-                          f": {exe} {what}", file=str(svc.path), key="command")
+        unit = units.instance_unit(svc.name, version)
+        raise ConfigError(f"{svc.path}: command: cannot start {unit}: {exe} {what}",
+                          file=str(svc.path), key="command")
     if svc.user is not None:
         try:
             pwd.getpwnam(svc.user)
@@ -221,10 +222,13 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 if version is None:
                     continue
                 us = sd.state(unit)
+                enabled = sd.is_enabled(unit)
+                if us.active == "inactive" and enabled != "enabled":
+                    continue  # retired: systemd keeps it loaded until it collects it
                 groups[version] = sd.processes(unit)
                 instances.append({"version": version, "unit": unit, "active": us.active,
                                   "sub": us.sub, "main_pid": us.main_pid,
-                                  "enabled": sd.is_enabled(unit),
+                                  "enabled": enabled,
                                   "since": us.since_us / 1e6 if us.since_us else None})
             counts = census.count_many(groups) if groups else {}
             for inst in instances:

@@ -177,8 +177,11 @@ class Swap:
             self.emit("done", result=res.result, reason=res.reason)
             return res
 
-        self._phase(res, "start", lambda: self._start(new))
-        verdict, reason = self._gate(res, new)
+        try:
+            self._phase(res, "start", lambda: self._start(new))
+            verdict, reason = self._gate(res, new)
+        except KeyboardInterrupt:  # the operator gave up: the old one keeps serving
+            verdict, reason = "failed", f"interrupted before {new} was admitted"
         if verdict != "ready":
             self._roll_back(res, new, reason, t0)  # raises
         self.ops.enable(new)

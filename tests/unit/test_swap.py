@@ -242,3 +242,18 @@ def test_stray_new_instance_is_stopped_before_start() -> None:
 def test_ready_phase_duration_follows_the_instance(ready_after: float) -> None:
     host, clock, events, res = run({"v1": Script(ready_after=ready_after)}, None, "v1")
     assert ready_after <= res.phases["ready"] <= ready_after + 0.2
+
+
+def test_interrupt_before_admission_rolls_back() -> None:
+    scripts = {"v1": Script(), "v2": Script(ready_after=None)}
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, scripts, running=("v1",))
+
+    def interrupted(version: str) -> tuple[bool, str]:
+        raise KeyboardInterrupt
+
+    host.probe = interrupted  # type: ignore[method-assign]
+    ready = Ready(type="http", url="http://127.0.0.1:{instance_port}/ready")
+    with pytest.raises(SwapFailed, match="interrupted before v2 was admitted"):
+        Swap(service(ready), host, clock).run("v1", "v2")
+    assert ("stop", "v1") not in host.calls and host.calls[-1] == ("cleanup", "v2")
