@@ -60,7 +60,9 @@ class Systemd:
             self._manager = Manager(bus=self._bus)
             self._manager.load()
         except Exception as e:
-            raise SystemdError(f"cannot connect to systemd: {e}") from e
+            hint = "" if PRIVATE_SOCKET.exists() else (
+                f" (no {PRIVATE_SOCKET}: is systemd this host's init, and are you root?)")
+            raise SystemdError(f"cannot connect to systemd: {e}{hint}") from e
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
