@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,36 @@ def _serving_or_none(svc: ServiceConfig, sd: Systemd, st: ServiceState) -> str |
         return None
 
 
+def _runner(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
+            emit: Emit | None) -> Swap:
+    def intent(old: str | None, new: str, phase: str) -> None:
+        state.intent = {"from": old, "to": new, "phase": phase, "pid": os.getpid(),
+                        "at": time.time()}
+        store.save(state)
+
+    return Swap(svc, SystemdOps(svc, sd), SystemClock(), emit, intent)
+
+
+def _finish(store: StateStore, state: ServiceState, result: SwapResult) -> None:
+    """Record the swap and clear its intent in one atomic write."""
+    state.intent = None
+    if result.result != "unchanged" or state.serving != result.to_version:
+        state.record(result.to_dict())
+    store.save(state)
+
+
+def recover(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
+            emit: Emit | None = None) -> SwapResult | None:
+    """Finish or revert a swap left behind by an agent that died (lock held)."""
+    intent = state.intent
+    if not intent:
+        return None
+    result = _runner(svc, sd, store, state, emit).recover(intent.get("from"), intent["to"],
+                                                          intent.get("phase", "start"))
+    _finish(store, state, result)
+    return result
+
+
 def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> SwapResult:
     svc = load_service(paths.config_dir, name)
     preflight(svc, version)
@@ -180,19 +211,16 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> Swa
         state = store.load(name)
         with Systemd() as sd:
             install_units(svc, sd, backlog)
+            recover(svc, sd, store, state, emit)
             old = serving_version(svc, sd, state, exclude=version)
-            runner = Swap(svc, SystemdOps(svc, sd), SystemClock(), emit)
             try:
-                result = runner.run(old, version)
+                result = _runner(svc, sd, store, state, emit).run(old, version)
             except SwapFailed as e:
                 res = e.details["result"]
                 assert isinstance(res, SwapResult)
-                state.record(res.to_dict())
-                store.save(state)
+                _finish(store, state, res)
                 raise
-            if result.result != "unchanged" or state.serving != version:
-                state.record(result.to_dict())
-                store.save(state)
+            _finish(store, state, result)
             return result
 
 

@@ -30,6 +30,9 @@ class ServiceState:
     previous: str | None = None
     since: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A swap in flight: {"from": old, "to": new, "phase": ..., "pid": ..., "at": ...},
+    # written before each phase acts, cleared with the swap's record.
+    intent: dict[str, Any] | None = None
 
     def record(self, result: dict[str, Any]) -> None:
         self.history.append(result)
@@ -65,12 +68,12 @@ class StateStore:
             raise ValueError(f"{path}: unreadable state ({e}); moved to {aside}") from e
         return ServiceState(name=name, serving=data.get("serving"),
                             previous=data.get("previous"), since=data.get("since"),
-                            history=list(data.get("history", [])))
+                            history=list(data.get("history", [])), intent=data.get("intent"))
 
     def save(self, st: ServiceState) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
         data = {"serving": st.serving, "previous": st.previous, "since": st.since,
-                "history": st.history}
+                "history": st.history, "intent": st.intent}
         atomic_write(self._path(st.name), json.dumps(data, indent=1, sort_keys=True) + "\n",
                      mode=0o644)
 

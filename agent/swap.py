@@ -68,6 +68,7 @@ class SystemClock:
 
 
 Emit = Callable[[str, dict[str, Any]], None]
+Intent = Callable[[str | None, str, str], None]
 
 # How often a drain counts connections and checks whether the old instance is gone.
 DRAIN_POLL = 0.25
@@ -161,9 +162,12 @@ class Swap:
     """Replaces the serving instance `old` (None on a first deploy) with `new`."""
 
     def __init__(self, svc: ServiceConfig, ops: InstanceOps, clock: Clock,
-                 emit: Emit | None = None) -> None:
+                 emit: Emit | None = None, intent: Intent | None = None) -> None:
         self.svc, self.ops, self.clock = svc, ops, clock
         self._emit = emit or (lambda kind, data: None)
+        # Persists (old, new, phase) BEFORE each phase acts, so that an agent
+        # killed anywhere can finish or revert the swap (recover()).
+        self._intent = intent or (lambda old, new, phase: None)
 
     def emit(self, kind: str, **data: Any) -> None:
         self._emit(kind, data)
@@ -178,15 +182,20 @@ class Swap:
             return res
 
         try:
+            self._intent(old, new, "start")
             self._phase(res, "start", lambda: self._start(new))
+            self._intent(old, new, "ready")
             verdict, reason = self._gate(res, new)
         except KeyboardInterrupt:  # the operator gave up: the old one keeps serving
             verdict, reason = "failed", f"interrupted before {new} was admitted"
         if verdict != "ready":
+            self._intent(old, new, "rollback")
             self._roll_back(res, new, reason, t0)  # raises
         self.ops.enable(new)
         if old is not None:
+            self._intent(old, new, "drain")
             res.drain = self._phase(res, "drain", lambda: self._drain(old))
+            self._intent(old, new, "retire")
             self._phase(res, "retire", lambda: self._retire(old))
         res.result = "ok"
         res.seconds = self.clock.monotonic() - t0
@@ -306,3 +315,58 @@ class Swap:
     def _retire(self, old: str) -> None:
         self.ops.disable(old)
         self.ops.cleanup(old)
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self, old: str | None, new: str, phase: str) -> SwapResult:
+        """Finish or revert a swap whose agent died in `phase`, so that exactly
+        one version serves. The instances' own state in systemd decides."""
+        res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
+        t0 = self.clock.monotonic()
+        old_serving = old is not None and self.ops.status(old).active in ("active", "reloading")
+        new_state = self.ops.status(new)
+        action = plan_recovery(phase, old_serving, new_state.active == "active",
+                               old is not None)
+        self.emit("recover", phase=phase, action=action, version=new, old=old)
+        if action == "finish":
+            self.ops.enable(new)
+            if old is not None:
+                self._intent(old, new, "drain")
+                res.drain = self._phase(res, "drain", lambda: self._drain(old))
+                self._intent(old, new, "retire")
+                self._phase(res, "retire", lambda: self._retire(old))
+            res.result, res.reason = "ok", f"recovered: finished a swap interrupted in {phase}"
+        else:
+            self._intent(old, new, "rollback")
+            self.ops.stop(new)
+            self._wait_gone(new, self.svc.drain.grace_period + 5)
+            self.ops.disable(new)
+            self.ops.cleanup(new)
+            if action == "restore":
+                assert old is not None
+                self.ops.prepare(old)
+                self.ops.start(old)
+                self.ops.enable(old)
+            res.result = "rolled_back"
+            res.reason = f"recovered: reverted a swap interrupted in {phase} ({action})"
+        res.seconds = self.clock.monotonic() - t0
+        self.emit("done", result=res.result, reason=res.reason)
+        return res
+
+
+def plan_recovery(phase: str, old_serving: bool, new_active: bool, had_old: bool) -> str:
+    """What to do with a swap interrupted in `phase` (pure).
+
+    finish:  the new version was admitted (drain/retire), or nothing else serves
+             and it is up: keep it, retire the old one.
+    revert:  not admitted and the old one still serves: stop the new one.
+    restore: not admitted, neither serves: start the old one again.
+    abandon: a first deploy that never came up: clean up the new one.
+    """
+    if phase in ("drain", "retire"):
+        return "finish"
+    if old_serving:
+        return "revert"
+    if new_active:
+        return "finish"
+    return "restore" if had_old else "abandon"

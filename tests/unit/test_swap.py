@@ -257,3 +257,60 @@ def test_interrupt_before_admission_rolls_back() -> None:
     with pytest.raises(SwapFailed, match="interrupted before v2 was admitted"):
         Swap(service(ready), host, clock).run("v1", "v2")
     assert ("stop", "v1") not in host.calls and host.calls[-1] == ("cleanup", "v2")
+
+
+# ------------------------------------------------------------------ recovery
+
+from agent.swap import plan_recovery  # noqa: E402
+
+
+@pytest.mark.parametrize("phase,old_serving,new_active,had_old,action", [
+    ("start", True, False, True, "revert"),
+    ("ready", True, True, True, "revert"),  # not admitted: the old one keeps serving
+    ("rollback", True, True, True, "revert"),
+    ("drain", False, True, True, "finish"),  # admitted: the old one's stop is under way
+    ("retire", False, True, True, "finish"),
+    ("ready", False, True, True, "finish"),  # nothing else serves: keep the new one
+    ("ready", False, False, True, "restore"),
+    ("start", False, False, False, "abandon"),
+    ("ready", False, True, False, "finish"),
+])
+def test_plan_recovery(phase: str, old_serving: bool, new_active: bool, had_old: bool,
+                       action: str) -> None:
+    assert plan_recovery(phase, old_serving, new_active, had_old) == action
+
+
+def recover(scripts: dict[str, Script], running: tuple[str, ...], old: str | None, new: str,
+            phase: str, stopping: tuple[str, ...] = ()) -> tuple[FakeHost, object, list]:
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, scripts, running=running)
+    for v in stopping:
+        host.stopped[v] = clock.now
+    phases: list[tuple[str | None, str, str]] = []
+    res = Swap(service(), host, clock, intent=lambda o, n, p: phases.append((o, n, p))) \
+        .recover(old, new, phase)
+    return host, res, phases
+
+
+def test_recover_reverts_an_unadmitted_new_version() -> None:
+    host, res, phases = recover({"v1": Script(), "v2": Script()}, ("v1", "v2"), "v1", "v2",
+                                "ready")
+    assert res.result == "rolled_back" and "interrupted in ready" in res.reason
+    assert host.calls == [("stop", "v2"), ("disable", "v2"), ("cleanup", "v2")]
+    assert phases == [("v1", "v2", "rollback")]
+
+
+def test_recover_finishes_an_interrupted_drain() -> None:
+    scripts = {"v1": Script(drain_connections=[2, 1, 0], drain_seconds=0.6), "v2": Script()}
+    host, res, phases = recover(scripts, ("v1", "v2"), "v1", "v2", "drain", stopping=("v1",))
+    assert res.result == "ok" and "finished a swap interrupted in drain" in res.reason
+    assert host.calls == [("enable", "v2"), ("stop", "v1"), ("disable", "v1"),
+                          ("cleanup", "v1")]
+    assert [p for _, _, p in phases] == ["drain", "retire"]
+
+
+def test_recover_restores_the_old_version_when_nothing_serves() -> None:
+    scripts = {"v1": Script(), "v2": Script(ready_after=None, exits_after=0.0)}
+    host, res, _ = recover(scripts, ("v2",), "v1", "v2", "ready")
+    assert res.result == "rolled_back" and "(restore)" in res.reason
+    assert host.calls[-3:] == [("prepare", "v1"), ("start", "v1"), ("enable", "v1")]
