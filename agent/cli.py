@@ -29,10 +29,12 @@ Exit codes:
 
 
 class Ctx:
-    def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
+    def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path,
+                 explicit_paths: bool) -> None:
         from .deploy import Paths
 
         self.paths = Paths(config_dir, state_dir, agent_config)
+        self.explicit_paths = explicit_paths
 
 
 def _out(data: Any) -> None:
@@ -120,37 +122,76 @@ def _swap_summary(r: dict[str, Any]) -> str:
               help="The agent's own config (sysctl overrides) [env ZDD_AGENT_CONFIG].")
 @click.pass_context
 def cli(ctx: click.Context, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
-    ctx.obj = Ctx(config_dir, state_dir, agent_config)
+    explicit = any(ctx.get_parameter_source(p) not in (click.core.ParameterSource.DEFAULT, None)
+                   for p in ("config_dir", "state_dir", "agent_config"))
+    ctx.obj = Ctx(config_dir, state_dir, agent_config, explicit)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+local_option = click.option("--local", is_flag=True,
+                            help="Act in-process instead of through the daemon.")
 
 
-def _run_swap(ctx: Ctx, as_json: bool, fn: Any) -> None:
-    with Progress(not as_json) as progress:
+def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
+             on_event: Any = None) -> dict[str, Any]:
+    """Run a command through the daemon when one answers, else in-process.
+    Both give the same reply: {"result", "exit_code"} or {"error", ...}."""
+    from . import commands, protocol
+    from .client import DaemonUnavailable, call
+    from .daemon import CONTROL_SOCKET
+
+    emit = on_event or (lambda kind, data: None)
+    # The daemon uses its own config and state: explicit paths mean this host's
+    # files as given, so they are acted on in-process.
+    if not local and not ctx.explicit_paths and CONTROL_SOCKET.exists():
         try:
-            result = fn(progress)
-        except SwapFailed as e:
-            res = e.details["result"].to_dict()  # type: ignore[attr-defined]
-            if as_json:
-                _out(res)
-            else:
-                click.echo(f"swap of {res['service']} to {res['to_version']} failed: "
-                           f"{res['reason']}", err=True)
-                old = res["from_version"]
-                click.echo(f"{old} still serving, untouched" if old else
-                           "nothing was serving before; nothing serves now", err=True)
-                if res["journal"]:
-                    click.echo(f"last lines of zdd-{res['service']}@{res['to_version']}"
-                               ".service:", err=True)
-                    for ln in res["journal"]:
-                        click.echo(f"  {ln}", err=True)
-            raise SystemExit(int(e.exit_code)) from None
-    r = result.to_dict()
+            return call(CONTROL_SOCKET, cmd, args, emit)
+        except DaemonUnavailable as e:
+            click.echo(f"zdd-agent: {e}; acting in-process", err=True)
+    try:
+        code, out = commands.execute(ctx.paths, cmd, args, emit)
+        return {"result": out, "exit_code": int(code)}
+    except SwapFailed as e:
+        res = e.details["result"].to_dict()  # type: ignore[attr-defined]
+        return dict(json.loads(protocol.error(e, {"result": res})))
+    except ZddError as e:
+        return dict(json.loads(protocol.error(e)))
+
+
+def _finish(reply: dict[str, Any], as_json: bool, render: Any) -> None:
+    """Print a reply; exit with its code. A failed swap's reply carries its
+    result, which is printed like a successful one's."""
+    code = int(reply.get("exit_code", 1))
+    failed_without_result = "error" in reply and reply.get("result") is None
     if as_json:
-        _out(r)
+        _out({k: v for k, v in reply.items() if k != "v"} if failed_without_result
+             else reply["result"])
+    elif failed_without_result:
+        click.echo(f"zdd-agent: error: {reply['error']}", err=True)
     else:
-        click.echo(_swap_summary(r))
+        render(reply["result"], code)
+    if code:
+        raise SystemExit(code)
+
+
+def _render_swap(r: dict[str, Any], code: int) -> None:
+    if code == int(Exit.ROLLED_BACK):
+        click.echo(f"swap of {r['service']} to {r['to_version']} failed: {r['reason']}", err=True)
+        old = r["from_version"]
+        click.echo(f"{old} still serving, untouched" if old else
+                   "nothing was serving before; nothing serves now", err=True)
+        if r["journal"]:
+            click.echo(f"last lines of zdd-{r['service']}@{r['to_version']}.service:", err=True)
+            for ln in r["journal"]:
+                click.echo(f"  {ln}", err=True)
+        return
+    click.echo(_swap_summary(r))
+
+
+def _swap_cmd(ctx: Ctx, cmd: str, args: dict[str, Any], as_json: bool, local: bool) -> None:
+    with Progress(not as_json) as progress:
+        reply = dispatch(ctx, cmd, args, local, progress)
+    _finish(reply, as_json, _render_swap)
 
 
 @cli.command(help="Swap SERVICE to VERSION: start it beside the serving one, admit it once "
@@ -159,38 +200,25 @@ def _run_swap(ctx: Ctx, as_json: bool, fn: Any) -> None:
 @click.argument("service")
 @click.option("--version", "version", required=True, help="The version to serve.")
 @json_option
+@local_option
 @click.pass_obj
-def swap(ctx: Ctx, service: str, version: str, as_json: bool) -> None:
-    from . import deploy
-
-    _run_swap(ctx, as_json, lambda p: deploy.swap(ctx.paths, service, version, p))
+def swap(ctx: Ctx, service: str, version: str, as_json: bool, local: bool) -> None:
+    _swap_cmd(ctx, "swap", {"service": service, "version": version}, as_json, local)
 
 
 @cli.command(help="Swap SERVICE back to the version that served before the last swap.")
 @click.argument("service")
 @json_option
+@local_option
 @click.pass_obj
-def rollback(ctx: Ctx, service: str, as_json: bool) -> None:
-    from . import deploy
-
-    _run_swap(ctx, as_json, lambda p: deploy.rollback(ctx.paths, service, p))
+def rollback(ctx: Ctx, service: str, as_json: bool, local: bool) -> None:
+    _swap_cmd(ctx, "rollback", {"service": service}, as_json, local)
 
 
-@cli.command(help="Show each service (or SERVICE): serving version, instances, their "
-                  "states and connections, and the last swap.")
-@click.argument("service", required=False)
-@json_option
-@click.pass_obj
-def status(ctx: Ctx, service: str | None, as_json: bool) -> None:
+def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import deploy
-
-    rows = deploy.status(ctx.paths, service)
-    if as_json:
-        _out(rows)
-        return
     table = Table(box=None, pad_edge=False)
     for col in ("SERVICE", "SERVING", "INSTANCE", "STATE", "CONNS", "SINCE", "LAST SWAP"):
         table.add_column(col)
@@ -211,80 +239,135 @@ def status(ctx: Ctx, service: str | None, as_json: bool) -> None:
     Console(width=200).print(table)
 
 
+@cli.command(help="Show each service (or SERVICE): serving version, instances, their "
+                  "states and connections, and the last swap.")
+@click.argument("service", required=False)
+@json_option
+@local_option
+@click.pass_obj
+def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "status", {"service": service} if service else {}, local),
+            as_json, _render_status)
+
+
+def _render_history(rows: list[dict[str, Any]], _code: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("WHEN", "SERVICE", "FROM", "TO", "SECONDS", "RESULT", "DRAINED", "CUT AT GRACE"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(_fmt_time(r["at"]), r["service"], r["from"] or "-", r["to"],
+                      f"{r['seconds']:.2f}" if r["seconds"] is not None else "-",
+                      r["result"] + (f" ({r['reason']})" if r["reason"] else ""),
+                      str(r["drained"]), str(r["cut"]) if r["killed_at_grace"] else "-")
+    Console(width=240).print(table)
+
+
+@cli.command(help="List past swaps (all services, or SERVICE), oldest first: when, from, "
+                  "to, duration, result, connections drained and cut at the grace period.")
+@click.argument("service", required=False)
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@json_option
+@local_option
+@click.pass_obj
+def history(ctx: Ctx, service: str | None, limit: int, as_json: bool, local: bool) -> None:
+    args: dict[str, Any] = {"limit": limit}
+    if service:
+        args["service"] = service
+    _finish(dispatch(ctx, "history", args, local), as_json, _render_history)
+
+
 @cli.group(help="Kernel settings for zero-downtime swaps (per network namespace).")
 def sysctl() -> None:
     pass
 
 
-def _sysctl_plan(ctx: Ctx) -> tuple[Any, list[Any]]:
-    from .config import load_agent_config, load_all
-    from .sysctl import Sysctl
-
-    agent = load_agent_config(ctx.paths.agent_config)
-    ports = [p for svc in load_all(ctx.paths.config_dir) for p in svc.ports]
-    s = Sysctl(ctx.paths.state_dir)
-    return s, s.plan(agent.sysctl, ports)
-
-
-def _print_changes(changes: list[Any], as_json: bool, verb: str) -> None:
-    if as_json:
-        _out([{"key": c.key, "old": c.old, "new": c.new} for c in changes])
-        return
-    if not changes:
-        click.echo(f"nothing to {verb}: every value is as wanted")
-    for c in changes:
-        click.echo(f"{c.key}: {c.old} -> {c.new}")
+def _render_changes(key: str, verb: str) -> Any:
+    def render(out: dict[str, Any], _code: int) -> None:
+        if not out[key]:
+            click.echo(f"nothing to {verb}: every value is as wanted")
+        for c in out[key]:
+            click.echo(f"{c['key']}: {c['old']} -> {c['new']}")
+        for k in out.get("missing", []):
+            click.echo(f"warning: {k}: not in this kernel ({_kernel()}); skipped", err=True)
+    return render
 
 
 @sysctl.command("apply", help="Write the wanted values to /proc/sys, read them back, and "
                               "record the old ones for `restore`.")
 @json_option
+@local_option
 @click.pass_obj
-def sysctl_apply(ctx: Ctx, as_json: bool) -> None:
-    s, plan = _sysctl_plan(ctx)
-    missing = [c for c in plan if c.old is None]
-    done = s.apply(plan)
-    _print_changes(done, as_json, "change")
-    for c in missing:
-        click.echo(f"warning: {c.key}: not in this kernel ({_kernel()}); skipped", err=True)
+def sysctl_apply(ctx: Ctx, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "sysctl-apply", {}, local), as_json, _render_changes("changed", "change"))
+
+
+def _render_check(out: dict[str, Any], _code: int) -> None:
+    for c in out["differ"]:
+        click.echo(f"{c['key']}: running {c['running']!r}, wanted {c['wanted']!r}")
+    for k in out["missing"]:
+        click.echo(f"{k}: not in this kernel ({_kernel()})", err=True)
+    if out["ok"]:
+        click.echo("all sysctls as wanted")
 
 
 @sysctl.command("check", help="Compare the running values with the wanted ones; exit 6 and "
                               "list the differences when any differ.")
 @json_option
+@local_option
 @click.pass_obj
-def sysctl_check(ctx: Ctx, as_json: bool) -> None:
-    _s, plan = _sysctl_plan(ctx)
-    differ = [c for c in plan if c.differs]
-    if as_json:
-        _out({"ok": not differ, "differ": [{"key": c.key, "running": c.old, "wanted": c.new}
-                                           for c in differ],
-              "missing": [c.key for c in plan if c.old is None]})
-    else:
-        for c in differ:
-            click.echo(f"{c.key}: running {c.old!r}, wanted {c.new!r}")
-        for c in plan:
-            if c.old is None:
-                click.echo(f"{c.key}: not in this kernel ({_kernel()})", err=True)
-        if not differ:
-            click.echo("all sysctls as wanted")
-    if differ:
-        raise SystemExit(int(Exit.DRIFT))
+def sysctl_check(ctx: Ctx, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "sysctl-check", {}, local), as_json, _render_check)
 
 
 @sysctl.command("restore", help="Put back the values recorded by the first `apply`.")
 @json_option
+@local_option
 @click.pass_obj
-def sysctl_restore(ctx: Ctx, as_json: bool) -> None:
-    from .sysctl import Sysctl
-
-    _print_changes(Sysctl(ctx.paths.state_dir).restore(), as_json, "restore")
+def sysctl_restore(ctx: Ctx, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "sysctl-restore", {}, local), as_json,
+            _render_changes("restored", "restore"))
 
 
 def _kernel() -> str:
     import os
 
     return f"Linux {os.uname().release}"
+
+
+@cli.command(help="Run the long-running root agent (started by zdd-agent.service): the "
+                  "control socket, crash recovery of interrupted swaps, sysctls, metrics.")
+@click.pass_obj
+def daemon(ctx: Ctx) -> None:
+    from .daemon import run
+
+    raise SystemExit(run(ctx.paths))
+
+
+@cli.command(help="Put the agent's units (zdd-agent.service/.socket, zdd.target), "
+                  "/etc/sysctl.d/60-zdd-agent.conf and a config skeleton in place, create "
+                  "the admin group, enable and start the daemon. Idempotent.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@click.pass_obj
+def install(ctx: Ctx, dry_run: bool) -> None:
+    from .config import load_agent_config
+    from .install import install as do_install
+
+    group = load_agent_config(ctx.paths.agent_config).admin_group
+    for step in do_install(dry_run, group):
+        click.echo(f"{'would ' if dry_run else ''}{step}")
+
+
+@cli.command(help="Stop and remove the daemon's units and the sysctl.d file; keep the "
+                  "operator's configs, the state and the services' units.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+def uninstall(dry_run: bool) -> None:
+    from .install import uninstall as do_uninstall
+
+    for step in do_uninstall(dry_run):
+        click.echo(f"{'would ' if dry_run else ''}{step}")
 
 
 @cli.command(help="Boot a throwaway systemd sandbox, deploy the bundled demo API under the "

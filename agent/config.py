@@ -391,10 +391,15 @@ def load_all(config_dir: Path) -> list[ServiceConfig]:
     return services
 
 
+GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     path: Path | None = None
     sysctl: tuple[tuple[str, str | None], ...] = ()  # overrides; None: leave that key alone
+    admin_group: str = "zdd-admin"  # members may change things through the control socket
+    metrics_listen: str | None = None  # loopback host:port of the Prometheus endpoint
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -404,7 +409,18 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the file must hold a mapping of keys", file=str(path), key="")
     chk = _Checker(path, data)
-    chk.reject_unknown(("sysctl",))
+    chk.reject_unknown(("sysctl", "admin_group", "metrics"))
+    group = data.get("admin_group", "zdd-admin")
+    if not isinstance(group, str) or not GROUP_RE.fullmatch(group):
+        raise chk.fail("admin_group", f"{group!r} is not a group name "
+                                      "(allowed: [a-z_][a-z0-9_-]{0,31})")
+    mchk = _Checker(path, chk.mapping("metrics"), "metrics.")
+    mchk.reject_unknown(("listen",))
+    metrics_listen = mchk.get("listen")
+    if metrics_listen is not None:
+        from .metrics import parse_listen
+
+        parse_listen(str(metrics_listen), f"{path}: metrics.listen")
     from .sysctl import DEFAULTS  # the keys the agent manages
 
     overrides: list[tuple[str, str | None]] = []
@@ -420,4 +436,5 @@ def load_agent_config(path: Path) -> AgentConfig:
             raise chk.fail(f"sysctl.{key}", f"{value!r} must be numbers separated by spaces")
         else:
             overrides.append((key, " ".join(str(value).split())))
-    return AgentConfig(path=path, sysctl=tuple(overrides))
+    return AgentConfig(path=path, sysctl=tuple(overrides), admin_group=group,
+                       metrics_listen=None if metrics_listen is None else str(metrics_listen))

@@ -310,6 +310,7 @@ class Swap:
         d.seconds = self.clock.monotonic() - t
         if d.killed_at_grace:
             self.emit("killed", version=old, connections=d.connections_at_end, grace=grace)
+        self.emit("drained", version=old, connections=d.connections_at_end, seconds=d.seconds)
         return d
 
     def _retire(self, old: str) -> None:

@@ -1,0 +1,436 @@
+"""`zdd-agent daemon`: the long-running root agent.
+
+- Type=notify: READY=1 once the control socket serves; WATCHDOG=1 from the
+  main loop, only while the control loop is alive too (a hung control loop
+  stops the pings and systemd restarts the daemon).
+- At start: reconcile every service's state with systemd (finish or revert a
+  swap a dead agent left behind), then apply the configured sysctls.
+- The control socket (inherited from zdd-agent.socket, or bound) speaks
+  protocol.py. One selector thread reads requests with a size limit and a
+  deadline, so a slow, idle, oversized or malformed client costs a buffer and
+  never blocks it; each complete request runs in a worker thread. Callers are
+  identified by SO_PEERCRED: root and members of the admin group may change
+  things, anyone who can connect may read. Every refusal is logged.
+- Signal handlers only queue the signal; the main loop acts on it.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import queue
+import selectors
+import signal
+import socket
+import struct
+import syslog
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import commands, deploy, protocol
+from .config import AgentConfig, load_agent_config, load_all
+from .errors import SwapFailed, ZddError
+from .log import SwapLogger, log
+from .metrics import Metrics, parse_listen
+from .state import StateStore
+
+CONTROL_SOCKET = Path(os.environ.get("ZDD_CONTROL_SOCKET", "/run/zdd-agent/control.sock"))
+READ_DEADLINE = 5.0  # seconds a client has to send its whole request
+MAX_CLIENTS = 256  # connections being read at once; beyond it the oldest is closed
+MAX_WORKERS = 32  # requests being executed at once; more get a "busy" error
+WRITE_TIMEOUT = 10.0  # a client that stops reading is dropped (the work goes on)
+REFRESH = 15.0  # seconds between metric refreshes (connections, sysctl drift)
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid)
+
+
+def may_change(peer: Peer, admin_group: str) -> bool:
+    """Root, or a member of the admin group (primary or supplementary)."""
+    if peer.uid == 0:
+        return True
+    try:
+        gid = grp.getgrnam(admin_group).gr_gid
+    except KeyError:
+        return False  # no such group on this host: root only
+    if peer.gid == gid:
+        return True
+    try:
+        pw = pwd.getpwuid(peer.uid)
+    except KeyError:
+        return False
+    return gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
+
+
+def sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.sendall(message.encode())
+        except OSError:
+            pass
+
+
+def inherited_socket() -> socket.socket | None:
+    """The control socket from zdd-agent.socket (sd_listen_fds(3)), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    n = int(os.environ.get("LISTEN_FDS", "0"))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if n < 1:
+        return None
+    return socket.socket(fileno=3)
+
+
+def bind_socket(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.bind(str(path))
+    os.chmod(path, 0o666)  # anyone may connect; SO_PEERCRED decides what they may do
+    s.listen(128)
+    return s
+
+
+@dataclass
+class _Client:
+    conn: socket.socket
+    peer: Peer
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+
+
+class ControlServer:
+    """Reads requests without ever blocking; hands complete ones to `dispatch`."""
+
+    def __init__(self, sock: socket.socket,
+                 dispatch: Callable[[socket.socket, Peer, bytes], None]) -> None:
+        self.sock = sock
+        self.dispatch = dispatch
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[int, _Client] = {}
+        self.heartbeat = time.monotonic()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        self.sock.setblocking(False)
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
+            for key, _ in self.sel.select(timeout=0.5):
+                if key.fileobj is self.sock:
+                    self._accept()
+                else:
+                    self._read(self.clients[key.fd])
+            now = time.monotonic()
+            for c in [c for c in self.clients.values() if c.deadline < now]:
+                self._refuse(c, "request not received within "
+                                f"{READ_DEADLINE:g}s", quiet=True)
+        self.sel.unregister(self.sock)
+        for c in list(self.clients.values()):
+            self._drop(c)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log("refused", f"control socket: accept failed: {e}", syslog.LOG_WARNING)
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                # Evict the client that has waited longest: a burst of idle
+                # connections cannot lock out one that sends its request now.
+                oldest = min(self.clients.values(), key=lambda c: c.deadline)
+                self._refuse(oldest, f"{MAX_CLIENTS} clients connected; the longest idle "
+                                     "one is closed", quiet=True)
+            conn.setblocking(False)
+            c = _Client(conn, peer_of(conn), time.monotonic() + READ_DEADLINE)
+            self.clients[conn.fileno()] = c
+            self.sel.register(conn, selectors.EVENT_READ)
+
+    def _read(self, c: _Client) -> None:
+        try:
+            data = c.conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(c)
+            return
+        c.buf += data
+        line, nl, _rest = bytes(c.buf).partition(b"\n")
+        if nl:
+            self._unregister(c)
+            self.dispatch(c.conn, c.peer, line)
+        elif len(c.buf) > protocol.MAX_REQUEST:
+            self._refuse(c, f"request over {protocol.MAX_REQUEST} bytes")
+
+    def _refuse(self, c: _Client, why: str, quiet: bool = False) -> None:
+        log("refused", f"control socket: refused pid {c.peer.pid} uid {c.peer.uid}: {why}",
+            syslog.LOG_INFO if quiet else syslog.LOG_WARNING)
+        try:
+            c.conn.send(protocol.error(protocol.ProtocolError(why)))
+        except OSError:
+            pass
+        self._drop(c)
+
+    def _unregister(self, c: _Client) -> None:
+        self.sel.unregister(c.conn)
+        del self.clients[c.conn.fileno()]
+
+    def _drop(self, c: _Client) -> None:
+        self._unregister(c)
+        c.conn.close()
+
+
+class Daemon:
+    def __init__(self, paths: deploy.Paths, agent: AgentConfig) -> None:
+        self.paths, self.agent = paths, agent
+        self.metrics = Metrics()
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.workers = threading.BoundedSemaphore(MAX_WORKERS)
+        self.running: set[threading.Thread] = set()
+        self.server: ControlServer | None = None
+
+    # ---------------------------------------------------------------- start
+
+    def reconcile(self) -> None:
+        """Finish or revert the swaps that a dead agent left behind."""
+        store = StateStore(self.paths.state_dir)
+        for name in store.names():
+            try:
+                state = store.load(name)
+            except ValueError as e:  # kept aside by load(): report, go on
+                log("daemon", f"{name}: {e}", syslog.LOG_ERR, SERVICE=name)
+                continue
+            if not state.intent:
+                continue
+            try:
+                svc = deploy.load_service(self.paths.config_dir, name)
+                with store.lock(name):
+                    state = store.load(name)
+                    if not state.intent:
+                        continue  # recovered meanwhile by another agent
+                    with deploy.Systemd() as sd:
+                        res = deploy.recover(svc, sd, store, state,
+                                             SwapLogger(name, state.intent["to"]))
+                if res is not None:
+                    self.metrics.on_result(res.to_dict())
+            except ZddError as e:
+                log("recover", f"{name}: cannot recover the interrupted swap: {e}",
+                    syslog.LOG_ERR, SERVICE=name)
+
+    def apply_sysctls(self) -> None:
+        try:
+            _code, out = commands.execute(self.paths, "sysctl-apply", {})
+        except (ZddError, OSError) as e:
+            log("sysctl", f"cannot apply sysctls: {e}", syslog.LOG_ERR)
+            return
+        for c in out["changed"]:
+            log("sysctl", f"sysctl {c['key']}: {c['old']} -> {c['new']}")
+        for key in out["missing"]:
+            log("sysctl", f"sysctl {key}: not in this kernel ({os.uname().release}); skipped",
+                syslog.LOG_WARNING)
+
+    # -------------------------------------------------------------- requests
+
+    def dispatch(self, conn: socket.socket, peer: Peer, line: bytes) -> None:
+        if not self.workers.acquire(blocking=False):
+            self._send(conn, protocol.error(protocol.ProtocolError(
+                f"busy: {MAX_WORKERS} requests are running; try again")))
+            conn.close()
+            return
+        t = threading.Thread(target=self._work, args=(conn, peer, line), daemon=True,
+                             name=f"request-{peer.pid}")
+        self.running.add(t)
+        t.start()
+
+    def _send(self, conn: socket.socket, data: bytes) -> bool:
+        try:
+            conn.sendall(data)
+            return True
+        except OSError:
+            return False  # the client went away or stopped reading: the work goes on
+
+    def _work(self, conn: socket.socket, peer: Peer, line: bytes) -> None:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(WRITE_TIMEOUT)
+            try:
+                req = protocol.decode_request(line)
+            except protocol.ProtocolError as e:
+                log("refused", f"control socket: bad request from pid {peer.pid} "
+                               f"uid {peer.uid}: {e}", syslog.LOG_WARNING)
+                self._send(conn, protocol.error(e))
+                return
+            if req.mutating and not may_change(peer, self.agent.admin_group):
+                denied = protocol.PermissionDenied(
+                    f"{req.cmd} refused for user {peer.user} (uid {peer.uid}): only root and "
+                    f"members of group {self.agent.admin_group} may change things")
+                log("refused", f"control socket: {denied}", syslog.LOG_WARNING,
+                    USER=peer.user)
+                self._send(conn, protocol.error(denied))
+                return
+            log("request", f"control socket: {req.cmd} {req.args} from {peer.user} "
+                           f"(pid {peer.pid})", syslog.LOG_DEBUG)
+            self._execute(conn, req)
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+            self.running.discard(threading.current_thread())
+            self.workers.release()
+
+    def _execute(self, conn: socket.socket, req: protocol.Request) -> None:
+        alive = [True]
+
+        def to_client(kind: str, d: dict[str, Any]) -> None:
+            if alive[0]:
+                alive[0] = self._send(conn, protocol.event(kind, d))
+
+        emit = to_client
+        if req.cmd in ("swap", "rollback"):
+            name = req.args["service"]
+            logger = SwapLogger(name, req.args.get("version", "previous"))
+            on_metric = self.metrics.on_event(name)
+
+            def emit(kind: str, d: dict[str, Any]) -> None:
+                logger(kind, d)
+                on_metric(kind, d)
+                to_client(kind, d)
+
+        try:
+            code, out = commands.execute(self.paths, req.cmd, req.args, emit)
+        except SwapFailed as e:
+            res = e.details["result"].to_dict()  # type: ignore[attr-defined]
+            self.metrics.on_result(res)
+            self._send(conn, protocol.error(e, {"result": res}))
+            return
+        except ZddError as e:
+            self._send(conn, protocol.error(e))
+            return
+        except Exception as e:  # a bug: answer, log, keep serving
+            log("daemon", f"{req.cmd} failed: {type(e).__name__}: {e}", syslog.LOG_ERR)
+            err = ZddError(f"internal error in {req.cmd}: {type(e).__name__}: {e}")
+            self._send(conn, protocol.error(err))
+            return
+        if req.cmd in ("swap", "rollback"):
+            self.metrics.on_result(out)
+        self._send(conn, protocol.result(out, int(code)))
+
+    # ------------------------------------------------------------ main loop
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.put(signum)  # only queue it; the main loop acts
+        self.wake.set()
+
+    def refresh_metrics(self) -> None:
+        try:
+            self.metrics.on_status(deploy.status(self.paths))
+            _s, plan = commands.sysctl_plan(self.paths)
+            self.metrics.on_sysctl({c.key: c.differs for c in plan if c.old is not None})
+        except (ZddError, OSError) as e:
+            log("daemon", f"metrics refresh failed: {e}", syslog.LOG_WARNING)
+
+    def serve(self, sock: socket.socket) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.reconcile()
+        self.apply_sysctls()
+        if self.agent.metrics_listen:
+            host, port = parse_listen(self.agent.metrics_listen, "metrics.listen")
+            self.metrics.serve(host, port)
+            log("daemon", f"metrics on http://{self.agent.metrics_listen}/metrics")
+        self.server = ControlServer(sock, self.dispatch)
+        server_thread = threading.Thread(target=self.server.run, name="control", daemon=True)
+        server_thread.start()
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        ping_every = usec / 2e6 if usec else 5.0
+        sd_notify(f"READY=1\nSTATUS=serving {CONTROL_SOCKET}\nMAINPID={os.getpid()}")
+        log("daemon", f"zdd-agent daemon ready (pid {os.getpid()}); control socket "
+                      f"{CONTROL_SOCKET}")
+        next_refresh = 0.0
+        while True:
+            self.wake.wait(timeout=min(ping_every, 1.0))
+            self.wake.clear()
+            stop = self._handle_signals()
+            if stop:
+                break
+            if usec and time.monotonic() - self.server.heartbeat < ping_every * 2:
+                sd_notify("WATCHDOG=1")
+            if self.agent.metrics_listen and time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + REFRESH
+                self.refresh_metrics()
+        return self._shutdown(server_thread)
+
+    def _handle_signals(self) -> bool:
+        stop = False
+        while not self.signals.empty():
+            signum = self.signals.get()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log("daemon", f"Received {signal.Signals(signum).name}; transition to drain "
+                              "mode.")
+                stop = True
+            elif signum == signal.SIGHUP:
+                try:
+                    self.agent = load_agent_config(self.paths.agent_config)
+                    load_all(self.paths.config_dir)
+                    log("daemon", "configuration reloaded")
+                except ZddError as e:
+                    log("daemon", f"configuration not reloaded: {e}", syslog.LOG_ERR)
+        return stop
+
+    def _shutdown(self, server_thread: threading.Thread) -> int:
+        """Stop taking requests; let the running ones finish (a swap killed
+        here would be recovered at the next start, but finishing is kinder)."""
+        sd_notify("STOPPING=1")
+        assert self.server is not None
+        self.server.stopping.set()
+        server_thread.join(timeout=5)
+        deadline = time.monotonic() + 60
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log("daemon", f"Drain complete. {len(self.running)} active connections remaining.")
+        return 0
+
+
+def run(paths: deploy.Paths) -> int:
+    agent = load_agent_config(paths.agent_config)
+    sock = inherited_socket() or bind_socket(CONTROL_SOCKET)
+    return Daemon(paths, agent).serve(sock)

@@ -1,0 +1,118 @@
+"""`zdd-agent install` / `uninstall`: put the agent's units, its sysctl.d
+file and a config skeleton in place on a real host, idempotently, saying
+what changes. Uninstall keeps the operator's configs and the state."""
+
+from __future__ import annotations
+
+import grp
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
+from .errors import SystemdError
+from .fsutil import write_if_changed
+from .systemd import UNIT_DIR, Systemd
+from .units import TARGET, TEMPLATE_DIR
+
+SYSCTL_D = Path("/etc/sysctl.d/60-zdd-agent.conf")
+REPO = Path(__file__).resolve().parents[1]
+AGENT_UNITS = ("zdd-agent.service", "zdd-agent.socket")
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # create, update, unchanged, remove, run
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.action:<9} {self.target}"
+
+
+def executable() -> str:
+    exe = Path(sys.prefix) / "bin" / "zdd-agent"
+    found = exe if exe.exists() else shutil.which("zdd-agent")
+    if found is None:
+        raise SystemdError("cannot find the zdd-agent executable to put in ExecStart=")
+    return str(Path(found).resolve() if not exe.exists() else exe)
+
+
+def files() -> dict[Path, tuple[str, int]]:
+    """Installed path -> (content, mode)."""
+    service = Template((TEMPLATE_DIR / "zdd-agent.service.in").read_text()).substitute(
+        exec=executable())
+    return {
+        UNIT_DIR / "zdd-agent.service": (service, 0o644),
+        UNIT_DIR / "zdd-agent.socket": ((TEMPLATE_DIR / "zdd-agent.socket").read_text(), 0o644),
+        UNIT_DIR / TARGET: ((TEMPLATE_DIR / TARGET).read_text(), 0o644),
+        SYSCTL_D: ((REPO / "sysctl.d" / "60-zdd-agent.conf").read_text(), 0o644),
+    }
+
+
+def _state(path: Path, content: str) -> str:
+    if not path.exists():
+        return "create"
+    try:
+        return "unchanged" if path.read_text() == content else "update"
+    except OSError:
+        return "update"
+
+
+def install(dry_run: bool, admin_group: str = "zdd-admin") -> list[Step]:
+    steps: list[Step] = []
+    for path, (content, mode) in files().items():
+        action = _state(path, content)
+        steps.append(Step(action, str(path)))
+        if not dry_run and action != "unchanged":
+            write_if_changed(path, content, mode)
+    for d in (DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR):
+        steps.append(Step("unchanged" if d.is_dir() else "create", f"{d}/"))
+        if not dry_run:
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+    example = (Path(__file__).parent / "agent.yaml.example").read_text()
+    steps.append(Step("unchanged" if DEFAULT_AGENT_CONFIG.exists() else "create",
+                      f"{DEFAULT_AGENT_CONFIG} (kept if present)"))
+    if not dry_run and not DEFAULT_AGENT_CONFIG.exists():
+        write_if_changed(DEFAULT_AGENT_CONFIG, example, 0o644)
+    try:
+        grp.getgrnam(admin_group)
+        steps.append(Step("unchanged", f"group {admin_group}"))
+    except KeyError:
+        steps.append(Step("create", f"group {admin_group}"))
+        if not dry_run:
+            subprocess.run(["groupadd", "--system", admin_group], check=True)
+    steps.append(Step("run", "systemctl daemon-reload; enable zdd.target zdd-agent.socket "
+                             "zdd-agent.service; start zdd-agent.socket zdd-agent.service"))
+    if not dry_run:
+        with Systemd() as sd:
+            sd.reload()
+            for unit in (TARGET, "zdd-agent.socket", "zdd-agent.service"):
+                sd.enable(unit)
+            sd.start("zdd-agent.socket")
+            sd.start("zdd-agent.service")
+    return steps
+
+
+def uninstall(dry_run: bool) -> list[Step]:
+    steps = [Step("run", "systemctl stop zdd-agent.service zdd-agent.socket; disable them")]
+    if not dry_run:
+        with Systemd() as sd:
+            for unit in ("zdd-agent.service", "zdd-agent.socket"):
+                sd.stop(unit)
+                sd.disable(unit)
+    for path in (UNIT_DIR / "zdd-agent.service", UNIT_DIR / "zdd-agent.socket", SYSCTL_D):
+        if path.exists():
+            steps.append(Step("remove", str(path)))
+            if not dry_run:
+                path.unlink()
+        else:
+            steps.append(Step("unchanged", f"{path} (absent)"))
+    steps.append(Step("keep", f"{DEFAULT_CONFIG_DIR.parent}/ and {DEFAULT_STATE_DIR}/, "
+                              f"{TARGET} and the services' units"))
+    if not dry_run:
+        with Systemd() as sd:
+            sd.reload()
+    return steps

@@ -1,0 +1,114 @@
+"""The control socket's protocol (pure): newline-delimited JSON, versioned.
+
+Request, one line:  {"v": 1, "cmd": "swap", "args": {"service": "api", "version": "v2"}}
+Replies, lines:     {"v": 1, "event": "phase", "data": {...}}          (zero or more)
+                    {"v": 1, "result": {...}, "exit_code": 0}           (last)
+                 or {"v": 1, "error": "...", "exit_code": 2, "class": "config"}
+
+A request is at most MAX_REQUEST bytes and must arrive within the server's
+read deadline; anything else gets an error reply or a closed connection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .config import check_name, check_version
+from .errors import ConfigError, Exit, ZddError
+
+VERSION = 1
+MAX_REQUEST = 64 * 1024
+
+# command -> (may change the host, allowed argument names, required argument names)
+COMMANDS: dict[str, tuple[bool, frozenset[str], frozenset[str]]] = {
+    "ping": (False, frozenset(), frozenset()),
+    "status": (False, frozenset({"service"}), frozenset()),
+    "history": (False, frozenset({"service", "limit"}), frozenset()),
+    "sysctl-check": (False, frozenset(), frozenset()),
+    "swap": (True, frozenset({"service", "version"}), frozenset({"service", "version"})),
+    "rollback": (True, frozenset({"service"}), frozenset({"service"})),
+    "sysctl-apply": (True, frozenset(), frozenset()),
+    "sysctl-restore": (True, frozenset(), frozenset()),
+}
+
+
+class ProtocolError(ZddError):
+    exit_code = Exit.CONFIG
+
+
+class PermissionDenied(ZddError):
+    exit_code = Exit.CONFIG
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+
+    @property
+    def mutating(self) -> bool:
+        return COMMANDS[self.cmd][0]
+
+
+def decode_request(line: bytes) -> Request:
+    if len(line) > MAX_REQUEST:
+        raise ProtocolError(f"request of {len(line)} bytes is over the limit of {MAX_REQUEST}")
+    try:
+        msg = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request is not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("request must be a JSON object")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported "
+                            f"(this agent speaks {VERSION})")
+    cmd = msg.get("cmd")
+    if cmd not in COMMANDS:
+        raise ProtocolError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError("args must be a JSON object")
+    _, allowed, required = COMMANDS[cmd]
+    unknown = set(args) - allowed
+    if unknown:
+        raise ProtocolError(f"{cmd}: unknown argument(s) {', '.join(sorted(unknown))}")
+    missing = required - set(args)
+    if missing:
+        raise ProtocolError(f"{cmd}: missing argument(s) {', '.join(sorted(missing))}")
+    try:
+        if args.get("service") is not None:
+            check_name(args["service"], "service")
+        if "version" in args:
+            check_version(args["version"])
+    except ConfigError as e:
+        raise ProtocolError(str(e)) from None
+    if "limit" in args and (not isinstance(args["limit"], int) or isinstance(args["limit"], bool)
+                            or not 1 <= args["limit"] <= 1000):
+        raise ProtocolError("history: limit must be an integer 1..1000")
+    return Request(cmd, dict(args))
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, **obj}, default=str, separators=(",", ":")).encode() + b"\n"
+
+
+def request(cmd: str, **args: Any) -> bytes:
+    return encode({"cmd": cmd, "args": {k: v for k, v in args.items() if v is not None}})
+
+
+def event(kind: str, data: dict[str, Any]) -> bytes:
+    return encode({"event": kind, "data": data})
+
+
+def result(obj: Any, exit_code: int = 0) -> bytes:
+    return encode({"result": obj, "exit_code": exit_code})
+
+
+def error(e: ZddError, extra: dict[str, Any] | None = None) -> bytes:
+    body: dict[str, Any] = {"error": str(e), "exit_code": int(e.exit_code),
+                            "class": e.exit_code.name.lower()}
+    body.update({k: v for k, v in e.details.items() if isinstance(v, (str, int))})
+    body.update(extra or {})
+    return encode(body)
