@@ -38,6 +38,7 @@ from .errors import SwapFailed, ZddError
 from .log import SwapLogger, log
 from .metrics import Metrics, parse_listen
 from .state import StateStore
+from .errors import StateError
 
 CONTROL_SOCKET = Path(os.environ.get("ZDD_CONTROL_SOCKET", "/run/zdd-agent/control.sock"))
 READ_DEADLINE = 5.0  # seconds a client has to send its whole request
@@ -235,7 +236,7 @@ class Daemon:
         for name in store.names():
             try:
                 state = store.load(name)
-            except ValueError as e:  # kept aside by load(): report, go on
+            except StateError as e:  # kept aside by load(): report, go on
                 log("daemon", f"{name}: {e}", syslog.LOG_ERR, SERVICE=name)
                 continue
             if not state.intent:

@@ -15,7 +15,7 @@ from . import units
 from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
                      ServiceConfig, check_version, load_agent_config, load_all, load_service)
-from .errors import ConfigError, NoHistoryError, SwapFailed, SystemdError
+from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import free_port, probe
 from .state import ServiceState, StateStore
 from .swap import Emit, InstanceStatus, Swap, SwapResult, SystemClock
@@ -241,7 +241,11 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
     out = []
     with Systemd() as sd:
         for svc in svcs:
-            st = store.load(svc.name)
+            warning = None
+            try:
+                st = store.load(svc.name)
+            except StateError as e:  # moved aside; systemd still knows what runs
+                st, warning = ServiceState(svc.name), str(e)
             census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen])
             instances: list[dict[str, Any]] = []
             groups: dict[str, list[int]] = {}
@@ -272,6 +276,7 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 "socket": {"unit": sock, "active": sd.state(sock).active,
                            "listen": [str(lst) for lst in svc.listen]},
                 "instances": instances,
+                "warning": warning,
                 "last_swap": None if last is None else {
                     k: last.get(k) for k in ("from_version", "to_version", "result", "reason",
                                              "started_at", "seconds")},

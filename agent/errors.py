@@ -50,3 +50,9 @@ class DriftError(ZddError):
 
 class NoHistoryError(ZddError):
     exit_code = Exit.NO_HISTORY
+
+
+class StateError(ZddError):
+    """A state file could not be read; it was moved aside for a human."""
+
+    exit_code = Exit.INTERNAL

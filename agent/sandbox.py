@@ -115,7 +115,7 @@ def _boot(root: Path, keep: Sequence[str]) -> None:  # pragma: no cover - runs a
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     env = {"container": "zdd-sandbox", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C.UTF-8"}
-    os.execve(SYSTEMD, [SYSTEMD, "--system", f"--unit={TARGET}", "--log-target=console",
+    os.execve(SYSTEMD, [SYSTEMD, "--system", f"--unit={TARGET}", "--log-target=journal",
                         "--log-level=warning"], env)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_name
-from .errors import LockedError
+from .errors import LockedError, StateError
 from .fsutil import atomic_write
 
 HISTORY_LIMIT = 100
@@ -65,7 +65,7 @@ class StateStore:
             # Kept aside for a human, never silently dropped.
             aside = path.with_suffix(f".corrupt.{int(os.stat(path).st_mtime)}")
             os.replace(path, aside)
-            raise ValueError(f"{path}: unreadable state ({e}); moved to {aside}") from e
+            raise StateError(f"{path}: unreadable state ({e}); moved to {aside}") from e
         return ServiceState(name=name, serving=data.get("serving"),
                             previous=data.get("previous"), since=data.get("since"),
                             history=list(data.get("history", [])), intent=data.get("intent"))

@@ -114,6 +114,11 @@ class Systemd:
                    unit.encode(), b"replace")
 
     def stop(self, unit: str) -> None:
+        """Queue a stop job; a unit systemd has not loaded is not running."""
+        try:
+            self._manager.Manager.GetUnit(unit.encode())
+        except Exception:
+            return  # NoSuchUnit: never loaded (e.g. its drop-in was never written)
         self._call(f"cannot stop {unit}", self._manager.Manager.StopUnit,
                    unit.encode(), b"replace")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import LockedError
+from agent.errors import LockedError, StateError
 from agent.state import HISTORY_LIMIT, StateStore
 
 
@@ -43,7 +43,7 @@ def test_corrupt_state_is_kept_aside(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     (tmp_path / "services").mkdir()
     (tmp_path / "services" / "api.json").write_text('{"serving": "v1", ')
-    with pytest.raises(ValueError, match="moved to"):
+    with pytest.raises(StateError, match="moved to"):
         store.load("api")
     aside = list((tmp_path / "services").glob("api.corrupt.*"))
     assert len(aside) == 1 and aside[0].read_text() == '{"serving": "v1", '

@@ -1,0 +1,305 @@
+"""The daemon, started from the real units in units/ (installed by
+`zdd-agent install` inside the sandbox), driven through its control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.demo.run import DemoHost
+from agent.log import MESSAGE_IDS
+
+STATE = "/var/lib/zdd-agent/services/demo.json"
+SOCK = "/run/zdd-agent/control.sock"
+
+# A client with nothing but the standard library, for users who cannot run
+# the agent's virtualenv: sends one request, prints the last reply line.
+RAW_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+last = b""
+for line in s.makefile("rb"):
+    last = line
+print(last.decode().strip())
+"""
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def main_pid(host: DemoHost) -> int:
+    r = host.sb.run(["systemctl", "show", "-p", "MainPID", "--value", "zdd-agent.service"],
+                    capture=True)
+    return int(r.stdout.strip() or 0)
+
+
+def daemon_active(host: DemoHost) -> int:
+    r = host.sb.run(["systemctl", "is-active", "zdd-agent.service"], capture=True, check=False)
+    return main_pid(host) if r.stdout.strip() == "active" else 0
+
+
+@pytest.fixture
+def dhost(host: DemoHost) -> Iterator[DemoHost]:
+    host.configure()
+    r = host.zdd("install")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: daemon_active(host), 20, "zdd-agent.service active")
+    yield host
+
+
+def journal(host: DemoHost, *match: str) -> list[dict]:
+    r = host.sb.run(["journalctl", "--no-pager", "-o", "json", "-u", "zdd-agent", *match],
+                    capture=True)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def test_install_is_idempotent_and_dry_run_changes_nothing(dhost: DemoHost) -> None:
+    again = dhost.zdd("install")
+    assert again.returncode == 0
+    assert "create" not in again.stdout and "update" not in again.stdout, again.stdout
+    dry = dhost.zdd("uninstall", "--dry-run")
+    assert "would remove" in dry.stdout and daemon_active(dhost)
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0
+    gone = dhost.zdd("uninstall")
+    assert gone.returncode == 0, gone.stderr
+    assert not daemon_active(dhost)
+    assert not dhost.sb.path("/etc/systemd/system/zdd-agent.service").exists()
+    assert not dhost.sb.path(SOCK).exists()
+    assert dhost.sb.path("/etc/zdd-agent/services/demo.yaml").exists()  # configs kept
+    # the service keeps serving, and the CLI acts in-process, silently
+    r2 = dhost.zdd("status")
+    assert r2.returncode == 0 and "acting in-process" not in r2.stderr
+    assert dhost.get()["version"] == "v1"
+
+
+def test_cli_goes_through_the_daemon_and_logs_structured_events(dhost: DemoHost) -> None:
+    pid = daemon_active(dhost)
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0 and r["result"] == "ok", r
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v2")
+    assert code == 0 and r["result"] == "ok", r
+    assert dhost.get()["version"] == "v2"
+    # the daemon ran them: its journal has the request and the swap's events
+    entries = journal(dhost)
+    assert any("control socket: swap" in e["MESSAGE"] for e in entries)
+    drains = [e for e in entries if e.get("MESSAGE_ID") == MESSAGE_IDS["drain"]]
+    assert any(e["MESSAGE"] == "Drain complete. 0 active connections remaining." for e in drains)
+    assert all(e["SERVICE"] == "demo" and e["PHASE"] == "drain" and "CONNECTIONS" in e
+               for e in drains)
+    phases = [e["PHASE"] for e in entries if e.get("MESSAGE_ID") == MESSAGE_IDS["phase"]]
+    assert phases[-4:] == ["start", "ready", "drain", "retire"]
+    code, hist = dhost.zdd_json("history", "demo")
+    assert [(h["from"], h["to"], h["result"]) for h in hist] == [(None, "v1", "ok"),
+                                                                 ("v1", "v2", "ok")]
+    # --local acts in-process and sees the same state
+    code, st = dhost.zdd_json("status", "demo", "--local")
+    assert code == 0 and st[0]["serving"] == "v2"
+    assert daemon_active(dhost) == pid  # no restart on the way
+
+
+def test_non_root_may_read_but_not_change_unless_in_the_group(dhost: DemoHost) -> None:
+    dhost.zdd_json("swap", "demo", "--version", "v1")
+    for user in ("zddreader", "zddadmin"):
+        dhost.sb.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", user])
+    dhost.sb.run(["usermod", "-aG", "zdd-admin", "zddadmin"])
+
+    def as_user(user: str, cmd: str, **args: object) -> dict:
+        line = json.dumps({"v": 1, "cmd": cmd, "args": args})
+        r = dhost.sb.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-c", RAW_CLIENT,
+                          SOCK, line], capture=True)
+        return dict(json.loads(r.stdout))
+
+    refused = as_user("zddreader", "swap", service="demo", version="v2")
+    assert refused["exit_code"] == 2 and "swap refused for user zddreader" in refused["error"]
+    status = as_user("zddreader", "status")
+    assert status["exit_code"] == 0 and status["result"][0]["serving"] == "v1"
+    assert dhost.get()["version"] == "v1"
+    refusals = [e for e in journal(dhost) if e.get("MESSAGE_ID") == MESSAGE_IDS["refused"]]
+    assert any("zddreader" in e["MESSAGE"] for e in refusals)
+    allowed = as_user("zddadmin", "swap", service="demo", version="v2")
+    assert allowed["exit_code"] == 0 and allowed["result"]["to_version"] == "v2", allowed
+    assert dhost.get()["version"] == "v2"
+
+
+def test_bad_clients_never_stop_the_daemon(dhost: DemoHost) -> None:
+    pid = daemon_active(dhost)
+    path = str(dhost.sb.path(SOCK))
+
+    def exchange(data: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            try:
+                s.sendall(data)
+                return s.recv(65536)
+            except OSError:
+                return b""  # closed on us: an acceptable answer too
+
+    assert b'"class":"config"' in exchange(b"{not json\n")
+    assert b"unknown command" in exchange(b'{"v":1,"cmd":"reboot"}\n')
+    assert b"protocol version" in exchange(b'{"v":9,"cmd":"status"}\n')
+    assert b"over" in exchange(b"x" * 200_000) or True  # may be cut before the reply
+    # a burst of idle connections, more than the daemon reads at once
+    idle = []
+    try:
+        for _ in range(400):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            idle.append(s)
+        t = time.monotonic()
+        code, st = dhost.zdd_json("status")
+        assert code == 0 and time.monotonic() - t < 5
+    finally:
+        for s in idle:
+            s.close()
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0 and r["result"] == "ok"
+    assert daemon_active(dhost) == pid
+
+
+def test_daemon_sigkilled_in_each_phase_recovers_with_no_failed_request(
+        dhost: DemoHost) -> None:
+    # http readiness with an initial delay, and a slow request held across each
+    # drain, so that every phase lasts long enough to be hit
+    cfg = dhost.sb.path("/etc/zdd-agent/services/demo.yaml")
+    cfg.write_text(cfg.read_text().replace(
+        "  type: notify\n  deadline: 20s",
+        "  type: http\n  url: http://127.0.0.1:{instance_port}/ready\n  period: 1s\n"
+        "  timeout: 500ms\n  initial_delay: 1s\n  deadline: 20s"))
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    state_file = dhost.sb.path(STATE)
+    outcomes = []
+    load = dhost.load(clients=32, seconds=120)
+    try:
+        for phase in ("start", "ready", "drain", "retire"):
+            target = "v1" if dhost.get()["version"] == "v2" else "v2"
+            pid = wait_for(lambda: daemon_active(dhost), 30, "the daemon")
+            host_pid = _host_pid(dhost, pid)
+            slow = dhost.sb.popen(["curl", "-s", "--max-time", "20",
+                                   "http://127.0.0.1:8080/slow?ms=2500"], net_only=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = threading.Thread(target=dhost.zdd, args=("swap", "demo", "--version",
+                                                              target))
+            client.start()
+            def at_phase(phase: str = phase, target: str = target) -> bool:
+                try:
+                    intent = json.loads(state_file.read_text()).get("intent") or {}
+                except (OSError, ValueError):
+                    return False
+                return intent.get("phase") == phase and intent.get("to") == target
+
+            wait_for(at_phase, 30, f"phase {phase}", step=0.001)
+            os.kill(host_pid, signal.SIGKILL)
+            client.join(timeout=60)
+            slow.wait(timeout=30)
+            # restarted by systemd; it finishes or reverts the swap at start
+            wait_for(lambda pid=pid: daemon_active(dhost) not in (0, pid), 30, "a new daemon")
+            wait_for(lambda: not json.loads(state_file.read_text()).get("intent"), 60,
+                     "the interrupted swap to be recovered")
+            code, st = dhost.zdd_json("status", "demo")
+            active = [x["version"] for x in st[0]["instances"] if x["active"] == "active"]
+            served = dhost.get()["version"]
+            last = json.loads(state_file.read_text())["history"][-1]
+            outcomes.append((phase, target, last["result"], last["reason"], active, served))
+            assert len(active) == 1 and active == [served] == [st[0]["serving"]], st
+    finally:
+        res = load.stop()
+    for o in outcomes:
+        print("killed in {}: swap to {} -> {} ({}); serving {}".format(*o[:4], o[5]))
+    print(f"load across the kills: {res.requests} requests, {res.failed} failed")
+    assert res.requests > 1000 and res.failed == 0, res
+    # admitted swaps are finished, unadmitted ones reverted
+    assert [o[2] for o in outcomes] == ["rolled_back", "rolled_back", "ok", "ok"], outcomes
+
+
+def _host_pid(host: DemoHost, ns_pid: int) -> int:
+    """The host PID of a process the sandbox knows as `ns_pid`."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                ids = line.split()[1:]
+                if len(ids) >= 2 and ids[-1] == str(ns_pid) and \
+                        os.readlink(f"/proc/{entry}/ns/pid") == \
+                        os.readlink(f"/proc/{host.sb.pid}/ns/pid"):
+                    return int(entry)
+    raise AssertionError(f"no host process for sandbox pid {ns_pid}")
+
+
+def test_watchdog_restarts_a_hung_daemon(dhost: DemoHost) -> None:
+    dropin = dhost.sb.path("/etc/systemd/system/zdd-agent.service.d/watchdog.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n")
+    dhost.sb.run(["systemctl", "daemon-reload"])
+    dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    pid = wait_for(lambda: daemon_active(dhost), 20, "the daemon")
+    time.sleep(4)  # pings keep it alive past one watchdog period
+    assert daemon_active(dhost) == pid
+    os.kill(_host_pid(dhost, pid), signal.SIGSTOP)  # the whole main loop hangs
+    new = wait_for(lambda: daemon_active(dhost) not in (0, pid) and daemon_active(dhost), 30,
+                   "a restart by the watchdog", step=0.2)
+    assert new != pid
+    r = dhost.sb.run(["journalctl", "--no-pager", "-u", "zdd-agent"], capture=True)
+    assert "Watchdog timeout" in r.stdout, r.stdout[-2000:]
+    code, st = dhost.zdd_json("status")
+    assert code == 0
+
+
+def test_metrics_endpoint_on_loopback(dhost: DemoHost) -> None:
+    agent_yaml = dhost.sb.path("/etc/zdd-agent/agent.yaml")
+    agent_yaml.write_text(agent_yaml.read_text().replace("  listen: null",
+                                                         "  listen: 127.0.0.1:9469"))
+    dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    wait_for(lambda: daemon_active(dhost), 20, "the daemon")
+    for v in ("v1", "v2"):
+        code, r = dhost.zdd_json("swap", "demo", "--version", v)
+        assert code == 0, r
+    r = dhost.sb.run(["curl", "-s", "http://127.0.0.1:9469/metrics"], capture=True,
+                     net_only=True)
+    text = r.stdout
+    assert 'zdd_swaps_total{result="ok",service="demo"} 2.0' in text, text[:3000]
+    assert 'zdd_swap_duration_seconds_count{service="demo"} 2.0' in text
+    assert 'zdd_drain_duration_seconds_count{service="demo"} 1.0' in text
+    assert 'zdd_sysctl_drift{key="net.core.somaxconn"} 0.0' in text
+
+
+def test_corrupt_state_is_kept_aside_and_the_daemon_starts(dhost: DemoHost) -> None:
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0
+    state = dhost.sb.path(STATE)
+    state.write_text(state.read_text()[:40])  # a torn write
+    dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    wait_for(lambda: daemon_active(dhost), 20, "the daemon")
+    aside = list(state.parent.glob("demo.corrupt.*"))
+    assert len(aside) == 1 and not state.exists()
+    msgs = [e["MESSAGE"] for e in journal(dhost)]
+    assert any("unreadable state" in m and "moved to" in m for m in msgs), msgs[-10:]
+    assert dhost.get()["version"] == "v1"  # the service itself never noticed
+    code, st = dhost.zdd_json("status", "demo")
+    assert code == 0 and st[0]["serving"] == "v1"
