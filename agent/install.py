@@ -102,6 +102,9 @@ def uninstall(dry_run: bool) -> list[Step]:
         with Systemd() as sd:
             for unit in ("zdd-agent.service", "zdd-agent.socket"):
                 sd.stop(unit)
+                # the daemon lets a running swap finish (TimeoutStopSec=90s)
+                if not sd.wait_stopped(unit, 100):
+                    raise SystemdError(f"{unit} did not stop within 100s")
                 sd.disable(unit)
     for path in (UNIT_DIR / "zdd-agent.service", UNIT_DIR / "zdd-agent.socket", SYSCTL_D):
         if path.exists():

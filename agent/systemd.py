@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +122,16 @@ class Systemd:
             return  # NoSuchUnit: never loaded (e.g. its drop-in was never written)
         self._call(f"cannot stop {unit}", self._manager.Manager.StopUnit,
                    unit.encode(), b"replace")
+
+    def wait_stopped(self, unit: str, timeout: float) -> bool:
+        """Until the unit is inactive or failed with no job queued."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.state(unit)
+            if st.active in ("inactive", "failed") and not st.job:
+                return True
+            time.sleep(0.1)
+        return False
 
     def reset_failed(self, unit: str) -> None:
         try:
