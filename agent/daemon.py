@@ -37,6 +37,8 @@ from .config import AgentConfig, load_agent_config, load_all
 from .errors import SwapFailed, ZddError
 from .log import SwapLogger, log
 from .metrics import Metrics, parse_listen
+from .sd import listen_fds
+from .sd import notify as sd_notify
 from .state import StateStore
 from .errors import StateError
 
@@ -83,32 +85,6 @@ def may_change(peer: Peer, admin_group: str) -> bool:
     except KeyError:
         return False
     return gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
-
-
-def sd_notify(message: str) -> None:
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        try:
-            s.connect(addr)
-            s.sendall(message.encode())
-        except OSError:
-            pass
-
-
-def inherited_socket() -> socket.socket | None:
-    """The control socket from zdd-agent.socket (sd_listen_fds(3)), if any."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    n = int(os.environ.get("LISTEN_FDS", "0"))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    if n < 1:
-        return None
-    return socket.socket(fileno=3)
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -433,5 +409,6 @@ class Daemon:
 
 def run(paths: deploy.Paths) -> int:
     agent = load_agent_config(paths.agent_config)
-    sock = inherited_socket() or bind_socket(CONTROL_SOCKET)
+    inherited = listen_fds()
+    sock = inherited[0] if inherited else bind_socket(CONTROL_SOCKET)
     return Daemon(paths, agent).serve(sock)

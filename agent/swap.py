@@ -191,16 +191,27 @@ class Swap:
         if verdict != "ready":
             self._intent(old, new, "rollback")
             self._roll_back(res, new, reason, t0)  # raises
+        self._admit(res, old, new)
+        res.result = "ok"
+        res.seconds = self.clock.monotonic() - t0
+        self.emit("done", result="ok", seconds=res.seconds)
+        return res
+
+    def _admit(self, res: SwapResult, old: str | None, new: str) -> None:
+        """The new instance serves: enable it, drain and retire the old one."""
         self.ops.enable(new)
         if old is not None:
             self._intent(old, new, "drain")
             res.drain = self._phase(res, "drain", lambda: self._drain(old))
             self._intent(old, new, "retire")
             self._phase(res, "retire", lambda: self._retire(old))
-        res.result = "ok"
-        res.seconds = self.clock.monotonic() - t0
-        self.emit("done", result="ok", seconds=res.seconds)
-        return res
+
+    def _discard(self, new: str) -> None:
+        """Stop a version that will not serve (its drain signal), forget it."""
+        self.ops.stop(new)
+        self._wait_gone(new, self.svc.drain.grace_period + 5)
+        self.ops.disable(new)
+        self.ops.cleanup(new)
 
     def _phase(self, res: SwapResult, name: str, fn: Callable[[], Any]) -> Any:
         self.emit("phase", phase=name)
@@ -260,10 +271,7 @@ class Swap:
     def _roll_back(self, res: SwapResult, new: str, reason: str, t0: float) -> None:
         self.emit("phase", phase="rollback", reason=reason)
         res.journal = self.ops.journal(new)
-        self.ops.stop(new)
-        self._wait_gone(new, self.svc.drain.grace_period + 5)
-        self.ops.disable(new)
-        self.ops.cleanup(new)
+        self._discard(new)
         res.result = "rolled_back"
         res.reason = reason
         res.seconds = self.clock.monotonic() - t0
@@ -330,19 +338,11 @@ class Swap:
                                old is not None)
         self.emit("recover", phase=phase, action=action, version=new, old=old)
         if action == "finish":
-            self.ops.enable(new)
-            if old is not None:
-                self._intent(old, new, "drain")
-                res.drain = self._phase(res, "drain", lambda: self._drain(old))
-                self._intent(old, new, "retire")
-                self._phase(res, "retire", lambda: self._retire(old))
+            self._admit(res, old, new)
             res.result, res.reason = "ok", f"recovered: finished a swap interrupted in {phase}"
         else:
             self._intent(old, new, "rollback")
-            self.ops.stop(new)
-            self._wait_gone(new, self.svc.drain.grace_period + 5)
-            self.ops.disable(new)
-            self.ops.cleanup(new)
+            self._discard(new)
             if action == "restore":
                 assert old is not None
                 self.ops.prepare(old)

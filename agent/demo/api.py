@@ -30,28 +30,10 @@ from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-SD_LISTEN_FDS_START = 3
+from agent.sd import listen_fds
+from agent.sd import notify as sd_notify
+
 IDLE_AFTER_DRAIN = 1.0  # seconds an idle keep-alive connection may sit once draining
-
-
-def listen_fds() -> list[socket.socket]:
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    n = int(os.environ.get("LISTEN_FDS", "0"))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(n)]
-
-
-def sd_notify(message: str) -> None:
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
 
 
 class Api:
