@@ -94,6 +94,8 @@ class Progress:
                       f"holding {d['connections']} connections")
         elif kind in ("stray", "warning"):
             self.line(f"  warning: {d.get('message') or d}")
+        elif kind == "pre_stop":
+            self.line(f"  holding {d['version']} {d['delay']:g}s before its drain signal")
 
 
 def _swap_summary(r: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Signals a service may ask to be drained with; SIGKILL/SIGSTOP cannot drain.
 DRAIN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 READY_TYPES = ("notify", "http", "tcp", "exec")
-SOCKET_MODES = ("inherit",)
+SOCKET_MODES = ("inherit", "reuseport")
 INSTANCE_PORT = "{instance_port}"
 
 DEFAULT_CONFIG_DIR = Path("/etc/zdd-agent/services")

@@ -19,7 +19,7 @@ from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, Systemd
 from .probes import free_port, probe
 from .state import ServiceState, StateStore
 from .swap import Emit, InstanceStatus, Swap, SwapResult, SystemClock
-from .sysctl import DEFAULTS
+from .sysctl import DEFAULTS, Change, Sysctl
 from .systemd import Systemd, journal_tail
 
 
@@ -116,6 +116,30 @@ class SystemdOps:
         return journal_tail(self.unit(version), 20)
 
 
+MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
+
+
+def ensure_migrate_req(paths: Paths, emit: Emit | None) -> None:
+    """socket: reuseport needs tcp_migrate_req=1, or closing the old instance's
+    listener resets the connections in its accept queue (nginx #1300)."""
+    say = emit or (lambda kind, data: None)
+    overrides = dict(load_agent_config(paths.agent_config).sysctl)
+    s = Sysctl(paths.state_dir)
+    current = s.read(MIGRATE_REQ)
+    risk = ("connections queued on the old instance's listener are reset when it closes: "
+            "expect failed requests at each swap under load (socket: inherit has no such risk)")
+    if current is None:
+        say("warning", {"message": f"Linux {os.uname().release} has no {MIGRATE_REQ} (5.14+); "
+                                   + risk})
+    elif current != "1" and MIGRATE_REQ in overrides and overrides[MIGRATE_REQ] is None:
+        say("warning", {"message": f"{MIGRATE_REQ} is {current} and agent.yaml tells the agent "
+                                   "to leave it alone; " + risk})
+    elif current != "1":
+        s.apply([Change(MIGRATE_REQ, current, "1")])
+        say("warning", {"message": f"set {MIGRATE_REQ} = 1 (was {current}) for socket: "
+                                   "reuseport"})
+
+
 def _backlog(paths: Paths) -> int:
     overrides = dict(load_agent_config(paths.agent_config).sysctl)
     value = overrides.get("net.core.somaxconn", DEFAULTS["net.core.somaxconn"])
@@ -127,7 +151,7 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
     rendered = units.render_service(svc, backlog).files
     sock = units.socket_unit(svc.name)
     installed = sd.read_unit_file(sock)
-    if installed is not None and _listen_lines(installed) != _listen_lines(rendered[sock]):
+    if installed is not None and _listen_lines(installed) != _listen_lines(rendered.get(sock)):
         if sd.state(sock).active in ("active", "activating"):
             raise ConfigError(
                 f"{svc.path}: listen: differs from the running {sock} "
@@ -209,6 +233,8 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> Swa
     store = StateStore(paths.state_dir)
     with store.lock(name):
         state = store.load(name)
+        if svc.socket == "reuseport":
+            ensure_migrate_req(paths, emit)
         with Systemd() as sd:
             install_units(svc, sd, backlog)
             recover(svc, sd, store, state, emit)
@@ -273,8 +299,9 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 "recorded_serving": st.serving,
                 "previous": st.previous,
                 "since": st.since,
-                "socket": {"unit": sock, "active": sd.state(sock).active,
-                           "listen": [str(lst) for lst in svc.listen]},
+                "socket": {"mode": svc.socket, "listen": [str(lst) for lst in svc.listen],
+                           "unit": sock if svc.socket == "inherit" else None,
+                           "active": sd.state(sock).active if svc.socket == "inherit" else None},
                 "instances": instances,
                 "warning": warning,
                 "last_swap": None if last is None else {

@@ -67,23 +67,49 @@ class UnitFiles:
     files: dict[str, str]
 
 
+INHERIT_UNIT = """\
+# Sockets= alone neither starts nor orders the socket unit.
+Requires=zdd-{name}.socket
+After=zdd-{name}.socket
+"""
+INHERIT_SERVICE = """\
+Sockets=zdd-{name}.socket
+# Every instance shares the listener's open file description, and with it
+# O_NONBLOCK. systemd sets that flag to NonBlocking= on each start; left at
+# its default (no) it CLEARS the flag, and the old instance's non-blocking
+# accept loop then blocks in accept(2) and stops serving (seen when a new
+# version failed at start: the old one accepted a connection and hung).
+NonBlocking=yes
+"""
+REUSEPORT_SERVICE = """\
+# socket: reuseport. Each instance binds ZDD_LISTEN itself with SO_REUSEPORT;
+# net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves the connections queued on a
+# closing listener to the others instead of resetting them.
+"""
+
+
 def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
-    listen = "\n".join(f"ListenStream={lst}" for lst in svc.listen)
     common = {"name": svc.name, "config": str(svc.path)}
     env = "".join(f"Environment={escape_word(f'{k}={v}')}\n" for k, v in svc.environment)
     user = f"User={svc.user}\n" if svc.user else ""
+    inherit = svc.socket == "inherit"
     files = {
-        socket_unit(svc.name): _template("zdd-service.socket.in").substitute(
-            common, listen=listen, backlog=backlog),
-        hold_unit(svc.name): _template("zdd-service-hold.service.in").substitute(common),
         template_unit(svc.name): _template("zdd-service@.service.in").substitute(
             common,
+            unit_socket=INHERIT_UNIT.format(name=svc.name) if inherit else "",
+            service_socket=(INHERIT_SERVICE.format(name=svc.name) if inherit
+                            else REUSEPORT_SERVICE),
             service_type="notify" if svc.ready.type == "notify" else "exec",
             user=user, environment=env, kill_signal=svc.drain.signal,
             grace=format_duration(svc.drain.grace_period),
             start_timeout=format_duration(svc.ready.deadline + 10)),
         TARGET: (TEMPLATE_DIR / TARGET).read_text(),
     }
+    if inherit:
+        listen = "\n".join(f"ListenStream={lst}" for lst in svc.listen)
+        files[socket_unit(svc.name)] = _template("zdd-service.socket.in").substitute(
+            common, listen=listen, backlog=backlog)
+        files[hold_unit(svc.name)] = _template("zdd-service-hold.service.in").substitute(common)
     return UnitFiles(files)
 
 
@@ -93,6 +119,8 @@ def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int 
            f"ZDD_GRACE_PERIOD={svc.drain.grace_period:g}"]
     if instance_port is not None:
         env.append(f"ZDD_INSTANCE_PORT={instance_port}")
+    if svc.socket == "reuseport":
+        env.append("ZDD_LISTEN=" + " ".join(str(lst) for lst in svc.listen))
     return _template("zdd-instance.conf.in").substitute(
         unit=unit, environment=" ".join(escape_word(e) for e in env),
         exec_start=exec_start(svc.argv(version)))

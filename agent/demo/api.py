@@ -175,6 +175,18 @@ class Api:
             await asyncio.sleep(0.05)
 
 
+def bind_reuseport(address: str) -> socket.socket:
+    """Bind our own listener beside the other instances' (SO_REUSEPORT)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, int(port)))
+    s.listen(4096)
+    return s
+
+
 async def main_async(args: argparse.Namespace) -> int:
     api = Api(args.version, args.never_ready)
     loop = asyncio.get_running_loop()
@@ -182,16 +194,13 @@ async def main_async(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     socks = listen_fds()
+    if not socks and os.environ.get("ZDD_LISTEN"):  # socket: reuseport
+        socks = [bind_reuseport(a) for a in os.environ["ZDD_LISTEN"].split()]
     if not socks:
         if not args.listen:
-            print("no LISTEN_FDS from systemd and no --listen", file=sys.stderr)
+            print("no LISTEN_FDS from systemd, no ZDD_LISTEN and no --listen", file=sys.stderr)
             return 2
-        host, _, port = args.listen.rpartition(":")
-        s = socket.socket(socket.AF_INET)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host or "127.0.0.1", int(port)))
-        s.listen(4096)
-        socks = [s]
+        socks = [bind_reuseport(args.listen)]
     for s in socks:
         s.setblocking(False)
         api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))

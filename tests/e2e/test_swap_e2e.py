@@ -263,3 +263,30 @@ def test_demo_command_reports_zero_failures() -> None:
     assert report["ok"] and report["failed"] == 0 and report["requests"] > 1000
     assert [s["result"] for s in report["swaps"]] == ["ok", "ok"]
     json.dumps(report)
+
+
+def test_reuseport_mode_swaps_under_load(host: DemoHost) -> None:
+    cfg = host.configure()
+    cfg.write_text(cfg.read_text().replace('listen: ["127.0.0.1:8080"]',
+                                           'listen: ["127.0.0.1:8080"]\nsocket: reuseport'))
+    host.sb.run(["sh", "-c", "echo 0 > /proc/sys/net/ipv4/tcp_migrate_req"])
+    first = host.zdd("swap", "demo", "--version", "v1")
+    assert first.returncode == 0, first.stderr
+    assert "set net.ipv4.tcp_migrate_req = 1 (was 0)" in first.stderr
+    assert host.sb.run(["cat", "/proc/sys/net/ipv4/tcp_migrate_req"],
+                       capture=True).stdout.strip() == "1"
+    assert not host.sb.path("/etc/systemd/system/zdd-demo.socket").exists()
+    keep = host.load(clients=32, seconds=60)
+    fresh = host.load(clients=32, seconds=60, keepalive=False)
+    try:
+        results = swap_many(host, SWAPS, pause=1.0)
+        time.sleep(0.5)
+    finally:
+        k, f = keep.stop(), fresh.stop()
+    print(f"reuseport, 5 swaps: {k.requests} + {f.requests} requests, "
+          f"{k.failed} + {f.failed} failed")
+    assert [r["result"] for r in results] == ["ok"] * len(SWAPS), results
+    assert all(r["drain"]["connections_at_start"] > 0 for r in results)
+    assert k.failed == 0 and f.failed == 0, (k, f)
+    code, st = host.zdd_json("status", "demo")
+    assert st[0]["socket"]["mode"] == "reuseport" and st[0]["serving"] == SWAPS[-1]

@@ -103,7 +103,7 @@ BAD = [
     ('listen: ["127.0.0.1:8080", "[::1]:8081"]', 'listen: ["127.0.0.1:70000"]', "listen",
      "1..65535"),
     ('listen: ["127.0.0.1:8080", "[::1]:8081"]', "listen: []", "listen", "non-empty"),
-    ("socket: inherit", "socket: shared", "socket", "allowed: inherit"),
+    ("socket: inherit", "socket: shared", "socket", "allowed: inherit, reuseport"),
     ("user: null", "user: 'root; rm -rf /'", "user", "not a user name"),
     ("environment: {LOG_LEVEL: info, WORKERS: 2}", "environment: {1BAD: x}", "environment",
      "not a variable name"),

@@ -73,3 +73,13 @@ def test_instance_dropin() -> None:
     assert '"ZDD_GRACE_PERIOD=12"' in text
     assert units.dropin_path("api", "v7") == "zdd-api@v7.service.d/zdd-instance.conf"
     assert "ZDD_INSTANCE_PORT" not in units.render_instance_dropin(svc(), "v7", None)
+
+
+def test_reuseport_units_have_no_socket_unit() -> None:
+    files = units.render_service(svc(socket="reuseport"), backlog=4096).files
+    assert set(files) == {"zdd-api@.service", "zdd.target"}
+    tmpl = files["zdd-api@.service"]
+    assert "Sockets=" not in tmpl and "Requires=zdd-api.socket" not in tmpl
+    assert "tcp_migrate_req" in tmpl
+    dropin = units.render_instance_dropin(svc(socket="reuseport"), "v1", None)
+    assert '"ZDD_LISTEN=127.0.0.1:8080 9090"' in dropin
