@@ -94,8 +94,18 @@ class Progress:
                       f"holding {d['connections']} connections")
         elif kind in ("stray", "warning"):
             self.line(f"  warning: {d.get('message') or d}")
+        elif kind == "hook":
+            self.line(f"  hook {d['hook']}: {'ok' if d['ok'] else 'failed'} {d['detail']}")
         elif kind == "pre_stop":
             self.line(f"  holding {d['version']} {d['delay']:g}s before its drain signal")
+
+
+def _tcp_note(r: dict[str, Any]) -> str:
+    moved = {k: v for k, v in (r.get("tcp") or {}).items() if v}
+    if not moved:
+        return ""
+    return "\nkernel TCP counters moved during the swap: " + ", ".join(
+        f"{k} +{v}" for k, v in sorted(moved.items()))
 
 
 def _swap_summary(r: dict[str, Any]) -> str:
@@ -109,7 +119,7 @@ def _swap_summary(r: dict[str, Any]) -> str:
         text += (f"; drained {d['connections_drained']} connections in {d['seconds']:.2f}s")
         if d["killed_at_grace"]:
             text += f", {d['connections_at_end']} cut at the grace period"
-    return text + ")"
+    return text + ")" + _tcp_note(r)
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})

@@ -104,6 +104,16 @@ class Ready:
 class Drain:
     grace_period: float = 30.0
     signal: str = "SIGTERM"
+    pre_stop_delay: float = 0.0  # between the new one's admission and the old one's signal
+
+
+@dataclass(frozen=True)
+class Hook:
+    command: tuple[str, ...]
+    timeout: float = 60.0
+
+
+HOOKS = ("pre_swap", "post_swap", "on_rollback")
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,10 @@ class ServiceConfig:
     environment: tuple[tuple[str, str], ...] = ()
     ready: Ready = field(default_factory=Ready)
     drain: Drain = field(default_factory=Drain)
+    hooks: tuple[tuple[str, Hook], ...] = ()
+
+    def hook(self, name: str) -> Hook | None:
+        return dict(self.hooks).get(name)
 
     def argv(self, version: str) -> list[str]:
         """The instance's argv: split without a shell, {version} substituted."""
@@ -291,7 +305,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
-                        "ready", "drain"))
+                        "ready", "drain", "hooks"))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -324,13 +338,26 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         env.append((key, text))
     ready = _parse_ready(path, chk.mapping("ready"), listen)
     dchk = _Checker(path, chk.mapping("drain"), "drain.")
-    dchk.reject_unknown(("grace_period", "signal"))
+    dchk.reject_unknown(("grace_period", "signal", "pre_stop_delay"))
     drain = Drain(grace_period=dchk.duration("grace_period", 30.0, 1.0, 3600.0),
-                  signal=dchk.choice("signal", "SIGTERM", DRAIN_SIGNALS))
+                  signal=dchk.choice("signal", "SIGTERM", DRAIN_SIGNALS),
+                  pre_stop_delay=dchk.duration("pre_stop_delay", 0.0, 0.0, 300.0))
+    hchk = _Checker(path, chk.mapping("hooks"), "hooks.")
+    hchk.reject_unknown(HOOKS)
+    hooks: list[tuple[str, Hook]] = []
+    for hname in HOOKS:
+        if hchk.get(hname) is None:
+            continue
+        one = _Checker(path, hchk.mapping(hname), f"hooks.{hname}.")
+        one.reject_unknown(("command", "timeout"))
+        if one.get("command") is None:
+            raise one.fail("command", "required (an argv, run without a shell)")
+        hooks.append((hname, Hook(one.argv("command", one.get("command")),
+                                  one.duration("timeout", 60.0, 1.0, 3600.0))))
     assert hasattr(signal, drain.signal)
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
-                         ready=ready, drain=drain)
+                         ready=ready, drain=drain, hooks=tuple(hooks))
 
 
 # ------------------------------------------------------------------- loading

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import units
+from . import tcpstats, units
 from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
                      ServiceConfig, check_version, load_agent_config, load_all, load_service)
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
-from .probes import free_port, probe
+from .probes import free_port, probe, probe_exec
 from .state import ServiceState, StateStore
 from .swap import Emit, InstanceStatus, Swap, SwapResult, SystemClock
 from .sysctl import DEFAULTS, Change, Sysctl
@@ -52,6 +52,10 @@ def preflight(svc: ServiceConfig, version: str) -> None:
     if svc.ready.command and not _executable(svc.ready.command[0]):
         raise ConfigError(f"{svc.path}: ready.command: {svc.ready.command[0]} is not an "
                           "executable file", file=str(svc.path), key="ready.command")
+    for name, hook in svc.hooks:
+        if not _executable(hook.command[0]):
+            raise ConfigError(f"{svc.path}: hooks.{name}.command: {hook.command[0]} is not an "
+                              "executable file", file=str(svc.path), key=f"hooks.{name}")
 
 
 def _listen_lines(text: str | None) -> list[str]:
@@ -114,6 +118,16 @@ class SystemdOps:
 
     def journal(self, version: str) -> list[str]:
         return journal_tail(self.unit(version), 20)
+
+    def tcp_counters(self) -> dict[str, int]:
+        return tcpstats.read()
+
+    def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
+        h = self.svc.hook(hook)
+        if h is None:
+            return None
+        r = probe_exec(list(h.command), h.timeout, env)
+        return r.ok, r.detail
 
 
 MIGRATE_REQ = "net.ipv4.tcp_migrate_req"

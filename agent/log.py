@@ -82,6 +82,10 @@ class SwapLogger:
                           f".service killed with {d['connections']} active connections.",
                 syslog.LOG_WARNING, SERVICE=svc, VERSION=d["version"], PHASE="drain",
                 CONNECTIONS=d["connections"])
+        elif kind == "hook":
+            log("phase", f"{svc}: hook {d['hook']} {'ok' if d['ok'] else 'failed'}: "
+                         f"{d['detail']}", syslog.LOG_INFO if d["ok"] else syslog.LOG_ERR,
+                SERVICE=svc, VERSION=self.version, PHASE=d["hook"])
         elif kind == "drained":
             log("drain", f"Drain complete. {d['connections']} active connections remaining.",
                 SERVICE=svc, VERSION=d["version"], PHASE="drain", CONNECTIONS=d["connections"])

@@ -53,6 +53,8 @@ class InstanceOps(Protocol):
     def disable(self, version: str) -> None: ...
     def cleanup(self, version: str) -> None: ...  # drop-in and failed state gone
     def journal(self, version: str) -> list[str]: ...
+    def tcp_counters(self) -> dict[str, int]: ...  # the kernel's, in the service's netns
+    def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None: ...
 
 
 class Clock(Protocol):
@@ -146,6 +148,8 @@ class SwapResult:
     readiness_checks: int = 0
     drain: DrainResult | None = None
     journal: list[str] = field(default_factory=list)
+    tcp: dict[str, int] = field(default_factory=dict)  # kernel counter deltas over the swap
+    hooks: dict[str, str] = field(default_factory=dict)  # hook -> outcome
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -181,6 +185,13 @@ class Swap:
             self.emit("done", result=res.result, reason=res.reason)
             return res
 
+        before = self.ops.tcp_counters()
+        if not self._hook(res, "pre_swap", old, new):
+            res.result = "aborted"
+            res.reason = f"pre_swap hook failed: {res.hooks['pre_swap']}; nothing was started"
+            res.seconds = self.clock.monotonic() - t0
+            self.emit("done", result=res.result, reason=res.reason)
+            raise SwapFailed(res.reason, result=res)
         try:
             self._intent(old, new, "start")
             self._phase(res, "start", lambda: self._start(new))
@@ -190,8 +201,10 @@ class Swap:
             verdict, reason = "failed", f"interrupted before {new} was admitted"
         if verdict != "ready":
             self._intent(old, new, "rollback")
-            self._roll_back(res, new, reason, t0)  # raises
+            self._roll_back(res, new, reason, t0, before)  # raises
         self._admit(res, old, new)
+        res.tcp = tcp_delta(before, self.ops.tcp_counters())
+        self._hook(res, "post_swap", old, new)
         res.result = "ok"
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result="ok", seconds=res.seconds)
@@ -202,6 +215,10 @@ class Swap:
         self.ops.enable(new)
         if old is not None:
             self._intent(old, new, "drain")
+            delay = self.svc.drain.pre_stop_delay
+            if delay > 0:  # for an upstream load balancer to notice
+                self.emit("pre_stop", version=old, delay=delay)
+                self.clock.sleep(delay)
             res.drain = self._phase(res, "drain", lambda: self._drain(old))
             self._intent(old, new, "retire")
             self._phase(res, "retire", lambda: self._retire(old))
@@ -268,10 +285,27 @@ class Swap:
             res.readiness_checks = gate.checks
             res.phases["ready"] = self.clock.monotonic() - t
 
-    def _roll_back(self, res: SwapResult, new: str, reason: str, t0: float) -> None:
+    def _hook(self, res: SwapResult, hook: str, old: str | None, new: str) -> bool:
+        """Run a configured hook; True when it passed or none is configured."""
+        env = {"ZDD_SERVICE": self.svc.name, "ZDD_FROM_VERSION": old or "",
+               "ZDD_TO_VERSION": new, "ZDD_PHASE": hook}
+        outcome = self.ops.run_hook(hook, env)
+        if outcome is None:
+            return True
+        ok, detail = outcome
+        self.emit("hook", hook=hook, ok=ok, detail=detail)
+        res.hooks[hook] = ("ok" if ok else "failed") + (f": {detail}" if detail else "")
+        if not ok:
+            self.emit("warning", message=f"{hook} hook failed: {detail}")
+        return ok
+
+    def _roll_back(self, res: SwapResult, new: str, reason: str, t0: float,
+                   before: dict[str, int]) -> None:
         self.emit("phase", phase="rollback", reason=reason)
         res.journal = self.ops.journal(new)
         self._discard(new)
+        res.tcp = tcp_delta(before, self.ops.tcp_counters())
+        self._hook(res, "on_rollback", res.from_version, new)
         res.result = "rolled_back"
         res.reason = reason
         res.seconds = self.clock.monotonic() - t0
@@ -348,11 +382,16 @@ class Swap:
                 self.ops.prepare(old)
                 self.ops.start(old)
                 self.ops.enable(old)
+            self._hook(res, "on_rollback", old, new)
             res.result = "rolled_back"
             res.reason = f"recovered: reverted a swap interrupted in {phase} ({action})"
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result=res.result, reason=res.reason)
         return res
+
+
+def tcp_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if k in before}
 
 
 def plan_recovery(phase: str, old_serving: bool, new_active: bool, had_old: bool) -> str:

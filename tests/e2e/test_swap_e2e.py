@@ -290,3 +290,27 @@ def test_reuseport_mode_swaps_under_load(host: DemoHost) -> None:
     assert k.failed == 0 and f.failed == 0, (k, f)
     code, st = host.zdd_json("status", "demo")
     assert st[0]["socket"]["mode"] == "reuseport" and st[0]["serving"] == SWAPS[-1]
+
+
+def test_hooks_run_with_the_swap_environment(host: DemoHost) -> None:
+    hook = host.sb.path("/var/lib/zdd-demo/hook")
+    hook.write_text("#!/bin/sh\necho \"$ZDD_PHASE $ZDD_SERVICE $ZDD_FROM_VERSION->$ZDD_TO_VERSION\""
+                    " >> /var/lib/zdd-demo/hook.log\n"
+                    "[ \"$ZDD_TO_VERSION\" != v3 ] || [ \"$ZDD_PHASE\" != pre_swap ]\n")
+    hook.chmod(0o755)
+    cfg = host.configure()
+    cfg.write_text(cfg.read_text() + "hooks:\n"
+                   "  pre_swap: {command: /var/lib/zdd-demo/hook, timeout: 5s}\n"
+                   "  post_swap: {command: /var/lib/zdd-demo/hook}\n")
+    host.release("v3")
+    first_deploy(host)
+    code, r = host.zdd_json("swap", "demo", "--version", "v2")
+    assert code == 0 and r["hooks"] == {"pre_swap": "ok: exit 0", "post_swap": "ok: exit 0"}
+    code, r = host.zdd_json("swap", "demo", "--version", "v3")  # pre_swap refuses v3
+    assert code == 4 and r["result"] == "aborted", r
+    assert host.get()["version"] == "v2"
+    code, st = host.zdd_json("status", "demo")
+    assert [i["version"] for i in st[0]["instances"]] == ["v2"]  # v3 never started
+    log = host.sb.path("/var/lib/zdd-demo/hook.log").read_text().splitlines()
+    assert log == ["pre_swap demo ->v1", "post_swap demo ->v1", "pre_swap demo v1->v2",
+                   "post_swap demo v1->v2", "pre_swap demo v2->v3"]

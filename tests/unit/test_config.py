@@ -204,3 +204,21 @@ def test_agent_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sysctl.kernel.panic: not a key the agent manages"):
         load_agent_config(p)
     assert load_agent_config(tmp_path / "missing.yaml").sysctl == ()
+
+
+def test_hooks_and_pre_stop_delay(tmp_path: Path) -> None:
+    text = GOOD.replace("  signal: SIGTERM", "  signal: SIGTERM\n  pre_stop_delay: 5s") + (
+        "hooks:\n  pre_swap: {command: /usr/bin/migrate --expand, timeout: 2m}\n"
+        "  on_rollback: {command: [/bin/notify, rollback]}\n")
+    p = write(tmp_path, text)
+    svc = load_service(p.parent, "api")
+    assert svc.drain.pre_stop_delay == 5.0
+    assert svc.hook("pre_swap").command == ("/usr/bin/migrate", "--expand")
+    assert svc.hook("pre_swap").timeout == 120.0
+    assert svc.hook("on_rollback").timeout == 60.0 and svc.hook("post_swap") is None
+    for bad, key in (("hooks:\n  pre_deploy: {command: /x}\n", "hooks.pre_deploy"),
+                     ("hooks:\n  pre_swap: {timeout: 1s}\n", "hooks.pre_swap.command"),
+                     ("hooks:\n  pre_swap: {command: x}\n", "hooks.pre_swap.command")):
+        p = write(tmp_path, GOOD + bad)
+        with pytest.raises(ConfigError, match=rf"{p}: {key}"):
+            load_service(p.parent, "api")

@@ -49,6 +49,8 @@ class FakeHost:
         self.started: dict[str, float] = {v: clock.now - 100 for v in running}
         self.stopped: dict[str, float] = {}
         self.probes: list[float] = []
+        self.counter_reads = 0
+        self.hooks: dict[str, bool] = {}
 
     def _log(self, what: str, version: str) -> None:
         self.calls.append((what, version))
@@ -111,6 +113,16 @@ class FakeHost:
 
     def journal(self, version: str) -> list[str]:
         return [f"{version}: something went wrong"]
+
+    def tcp_counters(self) -> dict[str, int]:
+        self.counter_reads += 1
+        return {"EstabResets": 10 * self.counter_reads}
+
+    def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
+        if hook not in self.hooks:
+            return None
+        self._log(hook, env["ZDD_TO_VERSION"])
+        return self.hooks[hook], "exit 0" if self.hooks[hook] else "exit 1"
 
 
 def service(ready: Ready | None = None, grace: float = 5.0) -> ServiceConfig:
@@ -314,3 +326,69 @@ def test_recover_restores_the_old_version_when_nothing_serves() -> None:
     host, res, _ = recover(scripts, ("v2",), "v1", "v2", "ready")
     assert res.result == "rolled_back" and "(restore)" in res.reason
     assert host.calls[-3:] == [("prepare", "v1"), ("start", "v1"), ("enable", "v1")]
+
+
+# ------------------------------------------------------- hooks, delays, counters
+
+def run_with(host_setup: Callable[[FakeHost], None], svc: ServiceConfig,
+             old: str | None, new: str) -> tuple[FakeHost, object]:
+    clock = FakeClock()
+    host = FakeHost(clock, svc.drain.grace_period,
+                    {"v1": Script(), "v2": Script(), "v3": Script(ready_after=None,
+                                                              exits_after=0.1)},
+                    running=(old,) if old else ())
+    host_setup(host)
+    try:
+        res: object = Swap(svc, host, clock).run(old, new)
+    except SwapFailed as e:
+        res = e
+    return host, res
+
+
+def test_failing_pre_swap_hook_aborts_before_anything_starts() -> None:
+    host, res = run_with(lambda h: h.hooks.update(pre_swap=False), service(), "v1", "v2")
+    assert isinstance(res, SwapFailed)
+    r = res.details["result"]
+    assert r.result == "aborted" and "pre_swap hook failed: failed: exit 1" in r.reason
+    assert host.calls == [("pre_swap", "v2")]
+
+
+def test_hooks_run_around_a_swap_and_a_rollback() -> None:
+    both = {"pre_swap": True, "post_swap": True, "on_rollback": True}
+    host, res = run_with(lambda h: h.hooks.update(both), service(), "v1", "v2")
+    assert res.result == "ok"
+    assert host.calls[0] == ("pre_swap", "v2") and host.calls[-1] == ("post_swap", "v2")
+    assert res.hooks == {"pre_swap": "ok: exit 0", "post_swap": "ok: exit 0"}
+    host, res = run_with(lambda h: h.hooks.update(both), service(), "v1", "v3")
+    assert isinstance(res, SwapFailed)
+    assert host.calls[-1] == ("on_rollback", "v3")
+
+
+def test_pre_stop_delay_holds_the_old_one_before_its_signal() -> None:
+    svc = ServiceConfig(name="api", command=("/x",), listen=(Listen(None, 1),),
+                        ready=Ready(deadline=10.0), drain=Drain(grace_period=5.0,
+                                                                pre_stop_delay=3.0))
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    times: dict[str, float] = {}
+    orig_enable, orig_stop = host.enable, host.stop
+
+    def enable(v: str) -> None:
+        times["enable"] = clock.now
+        orig_enable(v)
+
+    def stop(v: str) -> None:
+        times["stop"] = clock.now
+        orig_stop(v)
+
+    host.enable, host.stop = enable, stop  # type: ignore[method-assign]
+    events: list[tuple[str, dict]] = []
+    res = Swap(svc, host, clock, lambda k, d: events.append((k, d))).run("v1", "v2")
+    assert res.result == "ok"
+    assert times["stop"] - times["enable"] >= 3.0
+    assert ("pre_stop", {"version": "v1", "delay": 3.0}) in events
+
+
+def test_kernel_counter_deltas_are_reported() -> None:
+    host, res = run_with(lambda h: None, service(), "v1", "v2")
+    assert res.tcp == {"EstabResets": 10}  # read once before, once after
