@@ -30,7 +30,7 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Signals a service may ask to be drained with; SIGKILL/SIGSTOP cannot drain.
 DRAIN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
-READY_TYPES = ("notify", "http", "tcp", "exec")
+READY_TYPES = ("notify", "http", "grpc", "tcp", "exec")
 SOCKET_MODES = ("inherit", "reuseport")
 INSTANCE_PORT = "{instance_port}"
 
@@ -94,6 +94,8 @@ class Ready:
     success_threshold: int = 1
     initial_delay: float = 0.0
     deadline: float = 60.0
+    http_version: str = "1.1"  # http: 1.1, or 2 (h2c, prior knowledge)
+    grpc_service: str = ""  # grpc: the service name asked about ("" = the whole server)
 
     @property
     def needs_instance_port(self) -> bool:
@@ -249,17 +251,30 @@ def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
 def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...]) -> Ready:
     chk = _Checker(path, raw, "ready.")
     chk.reject_unknown(("type", "url", "command", "period", "timeout", "failure_threshold",
-                        "success_threshold", "initial_delay", "deadline"))
+                        "success_threshold", "initial_delay", "deadline", "http_version",
+                        "grpc_service"))
     rtype = chk.choice("type", "notify", READY_TYPES)
     url = chk.get("url")
     command = chk.get("command")
-    if rtype in ("http", "tcp"):
+    http_version = str(chk.get("http_version", "1.1"))
+    if http_version not in ("1.1", "2"):
+        raise chk.fail("http_version", f"{http_version!r} is not allowed (allowed: 1.1, 2)")
+    if "http_version" in raw and rtype != "http":
+        raise chk.fail("http_version", f"only for type http, not {rtype}")
+    grpc_service = chk.get("grpc_service", "")
+    if not isinstance(grpc_service, str) or not re.fullmatch(r"[A-Za-z0-9_.]{0,200}",
+                                                              grpc_service):
+        raise chk.fail("grpc_service", f"{grpc_service!r} is not a gRPC service name "
+                                       "(allowed: [A-Za-z0-9_.], e.g. helloworld.Greeter)")
+    if "grpc_service" in raw and rtype != "grpc":
+        raise chk.fail("grpc_service", f"only for type grpc, not {rtype}")
+    if rtype in ("http", "tcp", "grpc"):
         if not isinstance(url, str) or not url:
             raise chk.fail("url", f"required for type {rtype} "
                                   f"(e.g. http://127.0.0.1:{INSTANCE_PORT}/ready)")
         _check_probe_url(chk, rtype, url, listen)
     elif url is not None:
-        raise chk.fail("url", f"only for type http or tcp, not {rtype}")
+        raise chk.fail("url", f"only for type http, grpc or tcp, not {rtype}")
     argv: tuple[str, ...] | None = None
     if rtype == "exec":
         if command is None:
@@ -278,13 +293,14 @@ def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...])
         success_threshold=chk.integer("success_threshold", 1, 1, 100),
         initial_delay=chk.duration("initial_delay", 0.0, 0.0, 3600.0),
         deadline=chk.duration("deadline", 60.0, 1.0, 3600.0),
+        http_version=http_version, grpc_service=grpc_service,
     )
 
 
 def _check_probe_url(chk: _Checker, rtype: str, url: str, listen: tuple[Listen, ...]) -> None:
-    scheme = "http://" if rtype == "http" else "tcp://"
+    scheme = {"http": "http://", "tcp": "tcp://", "grpc": "grpc://"}[rtype]
     rest = url[len(scheme):] if url.startswith(scheme) else None
-    if rtype == "tcp" and rest is None and "://" not in url:
+    if rtype in ("tcp", "grpc") and rest is None and "://" not in url:
         rest = url
     if rest is None:
         raise chk.fail("url", f"{url!r} must start with {scheme}")

@@ -1,7 +1,8 @@
 """Readiness probes of ONE instance (never through the shared port, where the
-old instance may answer): HTTP GET, TCP connect, or a command (argv, no
-shell). `notify` readiness is systemd's own (READY=1 -> ActiveState=active)
-and is read from the unit state by the swap, not probed here."""
+old instance may answer): HTTP GET (HTTP/1.1 or h2c), gRPC health check,
+TCP connect, or a command (argv, no shell). `notify` readiness is systemd's
+own (READY=1 -> ActiveState=active) and is read from the unit state by the
+swap, not probed here."""
 
 from __future__ import annotations
 
@@ -53,6 +54,56 @@ def probe_http(url: str, timeout: float) -> ProbeResult:
         conn.close()
 
 
+def probe_h2c(url: str, timeout: float) -> ProbeResult:
+    """GET over HTTP/2 cleartext with prior knowledge (RFC 9113 3.3), with h2."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    rest = url[len("http://"):]
+    hostport, _, path = rest.partition("/")
+    host, port = _split_hostport(hostport)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":path", "/" + path),
+                                  (":scheme", "http"), (":authority", hostport),
+                                  ("user-agent", "zdd-agent-probe")], end_stream=True)
+            s.sendall(conn.data_to_send())
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    return ProbeResult(False, "h2c: connection closed before a response")
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        status = int(dict(ev.headers).get(b":status", b"0"))
+                        conn.close_connection()
+                        s.sendall(conn.data_to_send())
+                        return ProbeResult(200 <= status < 400, f"h2c {status}")
+                    if isinstance(ev, (h2.events.StreamReset,
+                                       h2.events.ConnectionTerminated)):
+                        return ProbeResult(False, f"h2c: {type(ev).__name__}")
+                s.sendall(conn.data_to_send())
+    except (OSError, h2.exceptions.ProtocolError) as e:
+        return ProbeResult(False, f"{type(e).__name__}: {e}")
+
+
+def probe_grpc(target: str, service: str, timeout: float) -> ProbeResult:
+    """grpc.health.v1.Health/Check of `service` ("" = the server as a whole)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            return ProbeResult(False, f"gRPC {e.code().name}: {e.details()}")
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return ProbeResult(reply.status == health_pb2.HealthCheckResponse.SERVING, f"gRPC {name}")
+
+
 def probe_tcp(url: str, timeout: float) -> ProbeResult:
     host, port = _split_hostport(url.removeprefix("tcp://").split("/", 1)[0])
     try:
@@ -83,7 +134,12 @@ def probe(ready: Ready, instance_port: int | None, env: dict[str, str]) -> Probe
 
     if ready.type == "http":
         assert ready.url is not None
+        if ready.http_version == "2":
+            return probe_h2c(sub(ready.url), ready.timeout)
         return probe_http(sub(ready.url), ready.timeout)
+    if ready.type == "grpc":
+        assert ready.url is not None
+        return probe_grpc(sub(ready.url), ready.grpc_service, ready.timeout)
     if ready.type == "tcp":
         assert ready.url is not None
         return probe_tcp(sub(ready.url), ready.timeout)

@@ -111,7 +111,7 @@ BAD = [
      "environment.ZDD_VERSION", "set by the agent"),
     ("environment: {LOG_LEVEL: info, WORKERS: 2}", "environment: [a, b]", "environment",
      "must be a mapping"),
-    ("  type: http", "  type: magic", "ready.type", "notify, http, tcp, exec"),
+    ("  type: http", "  type: magic", "ready.type", "notify, http, grpc, tcp, exec"),
     ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:8080/ready",
      "ready.url", "shared listen port"),
     ("  url: http://127.0.0.1:{instance_port}/ready", "  url: ftp://x/ready", "ready.url",
@@ -158,7 +158,7 @@ def test_exec_needs_command_and_http_needs_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ready.url: required for type http"):
         parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
                                        "ready": {"type": "http"}})
-    with pytest.raises(ConfigError, match="ready.url: only for type http or tcp"):
+    with pytest.raises(ConfigError, match="ready.url: only for type http, grpc or tcp"):
         parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
                                        "ready": {"url": "http://127.0.0.1:1/"}})
 
@@ -222,3 +222,22 @@ def test_hooks_and_pre_stop_delay(tmp_path: Path) -> None:
         p = write(tmp_path, GOOD + bad)
         with pytest.raises(ConfigError, match=rf"{p}: {key}"):
             load_service(p.parent, "api")
+
+
+def test_grpc_and_h2c_readiness_keys(tmp_path: Path) -> None:
+    base = {"name": "x", "command": "/bin/x", "listen": [8080]}
+    svc = parse_service(Path("x.yaml"), {**base, "ready": {
+        "type": "grpc", "url": "127.0.0.1:{instance_port}", "grpc_service": "demo.Api"}})
+    assert svc.ready.grpc_service == "demo.Api" and svc.ready.needs_instance_port
+    svc = parse_service(Path("x.yaml"), {**base, "ready": {
+        "type": "http", "url": "http://127.0.0.1:{instance_port}/", "http_version": "2"}})
+    assert svc.ready.http_version == "2"
+    for ready, words in (({"type": "http", "url": "http://127.0.0.1:1/", "http_version": 3},
+                          "ready.http_version: '3' is not allowed"),
+                         ({"type": "tcp", "url": "127.0.0.1:1", "http_version": "2"},
+                          "ready.http_version: only for type http"),
+                         ({"type": "grpc", "url": "127.0.0.1:1", "grpc_service": "a b"},
+                          "not a gRPC service name"),
+                         ({"type": "grpc", "url": "127.0.0.1:8080"}, "shared listen port")):
+        with pytest.raises(ConfigError, match=words):
+            parse_service(Path("x.yaml"), {**base, "ready": ready})
