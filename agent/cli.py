@@ -349,6 +349,33 @@ def _kernel() -> str:
     return f"Linux {os.uname().release}"
 
 
+@cli.command(help="Check this host and each service against what a zero-downtime swap "
+                  "needs: kernel, sysctls, systemd, the drain signal versus what the program "
+                  "handles, PID-1 wrappers, open-file limits, memory headroom. Each finding "
+                  "says the symptom, the cause, how to verify and the fix. Exit 8 when "
+                  "anything needs attention.")
+@json_option
+@click.pass_obj
+def doctor(ctx: Ctx, as_json: bool) -> None:
+    from . import doctor as doc
+
+    findings = doc.run(ctx.paths)
+    if as_json:
+        _out(doc.summary(findings))
+    else:
+        for f in findings:
+            head = f"[{f.level}]".ljust(7) + f"{f.subject}: {f.check}"
+            if f.level == "ok":
+                click.echo(f"{head}: {f.cause}")
+                continue
+            click.echo(head)
+            for label in ("symptom", "cause", "verify", "fix"):
+                if getattr(f, label):
+                    click.echo(f"        {label + ':':<9}{getattr(f, label)}")
+    if any(f.level != "ok" for f in findings):
+        raise SystemExit(int(Exit.PROBLEMS))
+
+
 @cli.command(help="Run the long-running root agent (started by zdd-agent.service): the "
                   "control socket, crash recovery of interrupted swaps, sysctls, metrics.")
 @click.pass_obj

@@ -18,6 +18,7 @@ class Exit(IntEnum):
     SYSTEMD = 5  # systemd or the OS refused an operation
     DRIFT = 6  # `sysctl check`: the running values differ from the wanted ones
     NO_HISTORY = 7  # `rollback`: no previous version to go back to
+    PROBLEMS = 8  # `doctor`: something needs attention
 
 
 class ZddError(Exception):

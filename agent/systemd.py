@@ -193,6 +193,13 @@ class Systemd:
             return []
         return sorted({int(pid) for _cg, pid, _cmd in procs})
 
+    def version(self) -> int | None:
+        """systemd's major version ("252.38-1~deb12u1" -> 252)."""
+        import re
+
+        m = re.match(r"\d+", _s(self._manager.Manager.Version))
+        return int(m.group()) if m else None
+
     def list_units(self, pattern: str) -> list[str]:
         """Loaded units matching a glob, e.g. 'zdd-api@*.service'."""
         units = self._call("cannot list units", self._manager.Manager.ListUnitsByPatterns,

@@ -314,3 +314,34 @@ def test_hooks_run_with_the_swap_environment(host: DemoHost) -> None:
     log = host.sb.path("/var/lib/zdd-demo/hook.log").read_text().splitlines()
     assert log == ["pre_swap demo ->v1", "post_swap demo ->v1", "pre_swap demo v1->v2",
                    "post_swap demo v1->v2", "pre_swap demo v2->v3"]
+
+
+def test_doctor_on_a_live_service(host: DemoHost) -> None:
+    host.configure(ready="http")
+    host.zdd("sysctl", "apply", check=True)
+    first_deploy(host)
+    code, report = host.zdd_json("doctor")
+    checks = {(f["subject"], f["check"]): f for f in report["findings"]}
+    assert checks[("demo", "drain-signal")]["level"] == "ok"  # the demo API handles SIGTERM
+    assert checks[("host", "sysctl")]["level"] == "ok"
+    assert checks[("host", "systemd")]["level"] == "ok"
+    assert checks[("demo", "memory")]["level"] == "ok"
+    # a release whose start script runs the program without exec: SIGTERM
+    # reaches the shell only (the inner sh passes the listener on with the
+    # right LISTEN_PID, so the program itself still serves)
+    wrapper = host.sb.path("/var/lib/zdd-demo/releases/v9/bin/api")
+    wrapper.parent.mkdir(parents=True)
+    real = host.sb.path("/var/lib/zdd-demo/releases/v2/bin/api")
+    python = real.read_text().splitlines()[0][2:]
+    wrapper.write_text("#!/bin/sh\n/bin/sh -c 'export LISTEN_PID=$$; exec "
+                       f"{python} /var/lib/zdd-demo/releases/v2/bin/api'\n")
+    wrapper.chmod(0o755)
+    code, r = host.zdd_json("swap", "demo", "--version", "v9")
+    assert code == 0, (r["reason"], r["journal"])
+    code, report = host.zdd_json("doctor")
+    assert code == 8
+    bad = {f["check"]: f for f in report["findings"] if f["subject"] == "demo"}
+    assert "pid1-wrapper" in bad, (report, host.sb.run(["ps", "-ef"], capture=True).stdout)
+    assert bad["pid1-wrapper"]["level"] == "fail" and "exec" in bad["pid1-wrapper"]["fix"]
+    human = host.zdd("doctor")
+    assert human.returncode == 8 and "symptom:" in human.stdout and "fix:" in human.stdout

@@ -1,0 +1,227 @@
+"""`zdd-agent doctor`: what this host and each service need for a swap with
+zero failed requests, checked on the live system. Each finding names the
+symptom an operator would see, its cause, the command that verifies it and
+the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import deploy, units
+from .config import ServiceConfig, load_all
+from .errors import ZddError
+from .state import StateStore
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+SHELLS = {"sh", "bash", "dash", "zsh", "ash", "ksh"}
+WRAPPERS = {"tini", "dumb-init", "catatonit"}
+MIN_SYSTEMD = 243  # TimeoutAbortSec= in the agent's unit
+MIN_NOFILE = 4096
+HEADROOM = 1.25  # a swap runs two copies: the new one's RSS, with a margin
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok, warn, fail
+    check: str
+    subject: str  # "host" or a service name
+    symptom: str = ""
+    cause: str = ""
+    verify: str = ""
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """SigCgt (caught), SigIgn (ignored) or SigBlk of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def handles(pid: int, signum: int) -> str:
+    """'caught', 'ignored' or 'default' for one signal of one process."""
+    bit = 1 << (signum - 1)
+    if signal_mask(pid, "SigCgt") & bit:
+        return "caught"
+    if signal_mask(pid, "SigIgn") & bit:
+        return "ignored"
+    return "default"
+
+
+def open_files_limit(pid: int) -> int | None:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    return None
+
+
+def kernel_findings(services: list[ServiceConfig]) -> list[Finding]:
+    release = os.uname().release
+    reuseport = [s.name for s in services if s.socket == "reuseport"]
+    if not MIGRATE_REQ.exists():
+        return [Finding(
+            "fail" if reuseport else "ok", "kernel", "host",
+            symptom=("reset connections at every swap of " + ", ".join(reuseport)) if reuseport
+            else "",
+            cause=f"Linux {release} has no net.ipv4.tcp_migrate_req (5.14+): a closing "
+                  "SO_REUSEPORT listener resets its queued connections",
+            verify="sysctl net.ipv4.tcp_migrate_req",
+            fix="socket: inherit (a shared socket unit), or a 5.14+ kernel")]
+    value = MIGRATE_REQ.read_text().strip()
+    if reuseport and value != "1":
+        return [Finding("fail", "kernel", "host",
+                        symptom="reset connections at every swap of " + ", ".join(reuseport),
+                        cause=f"net.ipv4.tcp_migrate_req is {value}",
+                        verify="sysctl net.ipv4.tcp_migrate_req",
+                        fix="zdd-agent sysctl apply (the agent also sets it before a "
+                            "reuseport swap)")]
+    return [Finding("ok", "kernel", "host", cause=f"Linux {release}, tcp_migrate_req={value}")]
+
+
+def sysctl_findings(paths: deploy.Paths) -> list[Finding]:
+    from .commands import sysctl_plan
+
+    _s, plan = sysctl_plan(paths)
+    differ = [c for c in plan if c.differs]
+    if not differ:
+        return [Finding("ok", "sysctl", "host", cause="every managed sysctl as wanted")]
+    return [Finding("warn", "sysctl", "host",
+                    symptom="SYN drops or refused connections in bursts while instances "
+                            "start and stop; ephemeral ports colliding with service ports",
+                    cause="; ".join(f"{c.key} is {c.old}, wanted {c.new}" for c in differ),
+                    verify="zdd-agent sysctl check", fix="zdd-agent sysctl apply")]
+
+
+def systemd_findings(version: int | None) -> list[Finding]:
+    if version is None:
+        return [Finding("fail", "systemd", "host", symptom="nothing can be swapped",
+                        cause="systemd does not answer", verify="systemctl --version",
+                        fix="run on a host whose init is systemd, as root")]
+    if version < MIN_SYSTEMD:
+        return [Finding("warn", "systemd", "host",
+                        symptom="the agent's unit fails to load (TimeoutAbortSec=)",
+                        cause=f"systemd {version} is older than {MIN_SYSTEMD}",
+                        verify="systemctl --version", fix="upgrade systemd")]
+    return [Finding("ok", "systemd", "host", cause=f"systemd {version}")]
+
+
+def process_findings(svc: ServiceConfig, pid: int) -> list[Finding]:
+    """What the serving instance's main process will do with the drain."""
+    out: list[Finding] = []
+    name = svc.name
+    try:
+        proc = psutil.Process(pid)
+        # A #! script's comm is the script's name; its exe is the interpreter.
+        comm = os.path.basename(proc.exe()) or proc.name()
+        children = proc.children()
+    except psutil.Error:
+        return [Finding("warn", "process", name, cause=f"cannot inspect PID {pid}")]
+    sig = svc.drain.signal
+    how = handles(pid, int(getattr(signal, sig)))
+    if comm in SHELLS and children:
+        out.append(Finding(
+            "fail", "pid1-wrapper", name,
+            symptom=f"the program never sees {sig}: no drain; killed at the grace period",
+            cause=f"PID {pid} is {comm}, which started {children[0].name()} "
+                  f"(PID {children[0].pid}) instead of exec'ing it",
+            verify=f"ps --ppid {pid} -o pid,comm",
+            fix="exec the program at the end of the script (exec /path/to/app), or run "
+                "it under tini, which forwards signals"))
+    elif comm in WRAPPERS:
+        out.append(Finding("ok", "pid1-wrapper", name, cause=f"{comm} forwards signals"))
+    if how == "default" and comm not in WRAPPERS and not (comm in SHELLS and children):
+        out.append(Finding(
+            "fail", "drain-signal", name,
+            symptom="connections reset and requests cut at every swap",
+            cause=f"PID {pid} ({comm}) does not handle {sig}: it dies at once instead of "
+                  "closing its listener and finishing what it holds",
+            verify=f"grep -E 'SigCgt|SigIgn' /proc/{pid}/status",
+            fix=f"handle {sig} in the program (stop accepting, finish requests, exit), or "
+                "set drain.signal to the one it drains on"))
+    elif how == "ignored":
+        out.append(Finding(
+            "warn", "drain-signal", name,
+            symptom=f"every drain lasts the whole grace period ({svc.drain.grace_period:g}s)",
+            cause=f"PID {pid} ({comm}) ignores {sig}",
+            verify=f"grep SigIgn /proc/{pid}/status",
+            fix=f"handle {sig}, or set drain.signal to the one it drains on"))
+    elif how == "caught":
+        out.append(Finding("ok", "drain-signal", name, cause=f"PID {pid} ({comm}) handles {sig}"))
+    limit = open_files_limit(pid)
+    if limit is not None and limit < MIN_NOFILE:
+        out.append(Finding(
+            "warn", "open-files", name,
+            symptom="accept(2) fails with EMFILE under load: connections wait or are reset",
+            cause=f"PID {pid} may open {limit} files",
+            verify=f"grep 'Max open files' /proc/{pid}/limits",
+            fix="LimitNOFILE=65536 in a drop-in: systemctl edit "
+                f"{units.template_unit(name)}"))
+    return out
+
+
+def memory_findings(svc: ServiceConfig, pids: list[int]) -> list[Finding]:
+    rss = 0
+    for pid in pids:
+        try:
+            rss += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    available = psutil.virtual_memory().available
+    mib = 1024 * 1024
+    if rss and available < rss * HEADROOM:
+        return [Finding(
+            "fail", "memory", svc.name,
+            symptom="the OOM killer picks a process during a swap",
+            cause=f"a swap runs a second copy ({rss // mib} MiB now) and only "
+                  f"{available // mib} MiB are available",
+            verify="grep MemAvailable /proc/meminfo",
+            fix="free memory, or lower the service's footprint before swapping")]
+    return [Finding("ok", "memory", svc.name,
+                    cause=f"{rss // mib} MiB per copy, {available // mib} MiB available")]
+
+
+def run(paths: deploy.Paths) -> list[Finding]:
+    services = load_all(paths.config_dir)
+    findings = kernel_findings(services) + sysctl_findings(paths)
+    try:
+        with deploy.Systemd() as sd:
+            findings += systemd_findings(sd.version())
+            store = StateStore(paths.state_dir)
+            for svc in services:
+                findings += service_findings(svc, sd, store)
+    except ZddError:
+        findings += systemd_findings(None)
+    return findings
+
+
+def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
+                     store: StateStore) -> list[Finding]:
+    try:
+        serving = deploy.serving_version(svc, sd, store.load(svc.name))
+    except ZddError as e:
+        return [Finding("warn", "state", svc.name, cause=str(e))]
+    if serving is None:
+        return [Finding("ok", "serving", svc.name, cause="nothing serves yet: nothing to check "
+                                                        "on a live process")]
+    unit = units.instance_unit(svc.name, serving)
+    pid = sd.state(unit).main_pid
+    if not pid:
+        return [Finding("warn", "serving", svc.name, cause=f"{unit} has no main process")]
+    return process_findings(svc, pid) + memory_findings(svc, sd.processes(unit))
+
+
+def summary(findings: list[Finding]) -> dict[str, Any]:
+    counts = {lvl: sum(1 for f in findings if f.level == lvl) for lvl in ("ok", "warn", "fail")}
+    return {"findings": [f.to_dict() for f in findings], **counts}
+
