@@ -87,11 +87,13 @@ class Progress:
             self.line(f"  readiness check {d['checks']}: {'ok' if d['ok'] else 'not ready'} "
                       f"({d['detail']}) {d['successes']}/{d['needed']}", transient=not d["ok"])
         elif kind == "drain":
-            self.line(f"  draining {d['version']}: {d['connections']} connections left, "
+            held = f" ({', '.join(d['held'])})" if d.get("held") else ""
+            self.line(f"  draining {d['version']}: {d['connections']} connections left{held}, "
                       f"{d['elapsed']:.1f}s of {d['grace']:g}s grace", transient=True)
         elif kind == "killed":
+            held = f": {', '.join(d['held'])}" if d.get("held") else ""
             self.line(f"  {d['version']} killed at the grace period ({d['grace']:g}s) "
-                      f"holding {d['connections']} connections")
+                      f"holding {d['connections']} connections{held}")
         elif kind in ("stray", "warning"):
             self.line(f"  warning: {d.get('message') or d}")
         elif kind == "hook":

@@ -106,6 +106,9 @@ class SystemdOps:
     def connections(self, pids: list[int]) -> int:
         return self.census.count(pids)
 
+    def peers(self, pids: list[int]) -> list[str]:
+        return self.census.held_peers(pids)
+
     def enable(self, version: str) -> None:
         self.sd.enable(self.unit(version))
 

@@ -73,8 +73,9 @@ class SwapLogger:
             now = time.monotonic()
             if d["elapsed"] == 0.0 or now - self._last_drain >= 1.0:
                 self._last_drain = now
+                held = f" Still connected: {', '.join(d['held'])}." if d.get("held") else ""
                 log("drain", f"Draining zdd-{svc}@{d['version']}.service: "
-                             f"{d['connections']} active connections remaining.",
+                             f"{d['connections']} active connections remaining.{held}",
                     SERVICE=svc, VERSION=d["version"], PHASE="drain",
                     CONNECTIONS=d["connections"])
         elif kind == "killed":

@@ -49,6 +49,7 @@ class InstanceOps(Protocol):
     def probe(self, version: str) -> tuple[bool, str]: ...  # http/tcp/exec readiness
     def pids(self, version: str) -> list[int]: ...
     def connections(self, pids: list[int]) -> int: ...  # census of those processes
+    def peers(self, pids: list[int]) -> list[str]: ...  # their connections' peers
     def enable(self, version: str) -> None: ...
     def disable(self, version: str) -> None: ...
     def cleanup(self, version: str) -> None: ...  # drop-in and failed state gone
@@ -74,6 +75,9 @@ Intent = Callable[[str | None, str, str], None]
 
 # How often a drain counts connections and checks whether the old instance is gone.
 DRAIN_POLL = 0.25
+# Below this many connections left, a drain lists their peers (long-lived ones:
+# WebSockets, HTTP/2 and gRPC streams), at most once a second.
+LIST_BELOW = 10
 # How often the gate looks at a starting instance between probes.
 START_POLL = 0.1
 
@@ -133,6 +137,7 @@ class DrainResult:
     connections_at_end: int = 0
     killed_at_grace: bool = False
     seconds: float = 0.0
+    held: list[str] = field(default_factory=list)  # peers still connected at the last poll
 
 
 @dataclass
@@ -334,6 +339,7 @@ class Swap:
         self.emit("drain", version=old, connections=d.connections_at_start, elapsed=0.0,
                   grace=grace)
         last = d.connections_at_start
+        listed_at = -1.0
         while True:
             self.clock.sleep(DRAIN_POLL)
             st = self.ops.status(old)
@@ -341,9 +347,18 @@ class Swap:
             if st.stopped:
                 d.killed_at_grace = st.result == "timeout"
                 d.connections_at_end = last if d.killed_at_grace else 0
+                if not d.killed_at_grace:
+                    d.held = []
                 break
             last = self.ops.connections(pids)
-            self.emit("drain", version=old, connections=last, elapsed=elapsed, grace=grace)
+            held: list[str] | None = None
+            if 0 < last <= LIST_BELOW and elapsed - listed_at >= 1.0:
+                listed_at = elapsed
+                held = d.held = self.ops.peers(pids)
+            elif last == 0:
+                d.held = []
+            self.emit("drain", version=old, connections=last, elapsed=elapsed, grace=grace,
+                      **({"held": held} if held is not None else {}))
             if elapsed > grace + 30:  # systemd should have killed it long ago
                 d.connections_at_end = last
                 self.emit("warning", message=f"{old} still {st.active} {elapsed:.0f}s after "
@@ -351,7 +366,8 @@ class Swap:
                 break
         d.seconds = self.clock.monotonic() - t
         if d.killed_at_grace:
-            self.emit("killed", version=old, connections=d.connections_at_end, grace=grace)
+            self.emit("killed", version=old, connections=d.connections_at_end, grace=grace,
+                      held=d.held)
         self.emit("drained", version=old, connections=d.connections_at_end, seconds=d.seconds)
         return d
 

@@ -124,6 +124,7 @@ def test_connection_held_past_grace_is_killed_and_reported(host: DemoHost) -> No
     d = r["drain"]
     assert d["killed_at_grace"] is True
     assert d["connections_at_start"] >= 1 and d["connections_at_end"] >= 1
+    assert d["held"] and all(p.startswith("127.0.0.1:") for p in d["held"]), d
     assert 2.0 <= d["seconds"] < 6.0
     assert host.get()["version"] == "v2"
 

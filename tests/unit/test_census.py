@@ -87,6 +87,10 @@ def test_count_falls_as_a_draining_holder_closes() -> None:
             assert census.count([p.pid]) == expected
         # a fresh census agrees with the reused walk
         assert Census.for_listen([("127.0.0.1", port)]).count([p.pid]) == 7
+        # the peers of what is left are the client sockets still open here
+        peers = census.held_peers([p.pid])
+        mine = {f"127.0.0.1:{c.getsockname()[1]}" for c in clients}
+        assert len(peers) == 7 and set(peers) <= mine
     finally:
         stop_holder(p)
         for c in clients:

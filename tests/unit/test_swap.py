@@ -102,6 +102,9 @@ class FakeHost:
                 return seq[min(polls, len(seq) - 1)]
         return 0
 
+    def peers(self, pids: list[int]) -> list[str]:
+        return [f"peer-{i}:5000" for i in range(self.connections(pids))]
+
     def enable(self, version: str) -> None:
         self._log("enable", version)
 
@@ -177,6 +180,7 @@ def test_old_that_holds_past_grace_is_reported_killed() -> None:
     assert res.result == "ok"
     assert res.drain.killed_at_grace
     assert res.drain.connections_at_end == 2
+    assert res.drain.held == ["peer-0:5000", "peer-1:5000"]  # listed while draining
     assert 3.0 <= res.drain.seconds <= 3.3
     assert any(k == "killed" and d["connections"] == 2 for k, d in events)
 
