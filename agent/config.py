@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:-[0-9]{1,2})?")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -51,6 +52,13 @@ def check_version(version: object, where: str = "version") -> str:
         raise ConfigError(f"{where}: invalid version {version!r} "
                           "(allowed: [A-Za-z0-9][A-Za-z0-9._-]{0,63})")
     return version
+
+
+def check_instance(instance: object) -> str:
+    """A version, or VERSION-N for one of several replicas."""
+    if not isinstance(instance, str) or not INSTANCE_RE.fullmatch(instance):
+        raise ConfigError(f"invalid instance {instance!r} (allowed: VERSION or VERSION-N)")
+    return instance
 
 
 def parse_duration(value: object) -> float:
@@ -130,6 +138,9 @@ class ServiceConfig:
     ready: Ready = field(default_factory=Ready)
     drain: Drain = field(default_factory=Drain)
     hooks: tuple[tuple[str, Hook], ...] = ()
+    replicas: int = 1
+    max_surge: int = 1  # resolved counts (rollout.resolve)
+    max_unavailable: int = 0
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
@@ -321,7 +332,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
-                        "ready", "drain", "hooks"))
+                        "ready", "drain", "hooks", "replicas", "strategy"))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -371,9 +382,25 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         hooks.append((hname, Hook(one.argv("command", one.get("command")),
                                   one.duration("timeout", 60.0, 1.0, 3600.0))))
     assert hasattr(signal, drain.signal)
+    replicas = chk.integer("replicas", 1, 1, 64)
+    schk = _Checker(path, chk.mapping("strategy"), "strategy.")
+    schk.reject_unknown(("max_surge", "max_unavailable"))
+    from .rollout import resolve
+
+    counts = []
+    for key, default, up in (("max_surge", "25%", True), ("max_unavailable", 0, False)):
+        raw_value = schk.get(key, default)
+        try:
+            counts.append(resolve(raw_value, replicas, up))
+        except ValueError as e:
+            raise schk.fail(key, f"{e} (allowed: a count 0..{replicas} or 0%..100%)") from None
+    if counts == [0, 0]:
+        raise schk.fail("max_unavailable", f"max_surge and max_unavailable are both 0 for "
+                                           f"{replicas} replicas (allowed: at least one > 0)")
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
-                         ready=ready, drain=drain, hooks=tuple(hooks))
+                         ready=ready, drain=drain, hooks=tuple(hooks), replicas=replicas,
+                         max_surge=counts[0], max_unavailable=counts[1])
 
 
 # ------------------------------------------------------------------- loading

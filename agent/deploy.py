@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import pwd
+
+import psutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +75,15 @@ class SystemdOps:
     def unit(self, version: str) -> str:
         return units.instance_unit(self.svc.name, version)
 
-    def prepare(self, version: str) -> None:
+    def instances(self, version: str) -> list[str]:
+        return instances_of(self.svc, self.sd).get(version, [])
+
+    def prepare(self, instance: str, version: str) -> None:
         port = free_port() if self.svc.ready.needs_instance_port else None
-        self.ports[version] = port
-        dropin = units.render_instance_dropin(self.svc, version, port)
-        self.sd.reset_failed(self.unit(version))
-        if self.sd.write_unit_files({units.dropin_path(self.svc.name, version): dropin}):
+        self.ports[instance] = port
+        dropin = units.render_instance_dropin(self.svc, version, port, instance)
+        self.sd.reset_failed(self.unit(instance))
+        if self.sd.write_unit_files({units.dropin_path(self.svc.name, instance): dropin}):
             self.sd.reload()
 
     def start(self, version: str) -> None:
@@ -124,6 +129,30 @@ class SystemdOps:
 
     def tcp_counters(self) -> dict[str, int]:
         return tcpstats.read()
+
+    def headroom(self, olds: list[str], surge: int) -> str:
+        """Refuse a surge that would not fit in memory, with the numbers:
+        never let the OOM killer choose."""
+        rss = []
+        for x in olds:
+            total = 0
+            for pid in self.pids(x):
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            rss.append(total)
+        if not rss or surge <= 0:
+            return ""
+        need = int(max(rss) * surge * HEADROOM)
+        available = psutil.virtual_memory().available
+        if need <= available:
+            return ""
+        mib = 1024 * 1024
+        return (f"not enough memory to start {surge} more instance(s) of {self.svc.name}: "
+                f"each old one uses up to {max(rss) // mib} MiB, so {need // mib} MiB "
+                f"with a {HEADROOM:g}x margin are needed and {available // mib} MiB are "
+                "available; lower strategy.max_surge (max_unavailable > 0 replaces in place)")
 
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
         h = self.svc.hook(hook)
@@ -183,13 +212,30 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
     return changed
 
 
-def active_versions(svc: ServiceConfig, sd: Systemd) -> list[str]:
-    out = []
+HEADROOM = 1.25
+
+
+def instance_version(svc: ServiceConfig, sd: Systemd, instance: str) -> str:
+    """The version an instance runs, from its drop-in (VERSION-N is ambiguous
+    when versions themselves end in -N)."""
+    return units.dropin_version(sd.read_unit_file(units.dropin_path(svc.name, instance))) \
+        or instance
+
+
+def instances_of(svc: ServiceConfig, sd: Systemd) -> dict[str, list[str]]:
+    """version -> its instances that are running or starting."""
+    out: dict[str, list[str]] = {}
     for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-        version = units.version_of(svc.name, unit)
-        if version is not None and sd.state(unit).active in ("active", "activating", "reloading"):
-            out.append(version)
-    return out
+        instance = units.version_of(svc.name, unit)
+        if instance is None:
+            continue
+        if sd.state(unit).active in ("active", "activating", "reloading"):
+            out.setdefault(instance_version(svc, sd, instance), []).append(instance)
+    return {v: sorted(xs) for v, xs in out.items()}
+
+
+def active_versions(svc: ServiceConfig, sd: Systemd) -> list[str]:
+    return sorted(instances_of(svc, sd))
 
 
 def serving_version(svc: ServiceConfig, sd: Systemd, st: ServiceState,
@@ -215,9 +261,9 @@ def _serving_or_none(svc: ServiceConfig, sd: Systemd, st: ServiceState) -> str |
 
 def _runner(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
             emit: Emit | None) -> Swap:
-    def intent(old: str | None, new: str, phase: str) -> None:
+    def intent(old: str | None, new: str, phase: str, extra: dict[str, Any]) -> None:
         state.intent = {"from": old, "to": new, "phase": phase, "pid": os.getpid(),
-                        "at": time.time()}
+                        "at": time.time(), **extra}
         store.save(state)
 
     return Swap(svc, SystemdOps(svc, sd), SystemClock(), emit, intent)
@@ -237,8 +283,7 @@ def recover(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceSt
     intent = state.intent
     if not intent:
         return None
-    result = _runner(svc, sd, store, state, emit).recover(intent.get("from"), intent["to"],
-                                                          intent.get("phase", "start"))
+    result = _runner(svc, sd, store, state, emit).recover(intent)
     _finish(store, state, result)
     return result
 
@@ -293,21 +338,23 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
             instances: list[dict[str, Any]] = []
             groups: dict[str, list[int]] = {}
             for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-                version = units.version_of(svc.name, unit)
-                if version is None:
+                instance = units.version_of(svc.name, unit)
+                if instance is None:
                     continue
                 us = sd.state(unit)
                 enabled = sd.is_enabled(unit)
                 if us.active == "inactive" and enabled != "enabled":
                     continue  # retired: systemd keeps it loaded until it collects it
-                groups[version] = sd.processes(unit)
-                instances.append({"version": version, "unit": unit, "active": us.active,
+                groups[instance] = sd.processes(unit)
+                instances.append({"instance": instance,
+                                  "version": instance_version(svc, sd, instance),
+                                  "unit": unit, "active": us.active,
                                   "sub": us.sub, "main_pid": us.main_pid,
                                   "enabled": enabled,
                                   "since": us.since_us / 1e6 if us.since_us else None})
             counts = census.count_many(groups) if groups else {}
             for inst in instances:
-                inst["connections"] = counts.get(inst["version"], 0)
+                inst["connections"] = counts.get(inst["instance"], 0)
             sock = units.socket_unit(svc.name)
             last = st.last
             out.append({

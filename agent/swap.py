@@ -9,13 +9,16 @@ a fake systemd.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from . import rollout
 from .config import Ready, ServiceConfig
 from .errors import SwapFailed
+from .rollout import Batch
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class InstanceStatus:
 class InstanceOps(Protocol):
     """What the swap needs from the host, per version of one service."""
 
-    def prepare(self, version: str) -> None: ...  # render its drop-in, reload systemd
+    def instances(self, version: str) -> list[str]: ...  # its active instances
+    def prepare(self, instance: str, version: str) -> None: ...  # its drop-in, reload
     def start(self, version: str) -> None: ...  # start job queued (returns at once)
     def stop(self, version: str) -> None: ...  # stop job queued: the drain signal
     def status(self, version: str) -> InstanceStatus: ...
@@ -56,6 +60,7 @@ class InstanceOps(Protocol):
     def journal(self, version: str) -> list[str]: ...
     def tcp_counters(self) -> dict[str, int]: ...  # the kernel's, in the service's netns
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None: ...
+    def headroom(self, olds: list[str], surge: int) -> str: ...  # "" or why it won't fit
 
 
 class Clock(Protocol):
@@ -71,7 +76,7 @@ class SystemClock:
 
 
 Emit = Callable[[str, dict[str, Any]], None]
-Intent = Callable[[str | None, str, str], None]
+Intent = Callable[[str | None, str, str, dict[str, Any]], None]
 
 # How often a drain counts connections and checks whether the old instance is gone.
 DRAIN_POLL = 0.25
@@ -139,6 +144,13 @@ class DrainResult:
     seconds: float = 0.0
     held: list[str] = field(default_factory=list)  # peers still connected at the last poll
 
+    def merge(self, other: DrainResult) -> DrainResult:
+        """Several batches' drains as one."""
+        return DrainResult(self.connections_at_start + other.connections_at_start,
+                           self.connections_at_end + other.connections_at_end,
+                           self.killed_at_grace or other.killed_at_grace,
+                           self.seconds + other.seconds, self.held + other.held)
+
 
 @dataclass
 class SwapResult:
@@ -154,6 +166,7 @@ class SwapResult:
     drain: DrainResult | None = None
     journal: list[str] = field(default_factory=list)
     tcp: dict[str, int] = field(default_factory=dict)  # kernel counter deltas over the swap
+    plan: str = ""  # the batches, e.g. "+1 -1, +1 -1"
     hooks: dict[str, str] = field(default_factory=dict)  # hook -> outcome
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,19 +180,31 @@ class SwapResult:
 # ---------------------------------------------------------------------- swap
 
 
+def instance_ids(version: str, replicas: int) -> list[str]:
+    """The instances of a version: VERSION alone, or VERSION-1..VERSION-N."""
+    return [version] if replicas == 1 else [f"{version}-{i}" for i in range(1, replicas + 1)]
+
+
 class Swap:
-    """Replaces the serving instance `old` (None on a first deploy) with `new`."""
+    """Replaces the serving version `old` (None on a first deploy) with `new`,
+    in batches when the service has several replicas (rollout.py)."""
 
     def __init__(self, svc: ServiceConfig, ops: InstanceOps, clock: Clock,
                  emit: Emit | None = None, intent: Intent | None = None) -> None:
         self.svc, self.ops, self.clock = svc, ops, clock
         self._emit = emit or (lambda kind, data: None)
-        # Persists (old, new, phase) BEFORE each phase acts, so that an agent
-        # killed anywhere can finish or revert the swap (recover()).
-        self._intent = intent or (lambda old, new, phase: None)
+        # Persists (old, new, phase, extra) BEFORE each phase acts, so that an
+        # agent killed anywhere can finish or revert the swap (recover()).
+        self._intent = intent or (lambda old, new, phase, extra: None)
 
     def emit(self, kind: str, **data: Any) -> None:
         self._emit(kind, data)
+
+    def plan(self, olds: list[str]) -> list[Batch]:
+        n = self.svc.replicas
+        if not olds:  # first deploy: start them all
+            return [Batch(0, n, 0)]
+        return rollout.plan(n, self.svc.max_surge, self.svc.max_unavailable)
 
     def run(self, old: str | None, new: str) -> SwapResult:
         res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
@@ -189,25 +214,45 @@ class Swap:
             res.reason = f"{new} is already serving"
             self.emit("done", result=res.result, reason=res.reason)
             return res
-
+        olds = self.ops.instances(old) if old is not None else []
+        news = instance_ids(new, self.svc.replicas)
+        batches = self.plan(olds)
+        res.plan = rollout.describe(batches)
+        self.emit("plan", plan=res.plan, replicas=self.svc.replicas, batches=len(batches))
         before = self.ops.tcp_counters()
         if not self._hook(res, "pre_swap", old, new):
-            res.result = "aborted"
-            res.reason = f"pre_swap hook failed: {res.hooks['pre_swap']}; nothing was started"
-            res.seconds = self.clock.monotonic() - t0
-            self.emit("done", result=res.result, reason=res.reason)
-            raise SwapFailed(res.reason, result=res)
+            self._abort(res, t0, f"pre_swap hook failed: {res.hooks['pre_swap']}; nothing "
+                                 "was started")
+        shortfall = self.ops.headroom(olds, max(b.start for b in batches))
+        if shortfall:
+            self._abort(res, t0, shortfall)
+        ctx = _Rollout(old, new, olds, news)
         try:
-            self._intent(old, new, "start")
-            self._phase(res, "start", lambda: self._start(new))
-            self._intent(old, new, "ready")
-            verdict, reason = self._gate(res, new)
-        except KeyboardInterrupt:  # the operator gave up: the old one keeps serving
+            for i, batch in enumerate(batches):
+                ctx.final = i == len(batches) - 1
+                if batch.stop_first:
+                    self._drain_group(res, ctx, batch.stop_first)
+                if batch.start:
+                    group = news[len(ctx.started):len(ctx.started) + batch.start]
+                    self._record(ctx, "start")
+                    self._phase(res, "start", functools.partial(self._start_all, group, new))
+                    ctx.started += group
+                    self._record(ctx, "ready")
+                    verdict, reason = self._gate(res, group)
+                    if verdict != "ready":
+                        ctx.failed = group
+                        break
+                    for x in group:
+                        self.ops.enable(x)
+                if batch.drain:
+                    self._drain_group(res, ctx, batch.drain)
+            else:
+                verdict, reason = "ready", ""
+        except KeyboardInterrupt:  # the operator gave up: the old version keeps serving
             verdict, reason = "failed", f"interrupted before {new} was admitted"
         if verdict != "ready":
-            self._intent(old, new, "rollback")
-            self._roll_back(res, new, reason, t0, before)  # raises
-        self._admit(res, old, new)
+            self._record(ctx, "rollback")
+            self._roll_back(res, ctx, reason, t0, before)  # raises
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
         self._hook(res, "post_swap", old, new)
         res.result = "ok"
@@ -215,80 +260,110 @@ class Swap:
         self.emit("done", result="ok", seconds=res.seconds)
         return res
 
-    def _admit(self, res: SwapResult, old: str | None, new: str) -> None:
-        """The new instance serves: enable it, drain and retire the old one."""
-        self.ops.enable(new)
-        if old is not None:
-            self._intent(old, new, "drain")
-            delay = self.svc.drain.pre_stop_delay
-            if delay > 0:  # for an upstream load balancer to notice
-                self.emit("pre_stop", version=old, delay=delay)
-                self.clock.sleep(delay)
-            res.drain = self._phase(res, "drain", lambda: self._drain(old))
-            self._intent(old, new, "retire")
-            self._phase(res, "retire", lambda: self._retire(old))
+    def _record(self, ctx: _Rollout, phase: str) -> None:
+        self._intent(ctx.old, ctx.new, phase, {"final": ctx.final, "olds": ctx.olds,
+                                               "news": ctx.news})
 
-    def _discard(self, new: str) -> None:
-        """Stop a version that will not serve (its drain signal), forget it."""
-        self.ops.stop(new)
-        self._wait_gone(new, self.svc.drain.grace_period + 5)
-        self.ops.disable(new)
-        self.ops.cleanup(new)
+    def _abort(self, res: SwapResult, t0: float, reason: str) -> None:
+        res.result, res.reason = "aborted", reason
+        res.seconds = self.clock.monotonic() - t0
+        self.emit("done", result=res.result, reason=res.reason)
+        raise SwapFailed(res.reason, result=res)
+
+    def _drain_group(self, res: SwapResult, ctx: _Rollout, count: int) -> None:
+        """Drain and retire `count` old instances (in parallel)."""
+        victims, ctx.left = ctx.left[:count], ctx.left[count:]
+        self._record(ctx, "drain")
+        delay = self.svc.drain.pre_stop_delay
+        if delay > 0:  # for an upstream load balancer to notice
+            self.emit("pre_stop", version=", ".join(victims), delay=delay)
+            self.clock.sleep(delay)
+        d = self._phase(res, "drain", lambda: self._drain(victims))
+        res.drain = d if res.drain is None else res.drain.merge(d)
+        self._record(ctx, "retire")
+        self._phase(res, "retire", lambda: self._retire_all(victims))
+        ctx.drained += victims
+
+    def _discard(self, instances: list[str]) -> None:
+        """Stop instances that will not serve (their drain signal), forget them."""
+        for x in instances:
+            self.ops.stop(x)
+        for x in instances:
+            self._wait_gone(x, self.svc.drain.grace_period + 5)
+            self.ops.disable(x)
+            self.ops.cleanup(x)
 
     def _phase(self, res: SwapResult, name: str, fn: Callable[[], Any]) -> Any:
         self.emit("phase", phase=name)
         t = self.clock.monotonic()
         out = fn()
-        res.phases[name] = self.clock.monotonic() - t
+        res.phases[name] = res.phases.get(name, 0.0) + self.clock.monotonic() - t
         return out
 
-    def _start(self, new: str) -> None:
-        st = self.ops.status(new)
-        if not st.gone:  # a stray from an interrupted swap: start it afresh
-            self.emit("stray", version=new, state=st.active)
-            self.ops.stop(new)
-            self._wait_gone(new, self.svc.drain.grace_period + 5)
-        self.ops.prepare(new)
-        self.ops.start(new)
+    def _start_all(self, instances: list[str], version: str) -> None:
+        for x in instances:
+            self._start(x, version)
 
-    def _gate(self, res: SwapResult, new: str) -> tuple[str, str]:
+    def _retire_all(self, instances: list[str]) -> None:
+        for x in instances:
+            self._retire(x)
+
+    def _start(self, instance: str, version: str) -> None:
+        st = self.ops.status(instance)
+        if not st.gone:  # a stray from an interrupted swap: start it afresh
+            self.emit("stray", version=instance, state=st.active)
+            self.ops.stop(instance)
+            self._wait_gone(instance, self.svc.drain.grace_period + 5)
+        self.ops.prepare(instance, version)
+        self.ops.start(instance)
+
+    def _gate(self, res: SwapResult, group: list[str]) -> tuple[str, str]:
+        """Wait until every instance of `group` is ready; fail at the first that
+        exits, flaps or misses the deadline."""
         self.emit("phase", phase="ready")
         ready = self.svc.ready
         t = self.clock.monotonic()
-        gate = ReadinessGate(ready, started=t)
-        restarts0 = self.ops.status(new).restarts
-        last_probe: float | None = None
+        gates = {x: ReadinessGate(ready, started=t) for x in group}
+        restarts0 = {x: self.ops.status(x).restarts for x in group}
+        last_probe: dict[str, float | None] = {x: None for x in group}
+        pending = list(group)
         try:
             while True:
                 now = self.clock.monotonic()
-                st = self.ops.status(new)
-                if st.gone or st.restarts > restarts0:
-                    return "failed", (f"{self.svc.name} {new} exited during start-up "
-                                      f"({st.active}/{st.sub}, result {st.result})")
-                if gate.expired(now):
-                    detail = f"; last check: {gate.last_detail}" if gate.last_detail else ""
-                    return "failed", (f"{self.svc.name} {new} was not ready within the "
-                                      f"deadline of {ready.deadline:g}s{detail}")
-                if ready.type == "notify":
-                    if st.active == "active":  # systemd got READY=1
-                        gate.checks += 1
-                        return "ready", "READY=1"
-                elif now >= gate.next_probe(last_probe):
-                    last_probe = now
-                    ok, detail = self.ops.probe(new)
-                    verdict = gate.observe(ok, detail)
-                    self.emit("probe", version=new, ok=ok, detail=detail, checks=gate.checks,
-                              successes=gate.successes, needed=ready.success_threshold)
-                    if verdict == "failed":
-                        return "failed", (f"{self.svc.name} {new} failed {gate.failures} "
-                                          f"readiness checks in a row: {detail}")
-                    if verdict == "ready":
-                        return "ready", detail
-                    continue
-                self.clock.sleep(START_POLL)
+                probed = False
+                for x in list(pending):
+                    gate = gates[x]
+                    st = self.ops.status(x)
+                    if st.gone or st.restarts > restarts0[x]:
+                        return "failed", (f"{self.svc.name} {x} exited during start-up "
+                                          f"({st.active}/{st.sub}, result {st.result})")
+                    if gate.expired(now):
+                        detail = f"; last check: {gate.last_detail}" if gate.last_detail else ""
+                        return "failed", (f"{self.svc.name} {x} was not ready within the "
+                                          f"deadline of {ready.deadline:g}s{detail}")
+                    if ready.type == "notify":
+                        if st.active == "active":  # systemd got READY=1
+                            gate.checks += 1
+                            pending.remove(x)
+                    elif now >= gate.next_probe(last_probe[x]):
+                        last_probe[x] = now
+                        probed = True
+                        ok, detail = self.ops.probe(x)
+                        verdict = gate.observe(ok, detail)
+                        self.emit("probe", version=x, ok=ok, detail=detail, checks=gate.checks,
+                                  successes=gate.successes, needed=ready.success_threshold)
+                        if verdict == "failed":
+                            return "failed", (f"{self.svc.name} {x} failed {gate.failures} "
+                                              f"readiness checks in a row: {detail}")
+                        if verdict == "ready":
+                            pending.remove(x)
+                if not pending:
+                    return "ready", ""
+                if not probed:
+                    self.clock.sleep(START_POLL)
         finally:
-            res.readiness_checks = gate.checks
-            res.phases["ready"] = self.clock.monotonic() - t
+            res.readiness_checks += sum(g.checks for g in gates.values())
+            res.phases["ready"] = res.phases.get("ready", 0.0) + self.clock.monotonic() - t
 
     def _hook(self, res: SwapResult, hook: str, old: str | None, new: str) -> bool:
         """Run a configured hook; True when it passed or none is configured."""
@@ -304,18 +379,31 @@ class Swap:
             self.emit("warning", message=f"{hook} hook failed: {detail}")
         return ok
 
-    def _roll_back(self, res: SwapResult, new: str, reason: str, t0: float,
+    def _roll_back(self, res: SwapResult, ctx: _Rollout, reason: str, t0: float,
                    before: dict[str, int]) -> None:
+        """The whole service back to the old version: the new instances go, the
+        old ones drained by earlier batches come back."""
         self.emit("phase", phase="rollback", reason=reason)
-        res.journal = self.ops.journal(new)
-        self._discard(new)
+        res.journal = self.ops.journal((ctx.failed or ctx.started or ctx.news)[0])
+        self._discard(ctx.started or ctx.news[:1])
+        self._restore(ctx.old, ctx.drained)
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
-        self._hook(res, "on_rollback", res.from_version, new)
+        self._hook(res, "on_rollback", res.from_version, ctx.new)
         res.result = "rolled_back"
         res.reason = reason
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result="rolled_back", reason=reason)
         raise SwapFailed(reason, result=res)
+
+    def _restore(self, old: str | None, instances: list[str]) -> None:
+        """Start old instances again (after a failed later batch, or recovery)."""
+        if old is None or not instances:
+            return
+        self.emit("restore", version=old, instances=instances)
+        for x in instances:
+            self.ops.prepare(x, old)
+            self.ops.start(x)
+            self.ops.enable(x)
 
     def _wait_gone(self, version: str, limit: float) -> InstanceStatus:
         end = self.clock.monotonic() + limit
@@ -325,27 +413,29 @@ class Swap:
                 return st
             self.clock.sleep(DRAIN_POLL)
 
-    def _drain(self, old: str) -> DrainResult:
-        """Stop the old instance (its drain signal) and count what it still holds.
+    def _drain(self, olds: list[str]) -> DrainResult:
+        """Stop old instances (their drain signal) and count what they still hold.
 
         systemd sends KillSignal= and SIGKILLs at TimeoutStopSec= (the grace
         period); the agent only watches, so the grace period holds even if
         the agent dies meanwhile."""
         grace = self.svc.drain.grace_period
-        pids = self.ops.pids(old)
+        label = ", ".join(olds)
+        pids = sorted({p for x in olds for p in self.ops.pids(x)})
         d = DrainResult(connections_at_start=self.ops.connections(pids))
         t = self.clock.monotonic()
-        self.ops.stop(old)
-        self.emit("drain", version=old, connections=d.connections_at_start, elapsed=0.0,
+        for x in olds:
+            self.ops.stop(x)
+        self.emit("drain", version=label, connections=d.connections_at_start, elapsed=0.0,
                   grace=grace)
         last = d.connections_at_start
         listed_at = -1.0
         while True:
             self.clock.sleep(DRAIN_POLL)
-            st = self.ops.status(old)
+            states = [self.ops.status(x) for x in olds]
             elapsed = self.clock.monotonic() - t
-            if st.stopped:
-                d.killed_at_grace = st.result == "timeout"
+            if all(st.stopped for st in states):
+                d.killed_at_grace = any(st.result == "timeout" for st in states)
                 d.connections_at_end = last if d.killed_at_grace else 0
                 if not d.killed_at_grace:
                     d.held = []
@@ -357,18 +447,18 @@ class Swap:
                 held = d.held = self.ops.peers(pids)
             elif last == 0:
                 d.held = []
-            self.emit("drain", version=old, connections=last, elapsed=elapsed, grace=grace,
+            self.emit("drain", version=label, connections=last, elapsed=elapsed, grace=grace,
                       **({"held": held} if held is not None else {}))
-            if elapsed > grace + 30:  # systemd should have killed it long ago
+            if elapsed > grace + 30:  # systemd should have killed them long ago
                 d.connections_at_end = last
-                self.emit("warning", message=f"{old} still {st.active} {elapsed:.0f}s after "
-                                             f"its drain signal (grace period {grace:g}s)")
+                self.emit("warning", message=f"{label} still running {elapsed:.0f}s after "
+                                             f"the drain signal (grace period {grace:g}s)")
                 break
         d.seconds = self.clock.monotonic() - t
         if d.killed_at_grace:
-            self.emit("killed", version=old, connections=d.connections_at_end, grace=grace,
+            self.emit("killed", version=label, connections=d.connections_at_end, grace=grace,
                       held=d.held)
-        self.emit("drained", version=old, connections=d.connections_at_end, seconds=d.seconds)
+        self.emit("drained", version=label, connections=d.connections_at_end, seconds=d.seconds)
         return d
 
     def _retire(self, old: str) -> None:
@@ -377,33 +467,60 @@ class Swap:
 
     # ------------------------------------------------------------ recovery
 
-    def recover(self, old: str | None, new: str, phase: str) -> SwapResult:
-        """Finish or revert a swap whose agent died in `phase`, so that exactly
-        one version serves. The instances' own state in systemd decides."""
+    def recover(self, intent: dict[str, Any]) -> SwapResult:
+        """Finish or revert a swap whose agent died, so that exactly one version
+        serves. The instances' own state in systemd decides."""
+        old, new, phase = intent.get("from"), str(intent["to"]), str(intent.get("phase"))
+        olds = list(intent.get("olds") or ([old] if old else []))
+        news = list(intent.get("news") or [new])
+        final = bool(intent.get("final", True))
         res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
         t0 = self.clock.monotonic()
-        old_serving = old is not None and self.ops.status(old).active in ("active", "reloading")
-        new_state = self.ops.status(new)
-        action = plan_recovery(phase, old_serving, new_state.active == "active",
-                               old is not None)
+        old_serving = any(self.ops.status(x).active in ("active", "reloading") for x in olds)
+        new_active = all(self.ops.status(x).active == "active" for x in news)
+        action = plan_recovery(phase if final else "ready", old_serving, new_active, bool(olds))
         self.emit("recover", phase=phase, action=action, version=new, old=old)
+        ctx = _Rollout(old, new, olds, news)
         if action == "finish":
-            self._admit(res, old, new)
+            for x in news:
+                self.ops.enable(x)
+            running = [x for x in olds if not self.ops.status(x).stopped]
+            if running:
+                self._record(ctx, "drain")
+                res.drain = self._phase(res, "drain", lambda: self._drain(running))
+            self._record(ctx, "retire")
+            for x in olds:
+                self._retire(x)
             res.result, res.reason = "ok", f"recovered: finished a swap interrupted in {phase}"
         else:
-            self._intent(old, new, "rollback")
-            self._discard(new)
-            if action == "restore":
-                assert old is not None
-                self.ops.prepare(old)
-                self.ops.start(old)
-                self.ops.enable(old)
+            self._record(ctx, "rollback")
+            self._discard(news)
+            if action in ("revert", "restore"):
+                self._restore(old, [x for x in olds if self.ops.status(x).stopped])
             self._hook(res, "on_rollback", old, new)
             res.result = "rolled_back"
             res.reason = f"recovered: reverted a swap interrupted in {phase} ({action})"
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result=res.result, reason=res.reason)
         return res
+
+
+@dataclass
+class _Rollout:
+    """Where a rollout stands: what was started, drained, is left."""
+
+    old: str | None
+    new: str
+    olds: list[str]
+    news: list[str]
+    started: list[str] = field(default_factory=list)
+    drained: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    final: bool = False
+    left: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.left = list(self.olds)
 
 
 def tcp_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

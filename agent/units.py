@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from .config import ServiceConfig, check_name, check_version, format_duration
+from .config import ServiceConfig, check_instance, check_name, check_version, format_duration
 
 TEMPLATE_DIR = Path(os.environ.get("ZDD_UNITS_DIR", Path(__file__).resolve().parents[1] / "units"))
 TARGET = "zdd.target"
@@ -31,8 +31,9 @@ def hold_unit(name: str) -> str:
     return f"zdd-{check_name(name)}-hold.service"
 
 
-def instance_unit(name: str, version: str) -> str:
-    return f"zdd-{check_name(name)}@{check_version(version)}.service"
+def instance_unit(name: str, instance: str) -> str:
+    """zdd-NAME@VERSION.service, or zdd-NAME@VERSION-N.service with replicas."""
+    return f"zdd-{check_name(name)}@{check_instance(instance)}.service"
 
 
 def version_of(name: str, unit: str) -> str | None:
@@ -113,10 +114,12 @@ def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
     return UnitFiles(files)
 
 
-def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int | None) -> str:
-    unit = instance_unit(svc.name, version)
+def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int | None,
+                           instance: str | None = None) -> str:
+    check_version(version)
+    unit = instance_unit(svc.name, instance or version)
     env = [f"ZDD_SERVICE={svc.name}", f"ZDD_VERSION={version}",
-           f"ZDD_GRACE_PERIOD={svc.drain.grace_period:g}"]
+           f"ZDD_INSTANCE={instance or version}", f"ZDD_GRACE_PERIOD={svc.drain.grace_period:g}"]
     if instance_port is not None:
         env.append(f"ZDD_INSTANCE_PORT={instance_port}")
     if svc.socket == "reuseport":
@@ -126,5 +129,13 @@ def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int 
         exec_start=exec_start(svc.argv(version)))
 
 
-def dropin_path(name: str, version: str) -> str:
-    return f"{instance_unit(name, version)}.d/{DROPIN_NAME}"
+def dropin_path(name: str, instance: str) -> str:
+    return f"{instance_unit(name, instance)}.d/{DROPIN_NAME}"
+
+
+def dropin_version(text: str | None) -> str | None:
+    """The version an instance runs, from its drop-in ("ZDD_VERSION=...")."""
+    import re
+
+    m = re.search(r'"ZDD_VERSION=([A-Za-z0-9._-]+)"', text or "")
+    return m.group(1) if m else None

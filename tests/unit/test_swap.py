@@ -51,12 +51,16 @@ class FakeHost:
         self.probes: list[float] = []
         self.counter_reads = 0
         self.hooks: dict[str, bool] = {}
+        self.shortfall = ""
 
     def _log(self, what: str, version: str) -> None:
         self.calls.append((what, version))
 
-    def prepare(self, version: str) -> None:
-        self._log("prepare", version)
+    def instances(self, version: str) -> list[str]:
+        return [v for v in self.started if v == version or v.startswith(version + "-")]
+
+    def prepare(self, instance: str, version: str) -> None:
+        self._log("prepare", instance)
 
     def start(self, version: str) -> None:
         self._log("start", version)
@@ -120,6 +124,9 @@ class FakeHost:
     def tcp_counters(self) -> dict[str, int]:
         self.counter_reads += 1
         return {"EstabResets": 10 * self.counter_reads}
+
+    def headroom(self, olds: list[str], surge: int) -> str:
+        return self.shortfall
 
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
         if hook not in self.hooks:
@@ -303,8 +310,8 @@ def recover(scripts: dict[str, Script], running: tuple[str, ...], old: str | Non
     for v in stopping:
         host.stopped[v] = clock.now
     phases: list[tuple[str | None, str, str]] = []
-    res = Swap(service(), host, clock, intent=lambda o, n, p: phases.append((o, n, p))) \
-        .recover(old, new, phase)
+    res = Swap(service(), host, clock, intent=lambda o, n, p, x: phases.append((o, n, p))) \
+        .recover({"from": old, "to": new, "phase": phase})
     return host, res, phases
 
 
