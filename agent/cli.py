@@ -83,6 +83,10 @@ class Progress:
         if kind == "phase":
             extra = f": {d['reason']}" if d.get("reason") else ""
             self.line(f"phase {d['phase']}{extra}")
+        elif kind == "plan":
+            if d["replicas"] > 1:
+                self.line(f"plan: {d['replicas']} replicas in {d['batches']} batch(es): "
+                          f"{d['plan']}")
         elif kind == "probe":
             self.line(f"  readiness check {d['checks']}: {'ok' if d['ok'] else 'not ready'} "
                       f"({d['detail']}) {d['successes']}/{d['needed']}", transient=not d["ok"])
@@ -213,11 +217,36 @@ def _swap_cmd(ctx: Ctx, cmd: str, args: dict[str, Any], as_json: bool, local: bo
                   "the old version keeps serving and the exit code is 4.")
 @click.argument("service")
 @click.option("--version", "version", required=True, help="The version to serve.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (the batches) and change nothing.")
 @json_option
 @local_option
 @click.pass_obj
-def swap(ctx: Ctx, service: str, version: str, as_json: bool, local: bool) -> None:
+def swap(ctx: Ctx, service: str, version: str, dry_run: bool, as_json: bool,
+         local: bool) -> None:
+    if dry_run:
+        reply = dispatch(ctx, "swap", {"service": service, "version": version,
+                                       "dry_run": True}, local)
+        _finish(reply, as_json, _render_plan)
+        return
     _swap_cmd(ctx, "swap", {"service": service, "version": version}, as_json, local)
+
+
+def _render_plan(p: dict[str, Any], _code: int) -> None:
+    if not p["batches"]:
+        click.echo(f"{p['service']}: {p['to_version']} is already serving; nothing to do")
+        return
+    click.echo(f"{p['service']}: {p['from_version'] or '(nothing)'} -> {p['to_version']}, "
+               f"{p['replicas']} replica(s), max_surge {p['max_surge']}, max_unavailable "
+               f"{p['max_unavailable']}")
+    for i, b in enumerate(p["batches"], 1):
+        steps = []
+        if b["stop_first"]:
+            steps.append(f"drain {b['stop_first']} old")
+        if b["start"]:
+            steps.append(f"start {b['start']} new and wait until ready")
+        if b["drain"]:
+            steps.append(f"drain {b['drain']} old")
+        click.echo(f"  batch {i}: " + ", then ".join(steps))
 
 
 @cli.command(help="Swap SERVICE back to the version that served before the last swap.")
@@ -245,7 +274,7 @@ def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
         for i, inst in enumerate(insts):
             table.add_row(
                 row["service"] if i == 0 else "", (row["serving"] or "-") if i == 0 else "",
-                inst["version"] if inst else "-",
+                inst["instance"] if inst else "-",
                 f"{inst['active']} ({inst['sub']}), {inst['enabled']}" if inst else "-",
                 str(inst["connections"]) if inst else "-",
                 _fmt_time(inst["since"]) if inst else "-",

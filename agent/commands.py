@@ -54,6 +54,8 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
         return Exit.OK, deploy.status(paths, args.get("service"))
     if cmd == "history":
         return Exit.OK, history(paths, args.get("service"), args.get("limit", HISTORY_DEFAULT))
+    if cmd == "swap" and args.get("dry_run"):
+        return Exit.OK, deploy.plan(paths, args["service"], args["version"])
     if cmd == "swap":
         return Exit.OK, deploy.swap(paths, args["service"], args["version"], emit).to_dict()
     if cmd == "rollback":

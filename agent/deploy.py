@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tcpstats, units
+from . import rollout, tcpstats, units
 from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
                      ServiceConfig, check_version, load_agent_config, load_all, load_service)
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import free_port, probe, probe_exec
 from .state import ServiceState, StateStore
-from .swap import Emit, InstanceStatus, Swap, SwapResult, SystemClock
+from .swap import (Emit, InstanceStatus, Swap, SwapResult, SystemClock, instance_ids,
+                   plan_batches)
 from .sysctl import DEFAULTS, Change, Sysctl
 from .systemd import Systemd, journal_tail
 
@@ -286,6 +287,24 @@ def recover(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceSt
     result = _runner(svc, sd, store, state, emit).recover(intent)
     _finish(store, state, result)
     return result
+
+
+def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
+    """What a swap would do, changing nothing (swap --dry-run)."""
+    svc = load_service(paths.config_dir, name)
+    preflight(svc, version)
+    state = StateStore(paths.state_dir).load(name)
+    with Systemd() as sd:
+        old = serving_version(svc, sd, state, exclude=version)
+        olds = instances_of(svc, sd).get(old, []) if old else []
+    batches = plan_batches(svc, olds) if old != version else []
+    return {"service": name, "from_version": old, "to_version": version,
+            "replicas": svc.replicas, "max_surge": svc.max_surge,
+            "max_unavailable": svc.max_unavailable, "old_instances": olds,
+            "new_instances": instance_ids(version, svc.replicas) if batches else [],
+            "plan": rollout.describe(batches),
+            "batches": [{"stop_first": b.stop_first, "start": b.start, "drain": b.drain}
+                        for b in batches]}
 
 
 def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> SwapResult:

@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[bool, frozenset[str], frozenset[str]]] = {
     "status": (False, frozenset({"service"}), frozenset()),
     "history": (False, frozenset({"service", "limit"}), frozenset()),
     "sysctl-check": (False, frozenset(), frozenset()),
-    "swap": (True, frozenset({"service", "version"}), frozenset({"service", "version"})),
+    "swap": (True, frozenset({"service", "version", "dry_run"}),
+             frozenset({"service", "version"})),
     "rollback": (True, frozenset({"service"}), frozenset({"service"})),
     "sysctl-apply": (True, frozenset(), frozenset()),
     "sysctl-restore": (True, frozenset(), frozenset()),
@@ -84,6 +85,8 @@ def decode_request(line: bytes) -> Request:
             check_version(args["version"])
     except ConfigError as e:
         raise ProtocolError(str(e)) from None
+    if "dry_run" in args and not isinstance(args["dry_run"], bool):
+        raise ProtocolError("swap: dry_run must be true or false")
     if "limit" in args and (not isinstance(args["limit"], int) or isinstance(args["limit"], bool)
                             or not 1 <= args["limit"] <= 1000):
         raise ProtocolError("history: limit must be an integer 1..1000")

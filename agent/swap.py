@@ -180,6 +180,12 @@ class SwapResult:
 # ---------------------------------------------------------------------- swap
 
 
+def plan_batches(svc: ServiceConfig, olds: list[str]) -> list[Batch]:
+    if not olds:  # first deploy: start them all
+        return [Batch(0, svc.replicas, 0)]
+    return rollout.plan(svc.replicas, svc.max_surge, svc.max_unavailable)
+
+
 def instance_ids(version: str, replicas: int) -> list[str]:
     """The instances of a version: VERSION alone, or VERSION-1..VERSION-N."""
     return [version] if replicas == 1 else [f"{version}-{i}" for i in range(1, replicas + 1)]
@@ -201,10 +207,7 @@ class Swap:
         self._emit(kind, data)
 
     def plan(self, olds: list[str]) -> list[Batch]:
-        n = self.svc.replicas
-        if not olds:  # first deploy: start them all
-            return [Batch(0, n, 0)]
-        return rollout.plan(n, self.svc.max_surge, self.svc.max_unavailable)
+        return plan_batches(self.svc, olds)
 
     def run(self, old: str | None, new: str) -> SwapResult:
         res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
@@ -387,6 +390,10 @@ class Swap:
         res.journal = self.ops.journal((ctx.failed or ctx.started or ctx.news)[0])
         self._discard(ctx.started or ctx.news[:1])
         self._restore(ctx.old, ctx.drained)
+        if ctx.old is not None and ctx.drained:
+            verdict, why = self._gate(res, ctx.drained)
+            if verdict != "ready":
+                reason += f"; restoring {ctx.old} also failed: {why}"
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
         self._hook(res, "on_rollback", res.from_version, ctx.new)
         res.result = "rolled_back"

@@ -226,7 +226,13 @@ def main() -> int:
     ap.add_argument("--listen", help="host:port to bind when not socket-activated")
     ap.add_argument("--fail-at-start", action="store_true", help="exit 1 at once")
     ap.add_argument("--never-ready", action="store_true", help="never report ready")
+    ap.add_argument("--fail-instance", metavar="INSTANCE",
+                    help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()
+    if args.fail_instance and os.environ.get("ZDD_INSTANCE") == args.fail_instance:
+        print(f"demo api {args.version}: instance {args.fail_instance} failing at start as "
+              "asked", file=sys.stderr)
+        return 1
     if args.fail_at_start:
         print(f"demo api {args.version}: failing at start as asked", file=sys.stderr)
         return 1

@@ -346,3 +346,40 @@ def test_doctor_on_a_live_service(host: DemoHost) -> None:
     assert bad["pid1-wrapper"]["level"] == "fail" and "exec" in bad["pid1-wrapper"]["fix"]
     human = host.zdd("doctor")
     assert human.returncode == 8 and "symptom:" in human.stdout and "fix:" in human.stdout
+
+
+def test_four_replicas_roll_with_surge_under_load_and_a_failing_batch_rolls_back(
+        host: DemoHost) -> None:
+    cfg = host.configure()
+    cfg.write_text(cfg.read_text() + "replicas: 4\nstrategy:\n  max_surge: 25%\n"
+                                     "  max_unavailable: 0\n")
+    host.release("v3", "--fail-instance", "v3-2")
+    code, r = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0 and r["plan"] == "+4", r
+
+    def serving() -> list[str]:
+        _code, st = host.zdd_json("status", "demo")
+        return sorted(i["instance"] for i in st[0]["instances"] if i["active"] == "active")
+
+    assert serving() == ["v1-1", "v1-2", "v1-3", "v1-4"]
+    code, plan = host.zdd_json("swap", "demo", "--version", "v2", "--dry-run")
+    assert code == 0 and plan["plan"] == "+1 -1, +1 -1, +1 -1, +1 -1"
+    assert plan["old_instances"] == ["v1-1", "v1-2", "v1-3", "v1-4"]
+    assert serving() == ["v1-1", "v1-2", "v1-3", "v1-4"]  # a dry run changes nothing
+    keep = host.load(clients=32, seconds=90)
+    fresh = host.load(clients=32, seconds=90, keepalive=False)
+    try:
+        results = swap_many(host, ["v2", "v1"], pause=1.0)
+        time.sleep(0.5)
+        code, failed = host.zdd_json("swap", "demo", "--version", "v3")
+        time.sleep(0.5)
+    finally:
+        k, f = keep.stop(), fresh.stop()
+    print(f"4 replicas, 2 rolling swaps + 1 rolled back: {k.requests} + {f.requests} requests, "
+          f"{k.failed} + {f.failed} failed; plans {[r['plan'] for r in results]}")
+    assert [r["result"] for r in results] == ["ok", "ok"], results
+    assert all(r["plan"] == "+1 -1, +1 -1, +1 -1, +1 -1" for r in results)
+    assert code == 4 and "v3-2 exited during start-up" in failed["reason"], failed
+    # v1-1 had been replaced by v3-1 in batch 1; the rollback brought it back
+    assert serving() == ["v1-1", "v1-2", "v1-3", "v1-4"]
+    assert k.failed == 0 and f.failed == 0, (k, f)

@@ -4,6 +4,7 @@ what is allowed; good input comes out typed."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,23 @@ def test_grpc_and_h2c_readiness_keys(tmp_path: Path) -> None:
                          ({"type": "grpc", "url": "127.0.0.1:8080"}, "shared listen port")):
         with pytest.raises(ConfigError, match=words):
             parse_service(Path("x.yaml"), {**base, "ready": ready})
+
+
+def test_replicas_and_strategy(tmp_path: Path) -> None:
+    base = {"name": "x", "command": "/bin/x", "listen": [8080]}
+    svc = parse_service(Path("x.yaml"), {**base, "replicas": 4})
+    assert (svc.replicas, svc.max_surge, svc.max_unavailable) == (4, 1, 0)  # 25%, 0
+    svc = parse_service(Path("x.yaml"), {**base, "replicas": 10, "strategy": {
+        "max_surge": "25%", "max_unavailable": "25%"}})
+    assert (svc.max_surge, svc.max_unavailable) == (3, 2)  # surge up, unavailable down
+    assert parse_service(Path("x.yaml"), base).replicas == 1
+    for extra, words in (({"replicas": 0}, "replicas: 0 is out of range (allowed: 1..64)"),
+                         ({"replicas": 4, "strategy": {"max_surge": 0}},
+                          "both 0 for 4 replicas"),
+                         ({"replicas": 3, "strategy": {"max_surge": "0%",
+                                                       "max_unavailable": "10%"}},
+                          "both 0 for 3 replicas"),
+                         ({"strategy": {"max_surge": "150%"}}, "strategy.max_surge"),
+                         ({"strategy": {"surge": 1}}, "strategy.surge: unknown key")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_service(Path("x.yaml"), {**base, **extra})

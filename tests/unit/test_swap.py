@@ -403,3 +403,97 @@ def test_pre_stop_delay_holds_the_old_one_before_its_signal() -> None:
 def test_kernel_counter_deltas_are_reported() -> None:
     host, res = run_with(lambda h: None, service(), "v1", "v2")
     assert res.tcp == {"EstabResets": 10}  # read once before, once after
+
+
+# -------------------------------------------------------------------- replicas
+
+def replicated(n: int, surge: int, unavailable: int) -> ServiceConfig:
+    return ServiceConfig(name="api", command=("/x",), listen=(Listen(None, 8080),),
+                         ready=Ready(deadline=10.0), drain=Drain(grace_period=5.0),
+                         replicas=n, max_surge=surge, max_unavailable=unavailable)
+
+
+def rolling(n: int, surge: int, unavailable: int, broken: str | None = None
+            ) -> tuple[FakeHost, object, list[tuple[str, dict]]]:
+    olds = [f"v1-{i}" for i in range(1, n + 1)]
+    news = [f"v2-{i}" for i in range(1, n + 1)]
+    scripts = {x: Script(drain_seconds=0.3) for x in olds + news}
+    if broken:
+        scripts[broken] = Script(ready_after=None, exits_after=0.2)
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, scripts, running=tuple(olds))
+    events: list[tuple[str, dict]] = []
+    try:
+        res: object = Swap(replicated(n, surge, unavailable), host, clock,
+                           lambda k, d: events.append((k, d))).run("v1", "v2")
+    except SwapFailed as e:
+        res = e
+    return host, res, events
+
+
+def running_over_time(host: FakeHost, n: int) -> list[int]:
+    """How many instances run after each start/stop call, replayed from the log."""
+    up = {f"v1-{i}" for i in range(1, n + 1)}
+    counts = []
+    for what, x in host.calls:
+        if what == "start":
+            up.add(x)
+        elif what == "stop":
+            up.discard(x)
+        else:
+            continue
+        counts.append(len(up))
+    return counts
+
+
+def test_four_replicas_surge_one_never_exceed_five_or_drop_below_four() -> None:
+    host, res, events = rolling(4, 1, 0)
+    assert res.result == "ok" and res.plan == "+1 -1, +1 -1, +1 -1, +1 -1"
+    counts = running_over_time(host, 4)
+    assert max(counts) == 5 and min(counts) == 4
+    starts = [x for what, x in host.calls if what == "start"]
+    assert starts == ["v2-1", "v2-2", "v2-3", "v2-4"]
+    # each old one is stopped only after a new one was enabled
+    for i in range(1, 5):
+        assert host.calls.index(("enable", f"v2-{i}")) < host.calls.index(("stop", f"v1-{i}"))
+    assert res.drain.connections_at_start == 4 * 3  # each old held 3
+    assert events[0] == ("plan", {"plan": "+1 -1, +1 -1, +1 -1, +1 -1", "replicas": 4,
+                                  "batches": 4})
+
+
+def test_max_unavailable_replaces_in_place() -> None:
+    host, res, _ = rolling(4, 0, 2)
+    assert res.result == "ok"
+    counts = running_over_time(host, 4)
+    assert max(counts) == 4 and min(counts) == 2
+
+
+def test_failing_batch_rolls_the_whole_service_back() -> None:
+    host, res, events = rolling(4, 1, 0, broken="v2-2")
+    assert isinstance(res, SwapFailed)
+    r = res.details["result"]
+    assert r.result == "rolled_back" and "v2-2 exited during start-up" in r.reason
+    # batch 1 had replaced v1-1; the rollback stops v2-1 and v2-2 and brings v1-1 back
+    tail = host.calls[host.calls.index(("stop", "v2-1")):]
+    assert ("stop", "v2-2") in tail
+    assert tail[-3:] == [("prepare", "v1-1"), ("start", "v1-1"), ("enable", "v1-1")]
+    assert not any(what == "stop" and x in ("v1-2", "v1-3", "v1-4") for what, x in host.calls)
+
+
+def test_headroom_shortfall_refuses_before_anything_starts() -> None:
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, {"v1-1": Script(), "v1-2": Script(), "v2-1": Script(),
+                                 "v2-2": Script()}, running=("v1-1", "v1-2"))
+    host.shortfall = "not enough memory to start 1 more instance(s)"
+    with pytest.raises(SwapFailed, match="not enough memory") as e:
+        Swap(replicated(2, 1, 0), host, clock).run("v1", "v2")
+    assert e.value.details["result"].result == "aborted"
+    assert not any(what in ("start", "stop") for what, _ in host.calls)
+
+
+def test_first_deploy_of_replicas_starts_them_all() -> None:
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, {f"v1-{i}": Script() for i in (1, 2, 3)})
+    res = Swap(replicated(3, 1, 0), host, clock).run(None, "v1")
+    assert res.result == "ok" and res.plan == "+3"
+    assert [x for what, x in host.calls if what == "enable"] == ["v1-1", "v1-2", "v1-3"]
