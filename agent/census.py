@@ -228,13 +228,6 @@ class Census:
                 found[fd] = int(target[8:-1])
         return found
 
-    @classmethod
-    def socket_inodes(cls, pids: Iterable[int]) -> set[int]:
-        found: set[int] = set()
-        for pid in set(pids):
-            found.update(cls._fd_inodes(pid).values())
-        return found
-
     def _walk(self, pids: frozenset[int]) -> _Holding:
         listeners = self.listener_inodes()
         inodes: set[int] = set()

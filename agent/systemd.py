@@ -206,10 +206,6 @@ class Systemd:
                            [], [pattern.encode()])
         return sorted(_s(u[0]) for u in units)
 
-    def unit_files(self, pattern: str) -> list[str]:
-        files = self._call("cannot list unit files",
-                           self._manager.Manager.ListUnitFilesByPatterns, [], [pattern.encode()])
-        return sorted(os.path.basename(_s(f[0])) for f in files)
 
 
 def journal_tail(unit: str, lines: int = 20) -> list[str]:

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+from agent.demo.load import LoadResult
 from agent.demo.run import CONFIG_DIR, DemoHost, swap_many
 
 SWAPS = ["v2", "v1", "v2", "v1", "v2"]
@@ -20,16 +21,23 @@ def first_deploy(host: DemoHost, version: str = "v1") -> dict:
     return r
 
 
+def swaps_under_mixed_load(host: DemoHost, versions: list[str], seconds: float = 60,
+                           pause: float = 1.0) -> tuple[list[dict], LoadResult, LoadResult]:
+    """Swap through `versions` under 32 keep-alive and 32 Connection: close clients."""
+    keep = host.load(clients=32, seconds=seconds, keepalive=True)
+    fresh = host.load(clients=32, seconds=seconds, keepalive=False)
+    try:
+        results = swap_many(host, versions, pause=pause)
+        time.sleep(0.5)
+    finally:
+        keep_res, fresh_res = keep.stop(), fresh.stop()
+    return results, keep_res, fresh_res
+
+
 def test_five_swaps_under_load_keepalive_and_not(host: DemoHost) -> None:
     host.configure(ready="notify")
     first_deploy(host)
-    keep = host.load(clients=32, seconds=60, keepalive=True)
-    fresh = host.load(clients=32, seconds=60, keepalive=False)
-    try:
-        results = swap_many(host, SWAPS, pause=1.0)
-        time.sleep(1.0)
-    finally:
-        keep_res, fresh_res = keep.stop(), fresh.stop()
+    results, keep_res, fresh_res = swaps_under_mixed_load(host, SWAPS)
     for r, want in zip(results, SWAPS):
         assert r["exit"] == 0 and r["result"] == "ok", r
         assert r["to_version"] == want
@@ -277,13 +285,7 @@ def test_reuseport_mode_swaps_under_load(host: DemoHost) -> None:
     assert host.sb.run(["cat", "/proc/sys/net/ipv4/tcp_migrate_req"],
                        capture=True).stdout.strip() == "1"
     assert not host.sb.path("/etc/systemd/system/zdd-demo.socket").exists()
-    keep = host.load(clients=32, seconds=60)
-    fresh = host.load(clients=32, seconds=60, keepalive=False)
-    try:
-        results = swap_many(host, SWAPS, pause=1.0)
-        time.sleep(0.5)
-    finally:
-        k, f = keep.stop(), fresh.stop()
+    results, k, f = swaps_under_mixed_load(host, SWAPS)
     print(f"reuseport, 5 swaps: {k.requests} + {f.requests} requests, "
           f"{k.failed} + {f.failed} failed")
     assert [r["result"] for r in results] == ["ok"] * len(SWAPS), results
