@@ -447,14 +447,18 @@ class Swap:
                 if not d.killed_at_grace:
                     d.held = []
                 break
-            last = self.ops.connections(pids)
+            now_count = self.ops.connections(pids)
+            # Past the grace period systemd is killing them: what falls now was
+            # cut, so the count at the last poll before it is what the kill cut.
+            if elapsed < grace:
+                last = now_count
             held: list[str] | None = None
-            if 0 < last <= LIST_BELOW and elapsed - listed_at >= 1.0:
+            if 0 < last <= LIST_BELOW and elapsed - listed_at >= 1.0 and elapsed < grace:
                 listed_at = elapsed
                 held = d.held = self.ops.peers(pids)
             elif last == 0:
                 d.held = []
-            self.emit("drain", version=label, connections=last, elapsed=elapsed, grace=grace,
+            self.emit("drain", version=label, connections=now_count, elapsed=elapsed, grace=grace,
                       **({"held": held} if held is not None else {}))
             if elapsed > grace + 30:  # systemd should have killed them long ago
                 d.connections_at_end = last

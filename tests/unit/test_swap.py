@@ -497,3 +497,27 @@ def test_first_deploy_of_replicas_starts_them_all() -> None:
     res = Swap(replicated(3, 1, 0), host, clock).run(None, "v1")
     assert res.result == "ok" and res.plan == "+3"
     assert [x for what, x in host.calls if what == "enable"] == ["v1-1", "v1-2", "v1-3"]
+
+
+def test_count_cut_at_grace_is_the_last_one_before_the_kill() -> None:
+    """systemd kills at the grace period but reports the unit stopped a poll
+    later; the census in between sees 0, which must not count as drained."""
+
+    class LaggingHost(FakeHost):
+        def status(self, version: str) -> InstanceStatus:
+            if version in self.stopped and \
+                    self.clock.now - self.stopped[version] < self.grace + 0.5:
+                return InstanceStatus("deactivating", "stop-sigkill", "timeout")
+            return super().status(version)
+
+        def connections(self, pids: list[int]) -> int:
+            if "v1" in self.stopped and self.clock.now - self.stopped["v1"] >= self.grace:
+                return 0  # killed: the kernel closed its sockets
+            return super().connections(pids)
+
+    clock = FakeClock()
+    host = LaggingHost(clock, 3.0, {"v1": Script(drain_connections=[2], drain_seconds=999),
+                                    "v2": Script()}, running=("v1",))
+    res = Swap(service(grace=3.0), host, clock).run("v1", "v2")
+    assert res.drain.killed_at_grace and res.drain.connections_at_end == 2
+    assert res.drain.held == ["peer-0:5000", "peer-1:5000"]
