@@ -87,6 +87,8 @@ class Progress:
             if d["replicas"] > 1:
                 self.line(f"plan: {d['replicas']} replicas in {d['batches']} batch(es): "
                           f"{d['plan']}")
+            if d.get("headroom"):
+                self.line(f"memory: {d['headroom']}")
         elif kind == "probe":
             self.line(f"  readiness check {d['checks']}: {'ok' if d['ok'] else 'not ready'} "
                       f"({d['detail']}) {d['successes']}/{d['needed']}", transient=not d["ok"])
@@ -238,6 +240,8 @@ def _render_plan(p: dict[str, Any], _code: int) -> None:
     click.echo(f"{p['service']}: {p['from_version'] or '(nothing)'} -> {p['to_version']}, "
                f"{p['replicas']} replica(s), max_surge {p['max_surge']}, max_unavailable "
                f"{p['max_unavailable']}")
+    if p.get("headroom"):
+        click.echo(f"  memory: {p['headroom']}")
     for i, b in enumerate(p["batches"], 1):
         steps = []
         if b["stop_first"]:

@@ -20,8 +20,8 @@ from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import free_port, probe, probe_exec
 from .state import ServiceState, StateStore
-from .swap import (Emit, InstanceStatus, Swap, SwapResult, SystemClock, instance_ids,
-                   plan_batches)
+from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fit_plan,
+                   instance_ids, plan_batches)
 from .sysctl import DEFAULTS, Change, Sysctl
 from .systemd import Systemd, journal_tail
 
@@ -131,29 +131,10 @@ class SystemdOps:
     def tcp_counters(self) -> dict[str, int]:
         return tcpstats.read()
 
-    def headroom(self, olds: list[str], surge: int) -> str:
-        """Refuse a surge that would not fit in memory, with the numbers:
-        never let the OOM killer choose."""
-        rss = []
-        for x in olds:
-            total = 0
-            for pid in self.pids(x):
-                try:
-                    total += psutil.Process(pid).memory_info().rss
-                except psutil.Error:
-                    pass
-            rss.append(total)
-        if not rss or surge <= 0:
-            return ""
-        need = int(max(rss) * surge * HEADROOM)
-        available = psutil.virtual_memory().available
-        if need <= available:
-            return ""
-        mib = 1024 * 1024
-        return (f"not enough memory to start {surge} more instance(s) of {self.svc.name}: "
-                f"each old one uses up to {max(rss) // mib} MiB, so {need // mib} MiB "
-                f"with a {HEADROOM:g}x margin are needed and {available // mib} MiB are "
-                "available; lower strategy.max_surge (max_unavailable > 0 replaces in place)")
+    def memory(self, olds: list[str]) -> Memory | None:
+        """The largest old instance's footprint: its cgroup's memory.current
+        when systemd accounts memory, else its processes' RSS."""
+        return instance_memory(self.sd, [self.unit(x) for x in olds])
 
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
         h = self.svc.hook(hook)
@@ -161,6 +142,23 @@ class SystemdOps:
             return None
         r = probe_exec(list(h.command), h.timeout, env)
         return r.ok, r.detail
+
+
+def instance_memory(sd: Systemd, unit_names: list[str]) -> Memory | None:
+    sizes, source = [], "cgroup"
+    for unit in unit_names:
+        size = sd.memory_current(unit)
+        if size is None:
+            source, size = "rss", 0
+            for pid in sd.processes(unit):
+                try:
+                    size += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+        sizes.append(size)
+    if not sizes or not max(sizes):
+        return None
+    return Memory(max(sizes), psutil.virtual_memory().available, source)
 
 
 MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
@@ -212,8 +210,6 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
         sd.enable(units.TARGET)
     return changed
 
-
-HEADROOM = 1.25
 
 
 def instance_version(svc: ServiceConfig, sd: Systemd, instance: str) -> str:
@@ -297,12 +293,22 @@ def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
     with Systemd() as sd:
         old = serving_version(svc, sd, state, exclude=version)
         olds = instances_of(svc, sd).get(old, []) if old else []
-    batches = plan_batches(svc, olds) if old != version else []
+        mem = instance_memory(sd, [units.instance_unit(name, x) for x in olds])
+    headroom = ""
+    if old == version:
+        batches: list[rollout.Batch] = []
+    elif olds and mem is not None:
+        try:
+            batches, headroom = fit_plan(svc, len(olds), mem)
+        except ValueError as e:
+            raise SwapFailed(str(e)) from None
+    else:
+        batches = plan_batches(svc, olds)
     return {"service": name, "from_version": old, "to_version": version,
             "replicas": svc.replicas, "max_surge": svc.max_surge,
             "max_unavailable": svc.max_unavailable, "old_instances": olds,
             "new_instances": instance_ids(version, svc.replicas) if batches else [],
-            "plan": rollout.describe(batches),
+            "plan": rollout.describe(batches), "headroom": headroom,
             "batches": [{"stop_first": b.stop_first, "start": b.start, "drain": b.drain}
                         for b in batches]}
 

@@ -17,13 +17,13 @@ from . import deploy, units
 from .config import ServiceConfig, load_all
 from .errors import ZddError
 from .state import StateStore
+from .swap import Memory, fit_plan
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 SHELLS = {"sh", "bash", "dash", "zsh", "ash", "ksh"}
 WRAPPERS = {"tini", "dumb-init", "catatonit"}
 MIN_SYSTEMD = 243  # TimeoutAbortSec= in the agent's unit
 MIN_NOFILE = 4096
-HEADROOM = 1.25  # a swap runs two copies: the new one's RSS, with a margin
 
 
 @dataclass(frozen=True)
@@ -170,25 +170,31 @@ def process_findings(svc: ServiceConfig, pid: int) -> list[Finding]:
     return out
 
 
-def memory_findings(svc: ServiceConfig, pids: list[int]) -> list[Finding]:
-    rss = 0
-    for pid in pids:
-        try:
-            rss += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            continue
-    available = psutil.virtual_memory().available
+def memory_findings(svc: ServiceConfig, olds: int, mem: Memory | None) -> list[Finding]:
+    """What the swap's own headroom check (swap.fit_plan) would decide now."""
+    if mem is None:
+        return [Finding("warn", "memory", svc.name,
+                        cause="the serving instances' memory cannot be measured (no cgroup "
+                              "accounting, no processes): a swap will not check headroom")]
     mib = 1024 * 1024
-    if rss and available < rss * HEADROOM:
+    try:
+        _batches, narrowed = fit_plan(svc, olds, mem)
+    except ValueError as e:
         return [Finding(
             "fail", "memory", svc.name,
-            symptom="the OOM killer picks a process during a swap",
-            cause=f"a swap runs a second copy ({rss // mib} MiB now) and only "
-                  f"{available // mib} MiB are available",
-            verify="grep MemAvailable /proc/meminfo",
-            fix="free memory, or lower the service's footprint before swapping")]
+            symptom="a swap is refused (or, without the check, the OOM killer picks a process)",
+            cause=str(e), verify="grep MemAvailable /proc/meminfo",
+            fix="free memory, or set strategy.max_unavailable so instances are replaced in "
+                "place")]
+    if narrowed:
+        return [Finding(
+            "warn", "memory", svc.name, symptom="a swap runs with a smaller surge than "
+                                                 "configured (slower rollout)",
+            cause=narrowed, verify="grep MemAvailable /proc/meminfo",
+            fix="free memory, or lower strategy.max_surge to what fits")]
     return [Finding("ok", "memory", svc.name,
-                    cause=f"{rss // mib} MiB per copy, {available // mib} MiB available")]
+                    cause=f"{mem.per_instance // mib} MiB per instance ({mem.source}), "
+                          f"{mem.available // mib} MiB available")]
 
 
 def run(paths: deploy.Paths) -> list[Finding]:
@@ -214,11 +220,13 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
     if serving is None:
         return [Finding("ok", "serving", svc.name, cause="nothing serves yet: nothing to check "
                                                         "on a live process")]
-    unit = units.instance_unit(svc.name, serving)
+    olds = deploy.instances_of(svc, sd).get(serving, [serving])
+    unit = units.instance_unit(svc.name, olds[0])
     pid = sd.state(unit).main_pid
     if not pid:
         return [Finding("warn", "serving", svc.name, cause=f"{unit} has no main process")]
-    return process_findings(svc, pid) + memory_findings(svc, sd.processes(unit))
+    mem = deploy.instance_memory(sd, [units.instance_unit(svc.name, x) for x in olds])
+    return process_findings(svc, pid) + memory_findings(svc, len(olds), mem)
 
 
 def summary(findings: list[Finding]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from . import rollout
 from .config import Ready, ServiceConfig
@@ -60,7 +60,53 @@ class InstanceOps(Protocol):
     def journal(self, version: str) -> list[str]: ...
     def tcp_counters(self) -> dict[str, int]: ...  # the kernel's, in the service's netns
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None: ...
-    def headroom(self, olds: list[str], surge: int) -> str: ...  # "" or why it won't fit
+    def memory(self, olds: list[str]) -> Memory | None: ...  # None: not measurable
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The largest old instance's footprint and what the host has left."""
+
+    per_instance: int  # bytes
+    available: int  # bytes
+    source: str  # "cgroup" (the unit's memory.current) or "rss" (its processes')
+
+
+HEADROOM = 1.25  # margin over an old instance's footprint for each new one
+
+
+def peak_extra(batches: list[Batch], olds: int) -> int:
+    """How many instances beyond the old ones run at the plan's peak."""
+    old, new, peak = olds, 0, olds
+    for b in batches:
+        old -= b.stop_first
+        new += b.start
+        peak = max(peak, old + new)
+        old -= b.drain
+    return peak - olds
+
+
+def fit_plan(svc: ServiceConfig, olds: int, mem: Memory) -> tuple[list[Batch], str]:
+    """The rollout that fits in memory: the configured one, or a smaller surge,
+    or in place (surge 0) where max_unavailable allows it. ValueError, with
+    the numbers, when nothing fits: never let the OOM killer choose."""
+    batches = rollout.plan(svc.replicas, svc.max_surge, svc.max_unavailable)
+    need_each = int(mem.per_instance * HEADROOM)
+    extra = peak_extra(batches, olds)
+    if extra == 0 or need_each * extra <= mem.available:
+        return batches, ""
+    mib = 1024 * 1024
+    numbers = (f"each old instance uses up to {mem.per_instance // mib} MiB ({mem.source}), "
+               f"so {extra} more need {need_each * extra // mib} MiB with a {HEADROOM:g}x "
+               f"margin and {mem.available // mib} MiB are available")
+    fits = mem.available // need_each if need_each else extra
+    if fits == 0 and svc.max_unavailable == 0:
+        raise ValueError(f"not enough memory to start a new instance of {svc.name}: {numbers}; "
+                         "free memory, or set strategy.max_unavailable to replace in place")
+    surge = min(fits, svc.max_surge)
+    how = f"a surge of {surge}" if surge else "in place (surge 0)"
+    return (rollout.plan(svc.replicas, surge, svc.max_unavailable),
+            f"{numbers}: replacing with {how}")
 
 
 class Clock(Protocol):
@@ -168,6 +214,7 @@ class SwapResult:
     tcp: dict[str, int] = field(default_factory=dict)  # kernel counter deltas over the swap
     plan: str = ""  # the batches, e.g. "+1 -1, +1 -1"
     hooks: dict[str, str] = field(default_factory=dict)  # hook -> outcome
+    headroom: str = ""  # why the plan was narrowed to fit in memory, if it was
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -206,8 +253,14 @@ class Swap:
     def emit(self, kind: str, **data: Any) -> None:
         self._emit(kind, data)
 
-    def plan(self, olds: list[str]) -> list[Batch]:
-        return plan_batches(self.svc, olds)
+    def plan(self, olds: list[str]) -> tuple[list[Batch], str]:
+        """The batches, narrowed to what fits in memory, and why if they were."""
+        if not olds:
+            return plan_batches(self.svc, olds), ""
+        mem = self.ops.memory(olds)
+        if mem is None:
+            return plan_batches(self.svc, olds), ""
+        return fit_plan(self.svc, len(olds), mem)
 
     def run(self, old: str | None, new: str) -> SwapResult:
         res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
@@ -219,16 +272,17 @@ class Swap:
             return res
         olds = self.ops.instances(old) if old is not None else []
         news = instance_ids(new, self.svc.replicas)
-        batches = self.plan(olds)
+        try:
+            batches, res.headroom = self.plan(olds)
+        except ValueError as e:
+            self._abort(res, t0, str(e))
         res.plan = rollout.describe(batches)
-        self.emit("plan", plan=res.plan, replicas=self.svc.replicas, batches=len(batches))
+        self.emit("plan", plan=res.plan, replicas=self.svc.replicas, batches=len(batches),
+                  headroom=res.headroom)
         before = self.ops.tcp_counters()
         if not self._hook(res, "pre_swap", old, new):
             self._abort(res, t0, f"pre_swap hook failed: {res.hooks['pre_swap']}; nothing "
                                  "was started")
-        shortfall = self.ops.headroom(olds, max(b.start for b in batches))
-        if shortfall:
-            self._abort(res, t0, shortfall)
         ctx = _Rollout(old, new, olds, news)
         try:
             for i, batch in enumerate(batches):
@@ -267,7 +321,7 @@ class Swap:
         self._intent(ctx.old, ctx.new, phase, {"final": ctx.final, "olds": ctx.olds,
                                                "news": ctx.news})
 
-    def _abort(self, res: SwapResult, t0: float, reason: str) -> None:
+    def _abort(self, res: SwapResult, t0: float, reason: str) -> NoReturn:
         res.result, res.reason = "aborted", reason
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result=res.result, reason=res.reason)

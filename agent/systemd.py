@@ -193,6 +193,15 @@ class Systemd:
             return []
         return sorted({int(pid) for _cg, pid, _cmd in procs})
 
+    def memory_current(self, unit: str) -> int | None:
+        """The unit's cgroup memory (page cache included, as the OOM killer
+        counts it); None without memory accounting."""
+        try:
+            value = int(self._unit(unit).Service.MemoryCurrent)
+        except Exception:
+            return None
+        return None if value >= 2**64 - 1 else value
+
     def version(self) -> int | None:
         """systemd's major version ("252.38-1~deb12u1" -> 252)."""
         import re

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent import doctor
 from agent.config import Drain, Listen, ServiceConfig
+from agent.swap import Memory
 
 
 def svc(sig: str = "SIGTERM", socket: str = "inherit") -> ServiceConfig:
@@ -69,8 +71,19 @@ def test_process_findings(procs: dict[str, subprocess.Popen[bytes]]) -> None:
 def test_open_files_and_memory(procs: dict[str, subprocess.Popen[bytes]]) -> None:
     limit = doctor.open_files_limit(procs["caught"].pid)
     assert limit is None or limit > 0
-    mem = doctor.memory_findings(svc(), [procs["caught"].pid])
-    assert mem[0].level == "ok" and "MiB per copy" in mem[0].cause
+
+def test_memory_finding_is_the_swaps_own_headroom_decision() -> None:
+    mib = 1024 * 1024
+    one = svc()  # 1 replica, max_surge 1, max_unavailable 0
+    ok = doctor.memory_findings(one, 1, Memory(100 * mib, 1000 * mib, "cgroup"))
+    assert ok[0].level == "ok" and "100 MiB per instance (cgroup)" in ok[0].cause
+    short = doctor.memory_findings(one, 1, Memory(100 * mib, 100 * mib, "rss"))
+    assert short[0].level == "fail" and "100 MiB are available" in short[0].cause
+    assert short[0].fix and short[0].verify
+    four = replace(one, replicas=4, max_surge=2)
+    narrowed = doctor.memory_findings(four, 4, Memory(100 * mib, 130 * mib, "cgroup"))
+    assert narrowed[0].level == "warn" and "surge of 1" in narrowed[0].cause
+    assert doctor.memory_findings(one, 1, None)[0].level == "warn"
 
 
 def test_kernel_findings_depend_on_reuseport() -> None:

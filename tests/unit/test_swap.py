@@ -11,7 +11,9 @@ import pytest
 
 from agent.config import Drain, Listen, Ready, ServiceConfig
 from agent.errors import SwapFailed
-from agent.swap import InstanceStatus, ReadinessGate, Swap
+from agent.swap import (HEADROOM, InstanceStatus, Memory, ReadinessGate, Swap, fit_plan,
+                        peak_extra)
+from agent.rollout import Batch, describe, plan
 
 
 class FakeClock:
@@ -51,7 +53,7 @@ class FakeHost:
         self.probes: list[float] = []
         self.counter_reads = 0
         self.hooks: dict[str, bool] = {}
-        self.shortfall = ""
+        self.mem: Memory | None = None
 
     def _log(self, what: str, version: str) -> None:
         self.calls.append((what, version))
@@ -125,8 +127,8 @@ class FakeHost:
         self.counter_reads += 1
         return {"EstabResets": 10 * self.counter_reads}
 
-    def headroom(self, olds: list[str], surge: int) -> str:
-        return self.shortfall
+    def memory(self, olds: list[str]) -> Memory | None:
+        return self.mem
 
     def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
         if hook not in self.hooks:
@@ -458,7 +460,7 @@ def test_four_replicas_surge_one_never_exceed_five_or_drop_below_four() -> None:
         assert host.calls.index(("enable", f"v2-{i}")) < host.calls.index(("stop", f"v1-{i}"))
     assert res.drain.connections_at_start == 4 * 3  # each old held 3
     assert events[0] == ("plan", {"plan": "+1 -1, +1 -1, +1 -1, +1 -1", "replicas": 4,
-                                  "batches": 4})
+                                  "batches": 4, "headroom": ""})
 
 
 def test_max_unavailable_replaces_in_place() -> None:
@@ -480,15 +482,69 @@ def test_failing_batch_rolls_the_whole_service_back() -> None:
     assert not any(what == "stop" and x in ("v1-2", "v1-3", "v1-4") for what, x in host.calls)
 
 
+MIB = 1024 * 1024
+
+
+def mem(per_mib: int, fits: float) -> Memory:
+    """Memory where `fits` new instances (with the margin) fit."""
+    return Memory(per_mib * MIB, int(per_mib * MIB * HEADROOM * fits), "cgroup")
+
+
 def test_headroom_shortfall_refuses_before_anything_starts() -> None:
     clock = FakeClock()
     host = FakeHost(clock, 5.0, {"v1-1": Script(), "v1-2": Script(), "v2-1": Script(),
                                  "v2-2": Script()}, running=("v1-1", "v1-2"))
-    host.shortfall = "not enough memory to start 1 more instance(s)"
+    host.mem = mem(300, 0.5)  # not even one new instance fits; max_unavailable 0
     with pytest.raises(SwapFailed, match="not enough memory") as e:
         Swap(replicated(2, 1, 0), host, clock).run("v1", "v2")
-    assert e.value.details["result"].result == "aborted"
+    res = e.value.details["result"]
+    assert res.result == "aborted"
+    assert "300 MiB (cgroup)" in res.reason and "max_unavailable" in res.reason
     assert not any(what in ("start", "stop") for what, _ in host.calls)
+
+
+def test_headroom_narrows_the_surge_to_what_fits() -> None:
+    olds = [f"v1-{i}" for i in range(1, 5)]
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, {x: Script() for x in olds + [f"v2-{i}" for i in range(1, 5)]},
+                    running=tuple(olds))
+    host.mem = mem(100, 1.5)  # room for one new instance, the config allows two at once
+    res = Swap(replicated(4, 2, 0), host, clock).run("v1", "v2")
+    assert res.result == "ok" and res.plan == "+1 -1, +1 -1, +1 -1, +1 -1"
+    assert "replacing with a surge of 1" in res.headroom
+    running, peak = set(olds), 4
+    for what, x in host.calls:
+        if what == "start":
+            running.add(x)
+        elif what == "stop":
+            running.discard(x)
+        peak = max(peak, len(running))
+    assert peak == 5
+
+
+def test_headroom_replaces_in_place_when_unavailability_allows() -> None:
+    clock = FakeClock()
+    host = FakeHost(clock, 5.0, {"v1-1": Script(), "v1-2": Script(), "v2-1": Script(),
+                                 "v2-2": Script()}, running=("v1-1", "v1-2"))
+    host.mem = mem(100, 0.2)
+    res = Swap(replicated(2, 1, 1), host, clock).run("v1", "v2")
+    assert res.result == "ok" and "in place (surge 0)" in res.headroom
+    assert res.plan == describe(plan(2, 0, 1))
+    running, peak = {"v1-1", "v1-2"}, 2  # never more than the two replicas
+    for what, x in host.calls:
+        if what == "start":
+            running.add(x)
+        elif what == "stop":
+            running.discard(x)
+        peak = max(peak, len(running))
+    assert peak == 2
+
+
+def test_fit_plan_keeps_the_configured_plan_when_it_fits() -> None:
+    svc = replicated(4, 2, 1)
+    batches, note = fit_plan(svc, 4, mem(100, 2))
+    assert note == "" and peak_extra(batches, 4) == 2
+    assert peak_extra([Batch(1, 2, 1), Batch(0, 1, 2)], 3) == 1
 
 
 def test_first_deploy_of_replicas_starts_them_all() -> None:
