@@ -104,12 +104,18 @@ class Census:
         self._held: dict[frozenset[int], _Holding] = {}
 
     @classmethod
-    def for_listen(cls, listen: Iterable[tuple[str | None, int]]) -> Census:
-        """IPv4 listeners accept AF_INET sockets; IPv6 and any-address ones
-        (systemd binds [::] dual-stack) accept AF_INET6 sockets only."""
+    def for_listen(cls, listen: Iterable[tuple[str | None, int]],
+                   own_sockets: bool = False) -> Census:
+        """The socket unit's IPv4 listeners accept AF_INET sockets; IPv6 and
+        any-address ones (systemd binds [::] dual-stack) AF_INET6 sockets
+        only. A program that binds its own listener (socket: reuseport) may
+        use either for an IPv4 address: gRPC, Java, Go and Node bind
+        AF_INET6 and see IPv4 peers as ::ffff:a.b.c.d; both are counted."""
         entries = list(listen)
         fams = {socket.AF_INET if host and ":" not in host else socket.AF_INET6
                 for host, _ in entries}
+        if own_sockets:
+            fams = {socket.AF_INET, socket.AF_INET6}
         return cls({port for _, port in entries}, sorted(fams))
 
     def _dump(self, states: int) -> set[int]:

@@ -70,7 +70,8 @@ class SystemdOps:
 
     def __init__(self, svc: ServiceConfig, sd: Systemd) -> None:
         self.svc, self.sd = svc, sd
-        self.census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen])
+        self.census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
+                                        own_sockets=svc.socket == "reuseport")
         self.ports: dict[str, int | None] = {}
 
     def unit(self, version: str) -> str:
@@ -359,7 +360,8 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 st = store.load(svc.name)
             except StateError as e:  # moved aside; systemd still knows what runs
                 st, warning = ServiceState(svc.name), str(e)
-            census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen])
+            census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
+                                       own_sockets=svc.socket == "reuseport")
             instances: list[dict[str, Any]] = []
             groups: dict[str, list[int]] = {}
             for unit in sd.list_units(f"zdd-{svc.name}@*.service"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -102,3 +103,24 @@ def test_ipv6_family_for_any_address() -> None:
     assert c.families == (socket.AF_INET6,)
     c = Census.for_listen([("127.0.0.1", 8080), ("::1", 8080)])
     assert set(c.families) == {socket.AF_INET, socket.AF_INET6}
+
+
+def test_dual_stack_listener_of_a_program_binding_its_own() -> None:
+    """gRPC, Java, Go and Node bind AF_INET6 sockets and take IPv4 clients
+    as ::ffff:127.0.0.1: their connections are AF_INET6 sockets."""
+    lst = socket.socket(socket.AF_INET6)
+    lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    lst.bind(("::", 0))
+    lst.listen(16)
+    port = lst.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    accepted = [lst.accept()[0] for _ in clients]
+    try:
+        assert accepted[0].family == socket.AF_INET6
+        assert Census.for_listen([("127.0.0.1", port)], own_sockets=True).count(
+            [os.getpid()]) == 3
+        # a socket unit's 127.0.0.1 listener is AF_INET: only that is asked for
+        assert Census.for_listen([("127.0.0.1", port)]).count([os.getpid()]) == 0
+    finally:
+        for s in clients + accepted + [lst]:
+            s.close()
