@@ -12,8 +12,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # pystemd compiles against libsystemd; wrk and curl are the load and probe
-# clients; util-linux has unshare/nsenter; iproute2 has ss (census benchmark).
-packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2
+# clients (node runs the HTTP/2 client: Node's http2); util-linux has unshare/nsenter;
+# iproute2 has ss (census benchmark).
+packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2 nodejs
           util-linux)
 missing=()
 for p in "${packages[@]}"; do

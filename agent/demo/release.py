@@ -1,5 +1,9 @@
-"""Release directories for the demo API, laid out like real deployments:
-ROOT/VERSION/bin/api, an executable that runs agent.demo.api as VERSION."""
+"""Release directories for the demo services, laid out like real deployments:
+ROOT/VERSION/bin/PROGRAM, an executable that runs the program as VERSION.
+
+Programs: api (the HTTP/1.1 demo, agent.demo.api), asgi (HTTP/1.1, h2c and
+WebSocket under hypercorn, agent.demo.asgi_api), grpc (unary and server
+streaming with grpc.health.v1, agent.demo.grpc_api)."""
 
 from __future__ import annotations
 
@@ -8,19 +12,24 @@ from pathlib import Path
 
 from ..config import check_version
 
+PROGRAMS = {"api": "agent.demo.api", "asgi": "agent.demo.asgi_api",
+            "grpc": "agent.demo.grpc_api"}
+
 _SCRIPT = """#!{python}
 # zdd-agent demo release {version}
 import sys
-from agent.demo.api import main
+from {module} import main
 sys.argv = [sys.argv[0], "--version", {version!r}, *{flags!r}, *sys.argv[1:]]
 sys.exit(main())
 """
 
 
-def make_release(root: Path, version: str, flags: tuple[str, ...] = ()) -> Path:
+def make_release(root: Path, version: str, flags: tuple[str, ...] = (),
+                 program: str = "api") -> Path:
     check_version(version)
-    exe = root / version / "bin" / "api"
+    exe = root / version / "bin" / program
     exe.parent.mkdir(parents=True, exist_ok=True)
-    exe.write_text(_SCRIPT.format(python=sys.executable, version=version, flags=list(flags)))
+    exe.write_text(_SCRIPT.format(python=sys.executable, version=version, flags=list(flags),
+                                  module=PROGRAMS[program]))
     exe.chmod(0o755)
     return exe

@@ -54,8 +54,8 @@ class DemoHost:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def release(self, version: str, *flags: str) -> None:
-        make_release(self.sb.path(RELEASES), version, tuple(flags))
+    def release(self, version: str, *flags: str, program: str = "api") -> None:
+        make_release(self.sb.path(RELEASES), version, tuple(flags), program)
 
     def configure(self, name: str = "demo", port: int = PORT, ready: str = "notify",
                   deadline: str = "20s", grace: str = "10s", text: str | None = None) -> Path:

@@ -1,0 +1,162 @@
+"""WebSocket load against the demo ASGI service (agent.demo.asgi_api), to
+count what a swap does to WebSocket clients.
+
+- echo clients: each sends a message on /ws and awaits its echo, in a loop,
+  for the whole run; when the connection closes (cleanly with 1000/1001/1012,
+  or abnormally: 1006, no close frame, e.g. a reset or the old instance's
+  SIGKILL) it reconnects, as a real client would. A message sent but never
+  echoed is lost.
+- hold clients: each connects once to /ws/hold and reads its stream until the
+  end of the run, without reconnecting: the long-lived connections the agent
+  cuts at the grace period. `cut` counts those that ended early.
+
+    python -m agent.demo.ws_load --url ws://127.0.0.1:8080 --clients 16 --hold 3 --seconds 12
+
+prints one JSON object; `run()` returns it for in-process use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+PAUSE = 0.02  # seconds between an echo and the next message
+RETRY = 0.1  # seconds before a new connect after a failed one
+TIMEOUT = 2.0  # seconds for a connect, an echo or a close handshake
+ABNORMAL = 1006  # the close code when no close frame arrived (RFC 6455 7.1.5)
+
+
+@dataclass
+class Stats:
+    sent: int = 0
+    echoed: int = 0
+    lost: int = 0  # sent, then the connection ended or TIMEOUT passed without its echo
+    mismatched: int = 0  # an echo of something else than the message sent
+    connects: int = 0
+    connect_failures: int = 0
+    cut: int = 0  # hold connections that ended before the end of the run
+    messages: int = 0  # hold messages received
+    closes: Counter[int] = field(default_factory=Counter)  # code -> connections ended early
+    versions: Counter[str] = field(default_factory=Counter)  # version -> replies
+
+    def to_dict(self, clients: int, hold: bool) -> dict[str, Any]:
+        d: dict[str, Any] = {"clients": clients, "connects": self.connects,
+                             "connect_failures": self.connect_failures}
+        if hold:
+            d.update(cut=self.cut, survived=self.connects - self.cut, messages=self.messages)
+        else:
+            d.update(sent=self.sent, echoed=self.echoed, lost=self.lost,
+                     mismatched=self.mismatched)
+        d["closes"] = {str(code): n for code, n in sorted(self.closes.items())}
+        d["abnormal_closes"] = self.closes[ABNORMAL]
+        d["versions"] = dict(sorted(self.versions.items()))
+        return d
+
+
+def close_code(exc: ConnectionClosed) -> int:
+    """The code the server closed with; 1006 when no close frame came."""
+    return exc.rcvd.code if exc.rcvd is not None else ABNORMAL
+
+
+async def open_ws(url: str, stats: Stats, deadline: float) -> ClientConnection | None:
+    loop = asyncio.get_running_loop()
+    try:
+        ws = await connect(url, open_timeout=max(0.1, min(TIMEOUT, deadline - loop.time())),
+                           close_timeout=TIMEOUT, ping_interval=None)
+    except (OSError, TimeoutError, WebSocketException):
+        stats.connect_failures += 1
+        return None
+    stats.connects += 1
+    return ws
+
+
+async def echo_client(url: str, n: int, stats: Stats, deadline: float) -> None:
+    """Echo in a loop until the deadline, reconnecting after any close."""
+    loop = asyncio.get_running_loop()
+    seq = 0
+    while loop.time() < deadline:
+        ws = await open_ws(url, stats, deadline)
+        if ws is None:
+            await asyncio.sleep(RETRY)
+            continue
+        try:
+            while loop.time() < deadline:
+                text = f"{n}-{seq}"
+                seq += 1
+                await ws.send(text)
+                stats.sent += 1
+                try:
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                except BaseException:
+                    stats.lost += 1
+                    raise
+                stats.echoed += 1
+                stats.versions[str(reply.get("version"))] += 1
+                if reply.get("echo") != text:
+                    stats.mismatched += 1
+                await asyncio.sleep(PAUSE)
+        except ConnectionClosed as exc:
+            stats.closes[close_code(exc)] += 1
+        except TimeoutError:
+            pass  # counted as lost; try a new connection
+        finally:
+            await ws.close()
+
+
+async def hold_client(url: str, stats: Stats, deadline: float) -> None:
+    """Read the stream until the deadline; one connection, no reconnect."""
+    loop = asyncio.get_running_loop()
+    ws = await open_ws(url, stats, deadline)
+    if ws is None:
+        return
+    try:
+        while (left := deadline - loop.time()) > 0:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), left))
+            stats.messages += 1
+            stats.versions[str(reply.get("version"))] += 1
+    except TimeoutError:
+        pass  # the deadline passed while waiting: the connection lasted
+    except ConnectionClosed as exc:
+        stats.cut += 1
+        stats.closes[close_code(exc)] += 1
+    finally:
+        await ws.close()
+
+
+async def run_async(url: str, clients: int, hold: int, seconds: float) -> dict[str, Any]:
+    base = url.rstrip("/")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    echo, held = Stats(), Stats()
+    await asyncio.gather(*[echo_client(base + "/ws", n, echo, deadline) for n in range(clients)],
+                         *[hold_client(base + "/ws/hold", held, deadline) for _ in range(hold)])
+    return {"url": base, "seconds": seconds, "echo": echo.to_dict(clients, hold=False),
+            "hold": held.to_dict(hold, hold=True)}
+
+
+def run(url: str, clients: int, hold: int, seconds: float) -> dict[str, Any]:
+    """Run the load for `seconds` (plus at most a few TIMEOUTs) and return its counts."""
+    return asyncio.run(run_async(url, clients, hold, seconds))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="WebSocket load for the demo ASGI service")
+    ap.add_argument("--url", required=True, help="ws://host:port of the service")
+    ap.add_argument("--clients", type=int, default=16, help="echo clients on /ws")
+    ap.add_argument("--hold", type=int, default=0, help="long-lived clients on /ws/hold")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    print(json.dumps(run(args.url, args.clients, args.hold, args.seconds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
