@@ -54,8 +54,8 @@ drain:
 
 
 def client(host: DemoHost, module: str, *args: str) -> subprocess.Popen[str]:
-    """A load client (a module of agent.demo) in the sandbox's network namespace."""
-    return host.sb.popen([sys.executable, "-m", f"agent.demo.{module}", *args], net_only=True,
+    """A load client (a module of agent.traffic) in the sandbox's network namespace."""
+    return host.sb.popen([sys.executable, "-m", f"agent.traffic.{module}", *args], net_only=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -79,9 +79,9 @@ def test_http2_http1_and_websockets_across_swaps(host: DemoHost) -> None:
     code, first = host.zdd_json("swap", "web", "--version", "v1")
     assert code == 0, (first["reason"], first["journal"])
     seconds = 30
-    h2 = client(host, "h2_load", "--url", "http://127.0.0.1:8080/", "--connections", "8",
-                "--streams", "4", "--seconds", str(seconds))
-    ws = client(host, "ws_load", "--url", "ws://127.0.0.1:8080", "--clients", "8",
+    h2 = client(host, "http_client", "--url", "http://127.0.0.1:8080/", "--protocol", "h2",
+                "--connections", "8", "--streams", "4", "--seconds", str(seconds))
+    ws = client(host, "ws_client", "--url", "ws://127.0.0.1:8080", "--clients", "8",
                 "--hold", "3", "--seconds", str(seconds))
     wrk = host.load(16, seconds)
     time.sleep(1.5)
@@ -117,7 +117,7 @@ def test_grpc_unary_and_streams_across_swaps_in_reuseport_mode(host: DemoHost) -
     code, first = host.zdd_json("swap", "rpc", "--version", "v1")
     assert code == 0, (first["reason"], first["journal"])
     seconds = 40
-    load = client(host, "grpc_load", "--target", "127.0.0.1:9090", "--clients", "8",
+    load = client(host, "grpc_client", "--target", "127.0.0.1:9090", "--clients", "8",
                   "--streams", "4", "--hold", "2", "--seconds", str(seconds))
     time.sleep(2)
     results = swap_many(host, ["v2", "v1", "v2"], pause=1.5, name="rpc")

@@ -1,5 +1,6 @@
-"""WebSocket load against the demo ASGI service (agent.demo.asgi_api), to
-count what a swap does to WebSocket clients.
+"""WebSocket load against an echo endpoint (the demo ASGI service's /ws,
+agent.demo.asgi_api, or any service's with --path), to count what a swap
+does to WebSocket clients.
 
 - echo clients: each sends a message on /ws and awaits its echo, in a loop,
   for the whole run; when the connection closes (cleanly with 1000/1001/1012,
@@ -10,9 +11,10 @@ count what a swap does to WebSocket clients.
   end of the run, without reconnecting: the long-lived connections the agent
   cuts at the grace period. `cut` counts those that ended early.
 
-    python -m agent.demo.ws_load --url ws://127.0.0.1:8080 --clients 16 --hold 3 --seconds 12
+    python -m agent.traffic.ws_client --url ws://127.0.0.1:8080 --clients 16 --hold 3 --seconds 12
 
-prints one JSON object; `run()` returns it for in-process use.
+prints one JSON object (with the echo round trips over time: series.py);
+`run()` returns it for in-process use.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+
+from .series import Series
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 PAUSE = 0.02  # seconds between an echo and the next message
@@ -46,6 +50,7 @@ class Stats:
     messages: int = 0  # hold messages received
     closes: Counter[int] = field(default_factory=Counter)  # code -> connections ended early
     versions: Counter[str] = field(default_factory=Counter)  # version -> replies
+    series: Series = field(default_factory=Series)  # echo round trips over time
 
     def to_dict(self, clients: int, hold: bool) -> dict[str, Any]:
         d: dict[str, Any] = {"clients": clients, "connects": self.connects,
@@ -58,6 +63,8 @@ class Stats:
         d["closes"] = {str(code): n for code, n in sorted(self.closes.items())}
         d["abnormal_closes"] = self.closes[ABNORMAL]
         d["versions"] = dict(sorted(self.versions.items()))
+        if not hold:
+            d["series"] = self.series.to_dict()
         return d
 
 
@@ -93,13 +100,22 @@ async def echo_client(url: str, n: int, stats: Stats, deadline: float) -> None:
                 seq += 1
                 await ws.send(text)
                 stats.sent += 1
+                start = loop.time()
                 try:
-                    reply = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                    raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
                 except BaseException:
                     stats.lost += 1
+                    stats.series.record(False, loop.time() - start)
                     raise
                 stats.echoed += 1
-                stats.versions[str(reply.get("version"))] += 1
+                stats.series.record(True, loop.time() - start)
+                try:
+                    reply = json.loads(raw)
+                except ValueError:
+                    reply = {"echo": raw}  # a plain echo service
+                if not isinstance(reply, dict):
+                    reply = {"echo": raw}
+                stats.versions[str(reply.get("version", "?"))] += 1
                 if reply.get("echo") != text:
                     stats.mismatched += 1
                 await asyncio.sleep(PAUSE)
@@ -131,30 +147,33 @@ async def hold_client(url: str, stats: Stats, deadline: float) -> None:
         await ws.close()
 
 
-async def run_async(url: str, clients: int, hold: int, seconds: float) -> dict[str, Any]:
+async def run_async(url: str, clients: int, hold: int, seconds: float,
+                    path: str = "/ws") -> dict[str, Any]:
     base = url.rstrip("/")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     echo, held = Stats(), Stats()
-    await asyncio.gather(*[echo_client(base + "/ws", n, echo, deadline) for n in range(clients)],
+    await asyncio.gather(*[echo_client(base + path, n, echo, deadline) for n in range(clients)],
                          *[hold_client(base + "/ws/hold", held, deadline) for _ in range(hold)])
     return {"url": base, "seconds": seconds, "echo": echo.to_dict(clients, hold=False),
             "hold": held.to_dict(hold, hold=True)}
 
 
-def run(url: str, clients: int, hold: int, seconds: float) -> dict[str, Any]:
+def run(url: str, clients: int, hold: int, seconds: float, path: str = "/ws") -> dict[str, Any]:
     """Run the load for `seconds` (plus at most a few TIMEOUTs) and return its counts."""
-    return asyncio.run(run_async(url, clients, hold, seconds))
+    return asyncio.run(run_async(url, clients, hold, seconds, path))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="WebSocket load for the demo ASGI service")
+    ap = argparse.ArgumentParser(description="WebSocket load against an echo endpoint")
     ap.add_argument("--url", required=True, help="ws://host:port of the service")
     ap.add_argument("--clients", type=int, default=16, help="echo clients on /ws")
     ap.add_argument("--hold", type=int, default=0, help="long-lived clients on /ws/hold")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--path", default="/ws", help="the echo endpoint (default /ws)")
     args = ap.parse_args()
-    print(json.dumps(run(args.url, args.clients, args.hold, args.seconds)), flush=True)
+    print(json.dumps(run(args.url, args.clients, args.hold, args.seconds, args.path)),
+          flush=True)
     return 0
 
 

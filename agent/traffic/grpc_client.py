@@ -1,7 +1,9 @@
-"""gRPC load against the demo gRPC API (agent.demo.grpc_api), and its
-failure count, for the gRPC end-to-end tests:
+"""gRPC load against the demo gRPC API (agent.demo.grpc_api), or any
+service with grpc.health.v1 (--health SERVICE: the unary call is
+Health/Check), and its failure count, for the gRPC end-to-end tests and
+`zdd-agent verify`:
 
-    python -m agent.demo.grpc_load --target 127.0.0.1:PORT --clients C \\
+    python -m agent.traffic.grpc_client --target 127.0.0.1:PORT --clients C \\
         --streams S --seconds D [--stream-count n --stream-interval-ms m] [--hold H]
 
 - C threads loop unary calls, S threads loop server-streaming calls (n
@@ -20,7 +22,7 @@ as a real client would see it.
 Prints one JSON object: {"unary": {"sent", "ok", "failed", "codes"},
 "streams": {"started", "completed", "failed", "messages", "codes"},
 "hold": {"started", "cut", "codes"}, "versions": {version: unary ok},
-"p50_ms", "p99_ms"}.
+"p50_ms", "p99_ms", "series"} (unary calls over time, series.py).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from collections import Counter
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+
+from .series import Series, merge
 
 UNARY = "/zdd.demo.Echo/Unary"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 STREAM = "/zdd.demo.Echo/Stream"
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 FAILURE_PAUSE = 0.01  # after a failed call: a channel in backoff fails at once, don't spin
@@ -48,30 +54,41 @@ def _identity(data: bytes) -> bytes:
 class Tally:
     """One thread's counts; merged after the threads end (no shared locks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, t0: float) -> None:
+        self.series = Series(t0)
         self.counts: Counter[str] = Counter()
         self.codes: Counter[str] = Counter()
         self.versions: Counter[str] = Counter()
         self.latencies: list[float] = []
 
 
-def _unary_loop(target: str, until: float, timeout: float, tally: Tally) -> None:
+def _unary_loop(target: str, until: float, timeout: float, health: str | None,
+                tally: Tally) -> None:
+    """Unary calls in a loop: the demo's Echo/Unary, or Health/Check of the
+    service `health` names (any answer, SERVING or not, is an answer)."""
+    method, request = UNARY, b"{}"
+    if health is not None:
+        method = HEALTH_CHECK
+        request = health_pb2.HealthCheckRequest(service=health).SerializeToString()
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(UNARY, request_serializer=_identity,
+        call = channel.unary_unary(method, request_serializer=_identity,
                                    response_deserializer=_identity)
         while time.monotonic() < until:
             tally.counts["sent"] += 1
             start = time.monotonic()
             try:
-                reply = json.loads(call(b"{}", timeout=timeout))
+                reply = call(request, timeout=timeout)
             except grpc.RpcError as e:
                 tally.counts["failed"] += 1
                 tally.codes[e.code().name] += 1
+                tally.series.record(False, time.monotonic() - start)
                 time.sleep(FAILURE_PAUSE)
                 continue
             tally.latencies.append(time.monotonic() - start)
+            tally.series.record(True, time.monotonic() - start)
             tally.counts["ok"] += 1
-            tally.versions[str(reply.get("version"))] += 1
+            version = "?" if health is not None else str(json.loads(reply).get("version"))
+            tally.versions[version] += 1
 
 
 def _stream_loop(target: str, until: float, count: int, interval_ms: int,
@@ -123,22 +140,23 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 def run(target: str, clients: int, streams: int, seconds: float, stream_count: int = 20,
         stream_interval_ms: int = 50, hold: int = 0, hold_interval_ms: int = 200,
-        timeout: float = 5.0) -> dict[str, Any]:
+        timeout: float = 5.0, health: str | None = None) -> dict[str, Any]:
     """Run the load for `seconds` and return the counts (see the module doc).
     Every thread stops starting calls at `seconds`; the last call ends within
     its timeout (a stream's: its length plus `timeout`)."""
     until = time.monotonic() + seconds
+    t0 = time.time()
     jobs: list[tuple[str, Tally, threading.Thread]] = []
 
     def add(kind: str, fn: Any, *args: Any) -> None:
-        tally = Tally()
+        tally = Tally(t0)
         jobs.append((kind, tally, threading.Thread(target=fn, args=(*args, tally), daemon=True,
                                                    name=f"grpc-load-{kind}-{len(jobs)}")))
 
     for _ in range(hold):
         add("hold", _hold, target, until, hold_interval_ms)
     for _ in range(clients):
-        add("unary", _unary_loop, target, until, timeout)
+        add("unary", _unary_loop, target, until, timeout, health)
     for _ in range(streams):
         add("streams", _stream_loop, target, until, stream_count, stream_interval_ms, timeout)
     for _, _, thread in jobs:
@@ -167,11 +185,13 @@ def run(target: str, clients: int, streams: int, seconds: float, stream_count: i
     result["versions"] = dict(versions)
     result["p50_ms"] = _percentile(latencies, 0.50)
     result["p99_ms"] = _percentile(latencies, 0.99)
+    result["series"] = merge(t.series for _, t, _ in jobs).to_dict()
     return result
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="gRPC load against zdd-agent's demo gRPC API")
+    ap = argparse.ArgumentParser(description="gRPC load: the demo gRPC API, or any service's "
+                                             "grpc.health.v1")
     ap.add_argument("--target", required=True, help="host:port")
     ap.add_argument("--clients", type=int, default=8, help="unary-call threads")
     ap.add_argument("--streams", type=int, default=0, help="server-streaming threads")
@@ -180,9 +200,14 @@ def main() -> int:
     ap.add_argument("--stream-interval-ms", type=int, default=50)
     ap.add_argument("--hold", type=int, default=0, help="long streams held until the end")
     ap.add_argument("--timeout", type=float, default=5.0, help="per-call timeout, seconds")
+    ap.add_argument("--health", metavar="SERVICE",
+                    help="call grpc.health.v1 Health/Check for SERVICE instead of the demo's "
+                         "Echo (any service with health checking); no streams then")
     args = ap.parse_args()
+    if args.health is not None and (args.streams or args.hold):
+        ap.error("--health takes no --streams or --hold")
     result = run(args.target, args.clients, args.streams, args.seconds, args.stream_count,
-                 args.stream_interval_ms, args.hold, timeout=args.timeout)
+                 args.stream_interval_ms, args.hold, timeout=args.timeout, health=args.health)
     print(json.dumps(result), flush=True)
     return 0
 
