@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ UNARY = "/zdd.demo.Echo/Unary"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 STREAM = "/zdd.demo.Echo/Stream"
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+STOP = threading.Event()  # SIGINT/SIGTERM: start no more calls, end the held streams
 FAILURE_PAUSE = 0.01  # after a failed call: a channel in backoff fails at once, don't spin
 
 
@@ -73,7 +75,7 @@ def _unary_loop(target: str, until: float, timeout: float, health: str | None,
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(method, request_serializer=_identity,
                                    response_deserializer=_identity)
-        while time.monotonic() < until:
+        while time.monotonic() < until and not STOP.is_set():
             tally.counts["sent"] += 1
             start = time.monotonic()
             try:
@@ -99,7 +101,7 @@ def _stream_loop(target: str, until: float, count: int, interval_ms: int,
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_stream(STREAM, request_serializer=_identity,
                                     response_deserializer=_identity)
-        while time.monotonic() < until:
+        while time.monotonic() < until and not STOP.is_set():
             tally.counts["started"] += 1
             try:
                 for _ in call(request, timeout=deadline):
@@ -121,12 +123,17 @@ def _hold(target: str, until: float, interval_ms: int, tally: Tally) -> None:
         tally.counts["started"] += 1
         # The deadline ends it at `until`: DEADLINE_EXCEEDED then is the normal end.
         responses = call(request, timeout=max(until - time.monotonic(), 0.001))
+        stopper = threading.Thread(target=lambda: STOP.wait() and responses.cancel(),
+                                   daemon=True)
+        stopper.start()
         try:
             for _ in responses:
                 pass
         except grpc.RpcError as e:
             if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= until:
                 return
+            if e.code() is grpc.StatusCode.CANCELLED and STOP.is_set():
+                return  # stopped early by us
             tally.codes[e.code().name] += 1
         tally.counts["cut"] += 1  # an error, or a stream that ended by itself early
 
@@ -204,6 +211,8 @@ def main() -> int:
                     help="call grpc.health.v1 Health/Check for SERVICE instead of the demo's "
                          "Echo (any service with health checking); no streams then")
     args = ap.parse_args()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop early, still report
+        signal.signal(sig, lambda *_: STOP.set())
     if args.health is not None and (args.streams or args.hold):
         ap.error("--health takes no --streams or --hold")
     result = run(args.target, args.clients, args.streams, args.seconds, args.stream_count,

@@ -24,7 +24,9 @@ const BUCKET_MS = 100;
 const BASE_MS = 0.1;
 const LOG_RATIO = Math.log(1.05);
 const t0 = Date.now();
-const deadline = t0 + opts.seconds * 1000;
+let deadline = t0 + opts.seconds * 1000;
+// SIGINT/SIGTERM: start no more requests, finish those in flight, report.
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => { deadline = 0; });
 const stats = { sent: 0, ok: 0, failed: 0, errors: {}, versions: {}, sessions: 0,
   goaways: 0 };
 const series = { t0: t0 / 1000, bucket: BUCKET_MS / 1000, ok: [], failed: [], hist: [] };

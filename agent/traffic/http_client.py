@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,20 @@ def summary(out: str) -> dict[str, Any]:
 
 def run(url: str, protocol: str, connections: int, streams: int, seconds: float,
         keepalive: bool = True) -> dict[str, Any]:
-    r = subprocess.run(argv(url, protocol, connections, streams, seconds, keepalive),
-                       capture_output=True, text=True, timeout=seconds + 60)
-    if r.returncode != 0:
-        raise RuntimeError(f"the HTTP client exited {r.returncode}: {r.stderr[-2000:]}")
-    return summary(r.stdout)
+    """Run the client for `seconds`; SIGINT or SIGTERM to this process ends
+    it early (passed on to node, which finishes its requests and reports)."""
+    proc = subprocess.Popen(argv(url, protocol, connections, streams, seconds, keepalive),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    finally:
+        for sig, old in forward.items():
+            signal.signal(sig, old)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the HTTP client exited {proc.returncode}: {err[-2000:]}")
+    return summary(out)
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,17 +86,24 @@ async def open_ws(url: str, stats: Stats, deadline: float) -> ClientConnection |
     return ws
 
 
+_stop: list[float] = []  # set to [now] by SIGINT/SIGTERM: an earlier deadline
+
+
+def _deadline(deadline: float) -> float:
+    return min([deadline, *_stop])
+
+
 async def echo_client(url: str, n: int, stats: Stats, deadline: float) -> None:
     """Echo in a loop until the deadline, reconnecting after any close."""
     loop = asyncio.get_running_loop()
     seq = 0
-    while loop.time() < deadline:
+    while loop.time() < _deadline(deadline):
         ws = await open_ws(url, stats, deadline)
         if ws is None:
             await asyncio.sleep(RETRY)
             continue
         try:
-            while loop.time() < deadline:
+            while loop.time() < _deadline(deadline):
                 text = f"{n}-{seq}"
                 seq += 1
                 await ws.send(text)
@@ -134,12 +142,13 @@ async def hold_client(url: str, stats: Stats, deadline: float) -> None:
     if ws is None:
         return
     try:
-        while (left := deadline - loop.time()) > 0:
-            reply = json.loads(await asyncio.wait_for(ws.recv(), left))
+        while (left := _deadline(deadline) - loop.time()) > 0:
+            try:
+                reply = json.loads(await asyncio.wait_for(ws.recv(), min(left, 0.5)))
+            except TimeoutError:
+                continue  # quiet for a while, or the deadline passed: it lasted
             stats.messages += 1
             stats.versions[str(reply.get("version"))] += 1
-    except TimeoutError:
-        pass  # the deadline passed while waiting: the connection lasted
     except ConnectionClosed as exc:
         stats.cut += 1
         stats.closes[close_code(exc)] += 1
@@ -152,6 +161,8 @@ async def run_async(url: str, clients: int, hold: int, seconds: float,
     base = url.rstrip("/")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop early, still report
+        loop.add_signal_handler(sig, lambda: _stop.append(loop.time()))
     echo, held = Stats(), Stats()
     await asyncio.gather(*[echo_client(base + path, n, echo, deadline) for n in range(clients)],
                          *[hold_client(base + "/ws/hold", held, deadline) for _ in range(hold)])
