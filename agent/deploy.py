@@ -9,6 +9,7 @@ import pwd
 
 import psutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,3 +401,26 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                                              "started_at", "seconds")},
             })
     return out
+
+
+def watch(paths: Paths, name: str, interval: float, seconds: float,
+          out: Callable[[dict[str, Any]], None]) -> None:
+    """Every `interval` for `seconds`: each running instance's established
+    connections (the census a drain uses), as {"t": epoch, "connections":
+    {instance: n}}. For `verify`'s plot and for watching a swap by hand."""
+    svc = load_service(paths.config_dir, name)
+    census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
+                               own_sockets=svc.socket == "reuseport")
+    end = time.monotonic() + seconds
+    with Systemd() as sd:
+        while (now := time.monotonic()) < end:
+            t = time.time()
+            groups = {}
+            for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+                instance = units.version_of(svc.name, unit)
+                pids = sd.processes(unit) if instance is not None else []
+                if instance is not None and pids:
+                    groups[instance] = pids
+            out({"t": round(t, 3), "connections": census.count_many(groups)})
+            time.sleep(max(0.0, interval - (time.monotonic() - now)))
+

@@ -19,6 +19,7 @@ class Exit(IntEnum):
     DRIFT = 6  # `sysctl check`: the running values differ from the wanted ones
     NO_HISTORY = 7  # `rollback`: no previous version to go back to
     PROBLEMS = 8  # `doctor`: something needs attention
+    NOT_ZERO_DOWNTIME = 9  # `verify`: a request failed or a swap did not succeed
 
 
 class ZddError(Exception):

@@ -14,7 +14,7 @@ zdd-agent expects, used by `zdd-agent demo` and the end-to-end tests.
 
 Endpoints: `/` (JSON with version and pid), `/slow?ms=N`, `/hold` (streams a
 chunk a second until the client or the agent ends it).
-Flags for failure tests: --fail-at-start, --never-ready.
+Flags for failure tests: --fail-at-start, --never-ready, --abrupt (no drain).
 """
 
 from __future__ import annotations
@@ -212,6 +212,9 @@ async def main_async(args: argparse.Namespace) -> int:
         sd_notify(f"READY=1\nSTATUS=serving {args.version}\nMAINPID={os.getpid()}")
     print(f"demo api {args.version} serving (pid {os.getpid()})", flush=True)
     await stop.wait()
+    if args.abrupt:  # what a naive service does: every connection is reset
+        print("Received SIGTERM; exiting at once (--abrupt).", flush=True)
+        os._exit(0)
     print("Received SIGTERM; transition to drain mode.", flush=True)
     await api.drain()
     if ready_server is not None:
@@ -226,6 +229,8 @@ def main() -> int:
     ap.add_argument("--listen", help="host:port to bind when not socket-activated")
     ap.add_argument("--fail-at-start", action="store_true", help="exit 1 at once")
     ap.add_argument("--never-ready", action="store_true", help="never report ready")
+    ap.add_argument("--abrupt", action="store_true",
+                    help="exit at once on SIGTERM, without draining (a naive service)")
     ap.add_argument("--fail-instance", metavar="INSTANCE",
                     help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()
