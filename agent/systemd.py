@@ -47,6 +47,7 @@ class Systemd:
         self.unit_dir = unit_dir
         self._bus: Any = None
         self._manager: Any = None
+        self._units: dict[str, Any] = {}  # name -> pystemd Unit, introspected once
 
     def __enter__(self) -> Systemd:
         from pystemd.dbuslib import DBus, DBusAddress
@@ -71,6 +72,7 @@ class Systemd:
         if self._bus is not None:
             self._bus.close()
             self._bus = None
+            self._units.clear()
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
@@ -154,12 +156,18 @@ class Systemd:
             return "not-found"
 
     def _unit(self, unit: str) -> Any:
+        """The unit's D-Bus object. LoadUnit each time (systemd may have
+        collected it since); the introspection, which costs ~10 ms a unit,
+        once per connection (a unit's interfaces do not change)."""
         from pystemd.systemd1 import Unit
 
         path = self._call(f"cannot load {unit}", self._manager.Manager.LoadUnit, unit.encode())
-        u = Unit(unit.encode(), bus=self._bus)
-        u.path = path
-        self._call(f"cannot introspect {unit}", u.load)
+        u = self._units.get(unit)
+        if u is None or u.path != path:
+            u = Unit(unit.encode(), bus=self._bus)
+            u.path = path
+            self._call(f"cannot introspect {unit}", u.load)
+            self._units[unit] = u
         return u
 
     def state(self, unit: str) -> UnitState:
