@@ -6,7 +6,10 @@
 // response, or a 5xx) is counted, never retried.
 //
 // HTTP/2: a session that gets GOAWAY finishes the streams it covers and is
-// replaced by a new one for the next requests, as RFC 9113 6.8 asks.
+// replaced by a new one for the next requests, as RFC 9113 6.8 asks. A stream
+// closed with REFUSED_STREAM was not processed (RFC 9113 8.7: safe to retry;
+// nghttp2 refuses a stream itself when a GOAWAY arrives before its HEADERS
+// left): it is retried once on a fresh session, and counted apart.
 //
 // Prints one JSON object: totals, errors by kind, versions that answered
 // (a JSON body's "version"), and the series of agent/traffic/series.py.
@@ -28,7 +31,7 @@ let deadline = t0 + opts.seconds * 1000;
 // SIGINT/SIGTERM: start no more requests, finish those in flight, report.
 for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => { deadline = 0; });
 const stats = { sent: 0, ok: 0, failed: 0, errors: {}, versions: {}, sessions: 0,
-  goaways: 0 };
+  goaways: 0, refused_retried: 0 };
 const series = { t0: t0 / 1000, bucket: BUCKET_MS / 1000, ok: [], failed: [], hist: [] };
 
 function bucket() {
@@ -78,7 +81,7 @@ class H2Connection {
     return fresh;
   }
 
-  request() {
+  request(retry = true) {
     return new Promise((resolve) => {
       let req;
       try {
@@ -96,6 +99,14 @@ class H2Connection {
       const finish = (failure) => {
         if (done) return;
         done = true;
+        if (failure && retry && status === 0
+            && req.rstCode === http2.constants.NGHTTP2_REFUSED_STREAM) {
+          stats.sent -= 1; // not processed: the retry is the request
+          stats.refused_retried += 1;
+          this.session = null;
+          this.request(false).then(resolve);
+          return;
+        }
         if (failure) fail(failure); else settle(status, body, started);
         resolve();
       };
@@ -103,7 +114,7 @@ class H2Connection {
       req.setEncoding('utf8');
       req.on('response', (h) => { status = h[':status']; });
       req.on('data', (d) => { body += d; });
-      req.on('error', (e) => finish(e.code || 'error'));
+      req.on('error', (e) => finish(`${e.code || 'error'} (rst ${req.rstCode})`));
       req.on('close', () => finish(status ? null : `no response (rst ${req.rstCode})`));
       req.end();
     });

@@ -10,7 +10,9 @@ says the server still answers ("Invalid input ConnectionInputs.RECV_HEADERS
 in state ConnectionState.CLOSED"), against RFC 9113 6.8; curl 7.88 fails
 every transfer after the first on a reused h2c connection ("Error in the
 HTTP2 framing layer"). Node's client finishes the streams a GOAWAY covers
-and opens a new session for the next requests. The service must survive a
+and opens a new session for the next requests; a stream refused with
+REFUSED_STREAM (not processed: RFC 9113 8.7) is retried once and counted as
+refused_retried. The service must survive a
 client's own GOAWAY too (Node sends one when it closes a session): see
 agent.demo.asgi_api.answer_after_client_goaway.
 

@@ -92,7 +92,8 @@ def test_http2_http1_and_websockets_across_swaps(host: DemoHost) -> None:
         assert r["exit"] == 0 and r["result"] == "ok", (r["reason"], r["journal"])
     echo, hold = wsr["echo"], wsr["hold"]
     cut = cut_at_grace(results)
-    print(f"h2c: {h2r['sent']} requests, {h2r['failed']} failed {h2r['errors']}, versions "
+    print(f"h2c: {h2r['sent']} requests, {h2r['failed']} failed {h2r['errors']} "
+          f"({h2r['refused_retried']} REFUSED_STREAM retried), versions "
           f"{h2r['versions']}; HTTP/1.1: {h1.requests} requests, {h1.failed} failed; "
           f"WebSocket: {echo['sent']} echoes, {echo['lost']} lost, {echo['connects']} "
           f"connects, closes {echo['closes']}; hold: {hold['cut']} of 3 cut; agent: {cut} "
