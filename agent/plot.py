@@ -29,7 +29,9 @@ def phase_spans(swaps: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
 
 
 def write(path: Path, series: Series, watch: list[dict[str, Any]],
-          swaps: list[dict[str, Any]], title: str) -> Path:
+          swaps: list[dict[str, Any]], title: str,
+          xlim: tuple[float, float] | None = None) -> Path:
+    """xlim: (start, end) in epoch seconds, to show one swap of a longer run."""
     try:
         import matplotlib
     except ImportError:
@@ -51,7 +53,8 @@ def write(path: Path, series: Series, watch: list[dict[str, Any]],
     ax_lat.plot(xs, p50, color="#9e9ac8", lw=1, label="p50")
     ax_lat.set_ylabel("latency, ms")
     ax_lat.legend(loc="upper right", fontsize=8)
-    instances = sorted({i for w in watch for i in w["connections"]})
+    instances = sorted({i for w in watch for i in w["connections"]
+                        if xlim is None or xlim[0] <= w["t"] <= xlim[1]})
     for inst in instances:
         pts = [(w["t"] - t0, w["connections"][inst]) for w in watch if inst in w["connections"]]
         ax_conn.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=inst)
@@ -67,6 +70,8 @@ def write(path: Path, series: Series, watch: list[dict[str, Any]],
         seen.add(name)
     if seen:
         ax_lat.legend(loc="upper right", fontsize=8, ncol=2)
+    if xlim is not None:
+        ax_conn.set_xlim(xlim[0] - t0, xlim[1] - t0)
     ax_rate.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

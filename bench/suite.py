@@ -1,0 +1,336 @@
+"""The benchmark suite: the same load and the same number of replacements
+against each way of replacing a running HTTP service, in one run on one
+machine, each in its own sandboxed systemd:
+
+  (a) restart     `systemctl restart` of a plain unit (the program binds its port)
+  (b) reuseport-0 two SO_REUSEPORT instances by hand: start the new one (ready),
+                  stop the old one (SIGTERM, it drains); tcp_migrate_req=0
+  (c) reuseport-1 the same with tcp_migrate_req=1
+  (d) zdd-inherit zdd-agent (through its daemon), the socket unit's listener shared
+  (e) zdd-reuseport zdd-agent (through its daemon), socket: reuseport (it sets
+                  tcp_migrate_req=1)
+  (f) gunicorn    gunicorn's documented USR2 re-exec (bench/gunicorn_usr2.py)
+
+Every scenario but (f) runs the bundled demo API (agent/demo/api.py), which
+drains on SIGTERM; (f) runs the same app as WSGI under gunicorn's sync
+workers. Each replacement deploys a release not seen before (v2, v3, ...).
+Load: Node's HTTP/1.1 client (agent/traffic), keep-alive, CLIENTS
+connections, STEADY seconds before the first replacement and TAIL after the
+last. Printed per scenario: failed requests per 1,000 replacements, p99
+during replacements over steady-state p99 (same run), the agent's overhead
+per swap (swap time minus the new version's own start-up, READY=1 after
+exec as systemd timed it, minus the drain), and the daemon's RSS and CPU.
+Then the census benchmark at 1k, 10k and 19k connections (bench/census.py)
+and a plot of one zdd-agent swap over time.
+
+    .venv/bin/python bench/suite.py [--swaps 20] [--clients 64] [--only a,d]
+        [--json results.json] [--plot swap.png]
+
+Needs root. About 6-8 minutes at the defaults on a 2-core VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from agent.demo.run import PORT, RELEASES, DemoHost  # noqa: E402
+from agent.traffic.http_client import argv as http_argv  # noqa: E402
+from agent.traffic.http_client import summary  # noqa: E402
+from agent.traffic.series import Series  # noqa: E402
+
+STEADY = 4.0
+TAIL = 3.0
+PAUSE = 0.5
+URL = f"http://127.0.0.1:{PORT}/"
+
+
+def sh(host: DemoHost, *argv: str) -> str:
+    return host.sb.run(list(argv), capture=True).stdout
+
+
+def sysctl_migrate(host: DemoHost, value: int) -> None:
+    host.sb.run(["sysctl", "-q", "-w", f"net.ipv4.tcp_migrate_req={value}"])
+
+
+class Restart:
+    """(a): a plain unit whose program binds 127.0.0.1:8080 itself; a release
+    is a `current` symlink; `systemctl restart` stops (SIGTERM: the demo
+    drains) and starts it again."""
+
+    label = "systemctl restart"
+
+    def setup(self, host: DemoHost) -> None:
+        unit = host.sb.path("/etc/systemd/system/plain-api.service")
+        unit.write_text(f"""[Service]
+Type=notify
+ExecStart={RELEASES}/current/bin/api --listen 127.0.0.1:{PORT}
+TimeoutStopSec=10s
+""")
+        self.link("v1", host)
+        host.sb.run(["systemctl", "daemon-reload"])
+        host.sb.run(["systemctl", "start", "plain-api.service"])
+
+    @staticmethod
+    def link(version: str, host: DemoHost) -> None:
+        host.sb.run(["ln", "-sfn", f"{RELEASES}/{version}", f"{RELEASES}/current"])
+
+    def replace(self, host: DemoHost, version: str) -> dict[str, Any]:
+        self.link(version, host)
+        host.sb.run(["systemctl", "restart", "plain-api.service"])
+        return {}
+
+
+class ReusePort:
+    """(b), (c): start the new instance as its own unit (Type=notify: the
+    start returns once it is ready), then stop the old one."""
+
+    def __init__(self, migrate: int) -> None:
+        self.migrate = migrate
+        self.label = f"2x SO_REUSEPORT, migrate={migrate}"
+        self.n = 0
+
+    def start(self, host: DemoHost, version: str) -> None:
+        self.n += 1
+        host.sb.run(["systemd-run", "--quiet", f"--unit=rp-{self.n}", "-p", "Type=notify",
+                     "-p", "TimeoutStopSec=10s", "-E", f"ZDD_LISTEN=127.0.0.1:{PORT}",
+                     f"{RELEASES}/{version}/bin/api"])
+
+    def setup(self, host: DemoHost) -> None:
+        sysctl_migrate(host, self.migrate)
+        self.start(host, "v1")
+
+    def replace(self, host: DemoHost, version: str) -> dict[str, Any]:
+        self.start(host, version)
+        host.sb.run(["systemctl", "stop", f"rp-{self.n - 1}.service"])
+        return {}
+
+
+class Agent:
+    """(d), (e): zdd-agent, through its daemon for (d)."""
+
+    def __init__(self, mode: str, daemon: bool) -> None:
+        self.mode, self.daemon = mode, daemon
+        self.label = f"zdd-agent, {mode}"
+        self.pid = 0
+
+    def setup(self, host: DemoHost) -> None:
+        cfg = host.configure()
+        if self.mode == "reuseport":
+            cfg.write_text(cfg.read_text().replace(
+                f'listen: ["127.0.0.1:{PORT}"]',
+                f'listen: ["127.0.0.1:{PORT}"]\nsocket: reuseport'))
+        host.zdd("sysctl", "apply", check=True)
+        if self.daemon:
+            host.zdd("install", check=True)
+            deadline = time.monotonic() + 20
+            while not self.pid and time.monotonic() < deadline:
+                out = sh(host, "systemctl", "show", "-p", "MainPID", "--value", "zdd-agent")
+                self.pid = int(out.strip() or 0)
+                time.sleep(0.2)
+            if not self.pid:
+                raise RuntimeError("zdd-agent.service did not start")
+        code, r = host.zdd_json("swap", "demo", "--version", "v1")
+        if code != 0:
+            raise RuntimeError(f"first deploy failed: {r}")
+
+    def daemon_usage(self, host: DemoHost) -> tuple[float, float]:
+        """(RSS in MiB, CPU seconds so far) of the daemon."""
+        status = sh(host, "cat", f"/proc/{self.pid}/status")
+        rss = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
+        stat = sh(host, "cat", f"/proc/{self.pid}/stat").rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return rss / 1024, (int(stat[11]) + int(stat[12])) / ticks
+
+    def replace(self, host: DemoHost, version: str) -> dict[str, Any]:
+        code, r = host.zdd_json("swap", "demo", "--version", version)
+        if code != 0:
+            raise RuntimeError(f"swap to {version} failed: {r.get('reason')}")
+        props = sh(host, "systemctl", "show", "-p", "ExecMainStartTimestampMonotonic",
+                   "-p", "ActiveEnterTimestampMonotonic", f"zdd-demo@{version}.service")
+        t = dict(line.split("=", 1) for line in props.split())
+        startup = (int(t["ActiveEnterTimestampMonotonic"])
+                   - int(t["ExecMainStartTimestampMonotonic"])) / 1e6
+        drain = float((r.get("drain") or {}).get("seconds") or 0)
+        return {"swap": r, "seconds": float(r["seconds"]), "startup": startup, "drain": drain,
+                "overhead": float(r["seconds"]) - startup - drain}
+
+
+class Gunicorn:
+    """(f): gunicorn's USR2 re-exec, as bench/gunicorn_usr2.py sets it up."""
+
+    label = "gunicorn USR2 re-exec"
+
+    def setup(self, host: DemoHost) -> None:
+        from gunicorn_usr2 import GunicornUsr2  # bench/gunicorn_usr2.py
+
+        self.g = GunicornUsr2(host)
+        self.g.setup()
+
+    def replace(self, host: DemoHost, version: str) -> dict[str, Any]:
+        self.g.replace(version)
+        return {}
+
+
+def drive(name: str, scenario: Any, swaps: int, clients: int,
+          on_host: Callable[[DemoHost], Any] | None = None) -> dict[str, Any]:
+    versions = [f"v{i}" for i in range(2, swaps + 2)]  # a new release each time, as in life
+    with DemoHost() as host:
+        for v in ["v1", *versions]:
+            host.release(v)
+        scenario.setup(host)
+        extra = on_host(host) if on_host else None
+        usage0 = scenario.daemon_usage(host) if getattr(scenario, "pid", 0) else None
+        budget = STEADY + TAIL + swaps * 30
+        client = host.sb.popen(http_argv(URL, "http1", clients, 1, budget), net_only=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        windows, infos = [], []
+        try:
+            time.sleep(STEADY)
+            for i in range(swaps):
+                a = time.time()
+                infos.append(scenario.replace(host, versions[i]))
+                windows.append((a, time.time()))
+                time.sleep(PAUSE)
+            time.sleep(TAIL)
+        finally:
+            client.send_signal(signal.SIGINT)
+            out, err = client.communicate(timeout=60)
+        if client.returncode != 0:
+            raise RuntimeError(f"load client: {err[-1500:]}")
+        usage1 = scenario.daemon_usage(host) if usage0 else None
+        if extra is not None:
+            extra.kill()
+    load = summary(out)
+    s = Series.from_dict(load["series"])
+    during = sorted({i for a, b in windows for i in s.window(a, b + 0.1)})
+    steady = list(s.window(s.t0 + 0.5, windows[0][0])) + \
+        list(s.window(windows[-1][1] + 1.0, s.t0 + len(s.ok) * 0.1))
+    row: dict[str, Any] = {
+        "scenario": name, "label": scenario.label, "swaps": swaps, "clients": clients,
+        "requests": load["sent"], "failed": load["failed"], "errors": load["errors"],
+        "failed_per_1000": round(1000 * load["failed"] / swaps, 1),
+        "p99_steady_ms": round(s.percentile(99, steady), 2),
+        "p99_during_ms": round(s.percentile(99, during), 2),
+        "replace_seconds": round(statistics.median(b - a for a, b in windows), 3),
+        "series": load["series"], "windows": windows}
+    row["p99_ratio"] = round(row["p99_during_ms"] / row["p99_steady_ms"], 2) \
+        if row["p99_steady_ms"] else None
+    agent = [x for x in infos if x]
+    if agent:
+        row["overhead_ms"] = round(1000 * statistics.median(x["overhead"] for x in agent), 1)
+        row["startup_ms"] = round(1000 * statistics.median(x["startup"] for x in agent), 1)
+        row["drain_ms"] = round(1000 * statistics.median(x["drain"] for x in agent), 1)
+        row["swap_results"] = [x["swap"] for x in agent]
+    if usage0 and usage1:
+        row["daemon_rss_mib"] = round(usage1[0], 1)
+        row["daemon_rss_before_mib"] = round(usage0[0], 1)
+        row["daemon_cpu_ms_per_swap"] = round(1000 * (usage1[1] - usage0[1]) / swaps, 1)
+    return row
+
+
+def watcher(host: DemoHost) -> subprocess.Popen[str]:
+    return host.sb.popen([*host.agent, "watch", "demo", "--interval", "0.1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+SCENARIOS: dict[str, Callable[[], Any]] = {
+    "a": Restart, "b": lambda: ReusePort(0), "c": lambda: ReusePort(1),
+    "d": lambda: Agent("inherit", daemon=True), "e": lambda: Agent("reuseport", daemon=True),
+    "f": Gunicorn}
+
+
+def plot_one_swap(path: Path, clients: int) -> None:
+    """A separate, short run of (d) with `zdd-agent watch` counting each
+    instance's connections every 100 ms (kept out of the table's runs: its
+    D-Bus traffic slows systemd down), plotted around its second swap."""
+    import threading
+
+    from agent.plot import write
+
+    lines: list[dict[str, Any]] = []
+
+    def hook(host: DemoHost) -> subprocess.Popen[str]:
+        proc = watcher(host)
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(json.loads(line))
+        threading.Thread(target=read, daemon=True).start()
+        return proc
+
+    row = drive("plot", Agent("inherit", daemon=True), 3, clients, hook)
+    a, b = row["windows"][1]
+    write(path, Series.from_dict(row["series"]), lines, row.get("swap_results", []),
+          f"one zdd-agent swap (socket unit), {clients} keep-alive HTTP/1.1 clients: "
+          f"{row['failed']} failed", xlim=(a - 1.5, b + 1.5))
+    print(f"plot: {path}")
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'':2} {'scenario':<30} {'requests':>9} {'failed':>7} {'per 1k repl.':>12} "
+           f"{'p99 steady':>10} {'p99 repl.':>9} {'ratio':>6} {'repl. s':>8} "
+           f"{'overhead ms':>11} {'daemon RSS':>10} {'CPU ms/swap':>11}"]
+    for r in rows:
+        out.append(
+            f"{r['scenario']:<2} {r['label']:<30} {r['requests']:>9} {r['failed']:>7} "
+            f"{r['failed_per_1000']:>12.0f} {r['p99_steady_ms']:>10.1f} "
+            f"{r['p99_during_ms']:>9.1f} {r['p99_ratio'] or 0:>6.2f} "
+            f"{r['replace_seconds']:>8.2f} {r.get('overhead_ms', '-'):>11} "
+            f"{str(r['daemon_rss_mib']) + ' MiB' if 'daemon_rss_mib' in r else '-':>10} "
+            f"{r.get('daemon_cpu_ms_per_swap', '-'):>11}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--only", default="a,b,c,d,e,f", help="scenarios, e.g. a,d")
+    ap.add_argument("--json", type=Path, help="write every figure (and the series) here")
+    ap.add_argument("--plot", type=Path, help="PNG of one zdd-agent swap (scenario d)")
+    ap.add_argument("--census", default="1000,10000,19000", help="census sizes ('' to skip)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/suite.py boots sandboxed systemds: run it as root", file=sys.stderr)
+        return 2
+    rows = []
+    for key in args.only.split(","):
+        scenario = SCENARIOS[key]()
+        print(f"({key}) {scenario.label} ...", flush=True)
+        rows.append(drive(key, scenario, args.swaps, args.clients))
+    print(f"\n{args.swaps} replacements per scenario, {args.clients} keep-alive HTTP/1.1 "
+          f"clients (Node), loopback, {os.cpu_count()} cores, kernel {os.uname().release}")
+    for line in table(rows):
+        print(line)
+    print("per 1k repl.: failed requests per 1,000 replacements; ratio: p99 during "
+          "replacements / steady p99 (same run); repl. s: median wall time of one "
+          "replacement as the operator runs it (CLI included); overhead: swap time - the new "
+          "version's start-up (exec to READY=1) - drain, median")
+    if args.plot:
+        plot_one_swap(args.plot, args.clients)
+    if args.census:
+        print(flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "census.py"), "--sizes",
+                        args.census, "--repeat", "9"], check=False)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
