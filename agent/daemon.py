@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gc
 import grp
 import os
 import pwd
@@ -291,6 +292,12 @@ class Daemon:
                 conn.close()
             except OSError:
                 pass
+            # pystemd builds a class per D-Bus interface of every unit it
+            # loads; they sit in reference cycles until the cyclic collector's
+            # oldest generation runs, and the RSS grew ~3 MiB a swap up to
+            # ~60 MiB before it did. Collected here, once the client has
+            # its reply: the daemon stays at its idle size.
+            gc.collect()
             self.running.discard(threading.current_thread())
             self.workers.release()
 
