@@ -75,7 +75,12 @@ class Restart:
 
     def setup(self, host: DemoHost) -> None:
         unit = host.sb.path("/etc/systemd/system/plain-api.service")
-        unit.write_text(f"""[Service]
+        # StartLimitIntervalSec=0: systemd's default (5 starts in 10 s) would
+        # refuse the 6th restart of a run.
+        unit.write_text(f"""[Unit]
+StartLimitIntervalSec=0
+
+[Service]
 Type=notify
 ExecStart={RELEASES}/current/bin/api --listen 127.0.0.1:{PORT}
 TimeoutStopSec=10s
