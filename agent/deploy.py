@@ -82,11 +82,18 @@ class SystemdOps:
         return instances_of(self.svc, self.sd).get(version, [])
 
     def prepare(self, instance: str, version: str) -> None:
+        """What the instance runs: the template's own ExecStart (%i), or a
+        drop-in (replicas, or a readiness port per start) and a reload."""
         port = free_port() if self.svc.ready.needs_instance_port else None
         self.ports[instance] = port
-        dropin = units.render_instance_dropin(self.svc, version, port, instance)
         self.sd.reset_failed(self.unit(instance))
-        if self.sd.write_unit_files({units.dropin_path(self.svc.name, instance): dropin}):
+        path = units.dropin_path(self.svc.name, instance)
+        if units.version_in_template(self.svc) and instance == version:
+            if self.sd.remove_unit_file(path):  # left from another config: reload once
+                self.sd.reload()
+            return
+        dropin = units.render_instance_dropin(self.svc, version, port, instance)
+        if self.sd.write_unit_files({path: dropin}):
             self.sd.reload()
 
     def start(self, version: str) -> None:
@@ -205,6 +212,14 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
                 f"({', '.join(_listen_lines(installed))}); moving a listener would drop its "
                 f"queue. Stop every instance and {sock} first, then swap again.",
                 file=str(svc.path), key="listen")
+    # Drop-ins written before the template had its own ExecStart= lack the
+    # line that resets it: two ExecStart= would make their units unloadable.
+    for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+        instance = units.version_of(svc.name, unit)
+        rel = units.dropin_path(svc.name, instance) if instance else None
+        text = sd.read_unit_file(rel) if rel else None
+        if rel and text and "\nExecStart=\n" not in text:
+            rendered[rel] = text.replace("\nExecStart=", "\nExecStart=\nExecStart=", 1)
     changed = sd.write_unit_files(rendered)
     if changed:
         sd.reload()

@@ -89,9 +89,38 @@ REUSEPORT_SERVICE = """\
 """
 
 
+# Stands for the version while a command line is escaped, then becomes %i.
+_VERSION = "ZDD.VERSION.PLACEHOLDER.7f3a"
+
+
+def version_in_template(svc: ServiceConfig) -> bool:
+    """Whether the template itself runs each version: one replica (instance
+    name = version) and no per-start port. Then ExecStart= names the version
+    by the instance (%i) and a new version needs no drop-in, hence no
+    daemon-reload, which was half of the agent's own time in a swap (~170 ms
+    of ~320, bench/suite.py); with replicas or an instance port, each
+    instance gets a drop-in (render_instance_dropin)."""
+    return svc.replicas == 1 and not svc.ready.needs_instance_port
+
+
+def _instance_lines(svc: ServiceConfig, version: str, instance: str,
+                    instance_port: int | None) -> tuple[str, str]:
+    """(Environment= value, ExecStart= value) for one instance."""
+    env = [f"ZDD_SERVICE={svc.name}", f"ZDD_VERSION={version}",
+           f"ZDD_INSTANCE={instance}", f"ZDD_GRACE_PERIOD={svc.drain.grace_period:g}"]
+    if instance_port is not None:
+        env.append(f"ZDD_INSTANCE_PORT={instance_port}")
+    if svc.socket == "reuseport":
+        env.append("ZDD_LISTEN=" + " ".join(str(lst) for lst in svc.listen))
+    return " ".join(escape_word(e) for e in env), exec_start(svc.argv(version))
+
+
 def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
     common = {"name": svc.name, "config": str(svc.path)}
     env = "".join(f"Environment={escape_word(f'{k}={v}')}\n" for k, v in svc.environment)
+    if version_in_template(svc):
+        environment, command = _instance_lines(svc, _VERSION, _VERSION, None)
+        env += (f"Environment={environment}\nExecStart={command}\n").replace(_VERSION, "%i")
     user = f"User={svc.user}\n" if svc.user else ""
     inherit = svc.socket == "inherit"
     files = {
@@ -118,15 +147,9 @@ def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int 
                            instance: str | None = None) -> str:
     check_version(version)
     unit = instance_unit(svc.name, instance or version)
-    env = [f"ZDD_SERVICE={svc.name}", f"ZDD_VERSION={version}",
-           f"ZDD_INSTANCE={instance or version}", f"ZDD_GRACE_PERIOD={svc.drain.grace_period:g}"]
-    if instance_port is not None:
-        env.append(f"ZDD_INSTANCE_PORT={instance_port}")
-    if svc.socket == "reuseport":
-        env.append("ZDD_LISTEN=" + " ".join(str(lst) for lst in svc.listen))
+    environment, command = _instance_lines(svc, version, instance or version, instance_port)
     return _template("zdd-instance.conf.in").substitute(
-        unit=unit, environment=" ".join(escape_word(e) for e in env),
-        exec_start=exec_start(svc.argv(version)))
+        unit=unit, environment=environment, exec_start=command)
 
 
 def dropin_path(name: str, instance: str) -> str:

@@ -83,3 +83,18 @@ def test_reuseport_units_have_no_socket_unit() -> None:
     assert "tcp_migrate_req" in tmpl
     dropin = units.render_instance_dropin(svc(socket="reuseport"), "v1", None)
     assert '"ZDD_LISTEN=127.0.0.1:8080 9090"' in dropin
+
+
+def test_one_replica_runs_each_version_from_the_template_itself() -> None:
+    """No drop-in per version, hence no daemon-reload in a swap: the
+    template's ExecStart names the version by the instance (%i)."""
+    tmpl = units.render_service(svc(), 1).files["zdd-api@.service"]
+    assert 'ExecStart="/opt/api/%i/bin/api" "--name" "a \\"quoted\\" 100%% $$HOME"' in tmpl
+    assert '"ZDD_VERSION=%i"' in tmpl and '"ZDD_INSTANCE=%i"' in tmpl
+    assert units.version_in_template(svc())
+    # replicas, or a readiness port per start: a drop-in per instance instead
+    http = svc(ready=Ready(type="http", url="http://127.0.0.1:{instance_port}/r"))
+    assert not units.version_in_template(http)
+    assert "\nExecStart=" not in units.render_service(http, 1).files["zdd-api@.service"]
+    # a drop-in resets the template's ExecStart= before its own
+    assert "ExecStart=\nExecStart=" in units.render_instance_dropin(svc(), "v7", None)
