@@ -281,8 +281,8 @@ def plot_one_swap(path: Path, clients: int) -> None:
     row = drive("plot", Agent("inherit", daemon=True), 3, clients, hook)
     a, b = row["windows"][1]
     write(path, Series.from_dict(row["series"]), lines, row.get("swap_results", []),
-          f"one zdd-agent swap (socket unit), {clients} keep-alive HTTP/1.1 clients: "
-          f"{row['failed']} failed", xlim=(a - 1.5, b + 1.5))
+          f"zdd-agent swaps (socket unit), {clients} keep-alive HTTP/1.1 clients: "
+          f"{row['failed']} failed", xlim=(a - 1.5, b + 1.5))  # its neighbours may show too
     print(f"plot: {path}")
 
 
