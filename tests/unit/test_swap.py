@@ -485,6 +485,18 @@ def test_failing_batch_rolls_the_whole_service_back() -> None:
 MIB = 1024 * 1024
 
 
+def peak_running(host: FakeHost, olds: list[str]) -> int:
+    """The most instances running at once over the host's calls."""
+    running, peak = set(olds), len(olds)
+    for what, x in host.calls:
+        if what == "start":
+            running.add(x)
+        elif what == "stop":
+            running.discard(x)
+        peak = max(peak, len(running))
+    return peak
+
+
 def mem(per_mib: int, fits: float) -> Memory:
     """Memory where `fits` new instances (with the margin) fit."""
     return Memory(per_mib * MIB, int(per_mib * MIB * HEADROOM * fits), "cgroup")
@@ -512,14 +524,7 @@ def test_headroom_narrows_the_surge_to_what_fits() -> None:
     res = Swap(replicated(4, 2, 0), host, clock).run("v1", "v2")
     assert res.result == "ok" and res.plan == "+1 -1, +1 -1, +1 -1, +1 -1"
     assert "replacing with a surge of 1" in res.headroom
-    running, peak = set(olds), 4
-    for what, x in host.calls:
-        if what == "start":
-            running.add(x)
-        elif what == "stop":
-            running.discard(x)
-        peak = max(peak, len(running))
-    assert peak == 5
+    assert peak_running(host, olds) == 5
 
 
 def test_headroom_replaces_in_place_when_unavailability_allows() -> None:
@@ -530,14 +535,7 @@ def test_headroom_replaces_in_place_when_unavailability_allows() -> None:
     res = Swap(replicated(2, 1, 1), host, clock).run("v1", "v2")
     assert res.result == "ok" and "in place (surge 0)" in res.headroom
     assert res.plan == describe(plan(2, 0, 1))
-    running, peak = {"v1-1", "v1-2"}, 2  # never more than the two replicas
-    for what, x in host.calls:
-        if what == "start":
-            running.add(x)
-        elif what == "stop":
-            running.discard(x)
-        peak = max(peak, len(running))
-    assert peak == 2
+    assert peak_running(host, ["v1-1", "v1-2"]) == 2  # never more than the two replicas
 
 
 def test_fit_plan_keeps_the_configured_plan_when_it_fits() -> None:
