@@ -175,14 +175,17 @@ class Systemd:
         is_service = unit.endswith(".service")
         props = u.Unit
         svc = u.Service if is_service else None
+        # The job first, then the state: read the other way round, a start
+        # job that ends in between (Type=exec starts in a few ms) looks like
+        # "inactive, no job": an instance that exited during start-up.
+        job = self._job_type(unit) if props.Job[0] else ""
         load = _s(props.LoadState)
         return UnitState(
             name=unit, load=load, active=_s(props.ActiveState), sub=_s(props.SubState),
             result=_s(svc.Result) if svc is not None and load == "loaded" else "",
             main_pid=int(svc.MainPID) if svc is not None and load == "loaded" else 0,
             restarts=int(svc.NRestarts) if svc is not None and load == "loaded" else 0,
-            since_us=int(props.StateChangeTimestamp),
-            job=self._job_type(unit) if props.Job[0] else "")
+            since_us=int(props.StateChangeTimestamp), job=job)
 
     def _job_type(self, unit: str) -> str:
         for _id, name, jtype, _state, _job, _unit in self._call(
