@@ -253,6 +253,56 @@ def _render_plan(p: dict[str, Any], _code: int) -> None:
         click.echo(f"  batch {i}: " + ", then ".join(steps))
 
 
+def _render_host(out: dict[str, Any], _code: int) -> None:
+    state = "drained (out of rotation)" if out["drained"] else "in rotation"
+    what = "" if out.get("changed", True) else " (already)"
+    reason = f": {out['reason']}" if out.get("reason") else ""
+    click.echo(f"host {state}{what}{reason}")
+    if out.get("endpoint"):
+        code = 503 if out["drained"] else 200
+        click.echo(f"{out['endpoint']} answers {code}")
+    else:
+        click.echo("warning: no host_ready.listen in agent.yaml: no endpoint tells a load "
+                   "balancer", err=True)
+
+
+@cli.command("drain-host", help="Take this whole host out of its load balancers' rotation: "
+                                "the daemon's GET /ready (host_ready.listen in agent.yaml) "
+                                "answers 503 until undrain-host, across restarts and reboots. "
+                                "--wait then gives the balancers' health checks time to "
+                                "notice before maintenance starts.")
+@click.option("--reason", default="", help="Shown in the 503 body and in host-state.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
+              help="Seconds to wait after draining (e.g. 2 x the balancer's check interval "
+                   "x its fall count).")
+@json_option
+@local_option
+@click.pass_obj
+def drain_host(ctx: Ctx, reason: str, wait_s: float, as_json: bool, local: bool) -> None:
+    reply = dispatch(ctx, "drain-host", {"reason": reason} if reason else {}, local)
+    if wait_s and "error" not in reply:
+        if not as_json:
+            click.echo(f"waiting {wait_s:g}s for the load balancers to notice ...", err=True)
+        time.sleep(wait_s)
+    _finish(reply, as_json, _render_host)
+
+
+@cli.command("undrain-host", help="Put this host back into rotation: GET /ready answers 200.")
+@json_option
+@local_option
+@click.pass_obj
+def undrain_host(ctx: Ctx, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "undrain-host", {}, local), as_json, _render_host)
+
+
+@cli.command("host-state", help="Whether this host is drained (drain-host) or in rotation.")
+@json_option
+@local_option
+@click.pass_obj
+def host_state(ctx: Ctx, as_json: bool, local: bool) -> None:
+    _finish(dispatch(ctx, "host-state", {}, local), as_json, _render_host)
+
+
 @cli.command(help="Swap SERVICE back to the version that served before the last swap.")
 @click.argument("service")
 @json_option

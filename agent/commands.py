@@ -8,7 +8,7 @@ from typing import Any
 
 from . import deploy
 from .config import load_agent_config, load_all
-from .errors import Exit
+from .errors import ConfigError, Exit
 from .state import StateStore
 from .swap import Emit
 from .sysctl import Change, Sysctl
@@ -73,4 +73,23 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
                          "missing": [c.key for c in plan if c.old is None]}
     if cmd == "sysctl-restore":
         return Exit.OK, {"restored": _changes(Sysctl(paths.state_dir).restore())}
+    if cmd in ("drain-host", "undrain-host", "host-state"):
+        return Exit.OK, host_state(paths, cmd, str(args.get("reason", "")))
     raise ValueError(f"unknown command {cmd}")
+
+
+def host_state(paths: deploy.Paths, cmd: str, reason: str) -> dict[str, Any]:
+    from . import hostready
+    from .config import load_agent_config
+
+    listen = load_agent_config(paths.agent_config).host_ready_listen
+    if cmd == "host-state":
+        out = {**hostready.read(paths.state_dir), "changed": False}
+    else:
+        try:
+            paths.state_dir.mkdir(parents=True, exist_ok=True)
+            out = hostready.set_drained(paths.state_dir, cmd == "drain-host", reason)
+        except ValueError as e:
+            raise ConfigError(f"--reason: {e}") from None
+    out["endpoint"] = f"http://{listen}/ready" if listen else None
+    return out

@@ -470,6 +470,7 @@ class AgentConfig:
     sysctl: tuple[tuple[str, str | None], ...] = ()  # overrides; None: leave that key alone
     admin_group: str = "zdd-admin"  # members may change things through the control socket
     metrics_listen: str | None = None  # loopback host:port of the Prometheus endpoint
+    host_ready_listen: str | None = None  # host:port of GET /ready for load balancers
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -479,7 +480,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the file must hold a mapping of keys", file=str(path), key="")
     chk = _Checker(path, data)
-    chk.reject_unknown(("sysctl", "admin_group", "metrics"))
+    chk.reject_unknown(("sysctl", "admin_group", "metrics", "host_ready"))
     group = data.get("admin_group", "zdd-admin")
     if not isinstance(group, str) or not GROUP_RE.fullmatch(group):
         raise chk.fail("admin_group", f"{group!r} is not a group name "
@@ -491,6 +492,14 @@ def load_agent_config(path: Path) -> AgentConfig:
         from .metrics import parse_listen
 
         parse_listen(str(metrics_listen), f"{path}: metrics.listen")
+    hchk = _Checker(path, chk.mapping("host_ready"), "host_ready.")
+    hchk.reject_unknown(("listen",))
+    host_ready = hchk.get("listen")
+    if host_ready is not None:
+        from .metrics import parse_listen
+
+        # any address: the load balancers that ask are elsewhere; it tells only 200 or 503
+        parse_listen(str(host_ready), f"{path}: host_ready.listen", loopback=False)
     from .sysctl import DEFAULTS  # the keys the agent manages
 
     overrides: list[tuple[str, str | None]] = []
@@ -507,4 +516,5 @@ def load_agent_config(path: Path) -> AgentConfig:
         else:
             overrides.append((key, " ".join(str(value).split())))
     return AgentConfig(path=path, sysctl=tuple(overrides), admin_group=group,
-                       metrics_listen=None if metrics_listen is None else str(metrics_listen))
+                       metrics_listen=None if metrics_listen is None else str(metrics_listen),
+                       host_ready_listen=None if host_ready is None else str(host_ready))

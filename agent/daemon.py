@@ -199,6 +199,7 @@ class Daemon:
     def __init__(self, paths: deploy.Paths, agent: AgentConfig) -> None:
         self.paths, self.agent = paths, agent
         self.metrics = Metrics()
+        self.ready_server: Any = None  # hostready.ReadyServer when host_ready.listen is set
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.workers = threading.BoundedSemaphore(MAX_WORKERS)
@@ -361,6 +362,14 @@ class Daemon:
             host, port = parse_listen(self.agent.metrics_listen, "metrics.listen")
             self.metrics.serve(host, port)
             log("daemon", f"metrics on http://{self.agent.metrics_listen}/metrics")
+        if self.agent.host_ready_listen:
+            from .hostready import ReadyServer
+
+            host, port = parse_listen(self.agent.host_ready_listen, "host_ready.listen",
+                                      loopback=False)
+            self.ready_server = ReadyServer(host, port, self.paths.state_dir).start()
+            log("daemon", f"host readiness on http://{self.agent.host_ready_listen}/ready "
+                          "(zdd-agent drain-host / undrain-host)")
         self.server = ControlServer(sock, self.dispatch)
         server_thread = threading.Thread(target=self.server.run, name="control", daemon=True)
         server_thread.start()
@@ -411,6 +420,8 @@ class Daemon:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
         log("daemon", f"Drain complete. {len(self.running)} active connections remaining.")
+        if self.ready_server is not None:
+            self.ready_server.stop()
         return 0
 
 

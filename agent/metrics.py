@@ -14,7 +14,7 @@ from .errors import ConfigError
 _BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-def parse_listen(text: str, where: str) -> tuple[str, int]:
+def parse_listen(text: str, where: str, loopback: bool = True) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
     try:
@@ -22,7 +22,7 @@ def parse_listen(text: str, where: str) -> tuple[str, int]:
         port_n = int(port)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not host:port (e.g. 127.0.0.1:9469)") from None
-    if not ip.is_loopback:
+    if loopback and not ip.is_loopback:
         raise ConfigError(f"{where}: {host} is not a loopback address (allowed: 127.0.0.0/8, "
                           "::1): metrics are served without authentication")
     if not 1 <= port_n <= 65535:

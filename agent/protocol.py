@@ -32,6 +32,9 @@ COMMANDS: dict[str, tuple[bool, frozenset[str], frozenset[str]]] = {
     "rollback": (True, frozenset({"service"}), frozenset({"service"})),
     "sysctl-apply": (True, frozenset(), frozenset()),
     "sysctl-restore": (True, frozenset(), frozenset()),
+    "drain-host": (True, frozenset({"reason"}), frozenset()),
+    "undrain-host": (True, frozenset(), frozenset()),
+    "host-state": (False, frozenset(), frozenset()),
 }
 
 

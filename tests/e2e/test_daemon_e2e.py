@@ -303,3 +303,35 @@ def test_corrupt_state_is_kept_aside_and_the_daemon_starts(dhost: DemoHost) -> N
     assert dhost.get()["version"] == "v1"  # the service itself never noticed
     code, st = dhost.zdd_json("status", "demo")
     assert code == 0 and st[0]["serving"] == "v1"
+
+
+def test_drain_host_flips_the_readiness_endpoint_across_restarts(host: DemoHost) -> None:
+    agent_yaml = host.sb.path("/etc/zdd-agent/agent.yaml")
+    agent_yaml.parent.mkdir(parents=True, exist_ok=True)
+    agent_yaml.write_text("host_ready:\n  listen: 127.0.0.1:9470\n")
+    agent_yaml.chmod(0o644)
+    host.configure()
+    assert host.zdd("install").returncode == 0
+    wait_for(lambda: daemon_active(host), 20, "zdd-agent.service active")
+
+    def ready() -> tuple[int, str]:
+        r = host.sb.run(["curl", "-s", "-o", "/dev/stdout", "-w", "\n%{http_code}",
+                         "--max-time", "5", "http://127.0.0.1:9470/ready"],
+                        capture=True, net_only=True, check=False)
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    wait_for(lambda: ready()[0] == 200, 10, "GET /ready 200")
+    r = host.zdd("drain-host", "--reason", "kernel upgrade", "--wait", "0.5")
+    assert r.returncode == 0 and "drained" in r.stdout and "answers 503" in r.stdout
+    code, body = ready()
+    assert code == 503 and "kernel upgrade" in body
+    before = main_pid(host)
+    host.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    wait_for(lambda: daemon_active(host) not in (0, before), 20, "a new daemon")
+    wait_for(lambda: ready()[0] == 503, 10, "still 503 after the restart")
+    code, state = host.zdd_json("host-state")
+    assert state["drained"] and state["reason"] == "kernel upgrade"
+    assert "already" in host.zdd("drain-host").stdout
+    assert host.zdd("undrain-host").returncode == 0
+    assert ready()[0] == 200
