@@ -500,6 +500,10 @@ def load_agent_config(path: Path) -> AgentConfig:
 
         # any address: the load balancers that ask are elsewhere; it tells only 200 or 503
         parse_listen(str(host_ready), f"{path}: host_ready.listen", loopback=False)
+        if metrics_listen is not None and \
+                str(host_ready).rpartition(":")[2] == str(metrics_listen).rpartition(":")[2]:
+            raise hchk.fail("listen", f"{host_ready} uses the port of metrics.listen "
+                                      f"({metrics_listen})")
     from .sysctl import DEFAULTS  # the keys the agent manages
 
     overrides: list[tuple[str, str | None]] = []

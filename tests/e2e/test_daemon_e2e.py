@@ -273,8 +273,8 @@ def test_watchdog_restarts_a_hung_daemon(dhost: DemoHost) -> None:
 
 def test_metrics_endpoint_on_loopback(dhost: DemoHost) -> None:
     agent_yaml = dhost.sb.path("/etc/zdd-agent/agent.yaml")
-    agent_yaml.write_text(agent_yaml.read_text().replace("  listen: null",
-                                                         "  listen: 127.0.0.1:9469"))
+    agent_yaml.write_text(agent_yaml.read_text().replace("metrics:\n  listen: null",
+                                                         "metrics:\n  listen: 127.0.0.1:9469"))
     dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
     wait_for(lambda: daemon_active(dhost), 20, "the daemon")
     for v in ("v1", "v2"):

@@ -63,6 +63,10 @@ def test_commands_and_agent_config(tmp_path: Path) -> None:
     assert not execute(paths, "undrain-host", {})[1]["drained"]
     with pytest.raises(ConfigError, match="--reason"):
         execute(paths, "drain-host", {"reason": "\x07"})
+    agent_yaml.write_text("metrics:\n  listen: 127.0.0.1:9470\n"
+                          "host_ready:\n  listen: 0.0.0.0:9470\n")
+    with pytest.raises(ConfigError, match="port of metrics.listen"):
+        load_agent_config(agent_yaml)
     agent_yaml.write_text("host_ready:\n  listen: somewhere\n")
     with pytest.raises(ConfigError, match="host_ready.listen"):
         load_agent_config(agent_yaml)
