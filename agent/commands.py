@@ -80,7 +80,6 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
 
 def host_state(paths: deploy.Paths, cmd: str, reason: str) -> dict[str, Any]:
     from . import hostready
-    from .config import load_agent_config
 
     listen = load_agent_config(paths.agent_config).host_ready_listen
     if cmd == "host-state":

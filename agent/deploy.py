@@ -21,8 +21,8 @@ from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import free_port, probe, probe_exec
 from .state import ServiceState, StateStore
-from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fit_plan,
-                   instance_ids, plan_batches)
+from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
+                   instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
 from .systemd import Systemd, journal_tail
 
@@ -66,13 +66,18 @@ def _listen_lines(text: str | None) -> list[str]:
     return sorted(ln for ln in (text or "").splitlines() if ln.startswith("ListenStream="))
 
 
+def service_census(svc: ServiceConfig) -> Census:
+    """The census of a service's ports, for the socket families its listeners use."""
+    return Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
+                             own_sockets=svc.socket == "reuseport")
+
+
 class SystemdOps:
     """InstanceOps on a real host: pystemd, netlink census, probes."""
 
     def __init__(self, svc: ServiceConfig, sd: Systemd) -> None:
         self.svc, self.sd = svc, sd
-        self.census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
-                                        own_sockets=svc.socket == "reuseport")
+        self.census = service_census(svc)
         self.ports: dict[str, int | None] = {}
 
     def unit(self, version: str) -> str:
@@ -212,21 +217,23 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
                 f"({', '.join(_listen_lines(installed))}); moving a listener would drop its "
                 f"queue. Stop every instance and {sock} first, then swap again.",
                 file=str(svc.path), key="listen")
-    # Drop-ins written before the template had its own ExecStart= lack the
-    # line that resets it: two ExecStart= would make their units unloadable.
-    for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-        instance = units.version_of(svc.name, unit)
-        rel = units.dropin_path(svc.name, instance) if instance else None
-        text = sd.read_unit_file(rel) if rel else None
-        if rel and text and "\nExecStart=\n" not in text:
-            rendered[rel] = text.replace("\nExecStart=", "\nExecStart=\nExecStart=", 1)
+    template = units.template_unit(svc.name)
+    if sd.read_unit_file(template) != rendered[template]:
+        # Drop-ins written before the template had its own ExecStart= lack the
+        # line that resets it: two ExecStart= would make their units unloadable.
+        # Only when the template changes, not at every swap.
+        for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+            instance = units.version_of(svc.name, unit)
+            rel = units.dropin_path(svc.name, instance) if instance else None
+            text = sd.read_unit_file(rel) if rel else None
+            if rel and text and "\nExecStart=\n" not in text:
+                rendered[rel] = text.replace("\nExecStart=", "\nExecStart=\nExecStart=", 1)
     changed = sd.write_unit_files(rendered)
     if changed:
         sd.reload()
     if sd.is_enabled(units.TARGET) != "enabled":
         sd.enable(units.TARGET)
     return changed
-
 
 
 def instance_version(svc: ServiceConfig, sd: Systemd, instance: str) -> str:
@@ -311,16 +318,13 @@ def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
         old = serving_version(svc, sd, state, exclude=version)
         olds = instances_of(svc, sd).get(old, []) if old else []
         mem = instance_memory(sd, [units.instance_unit(name, x) for x in olds])
+    batches: list[rollout.Batch] = []
     headroom = ""
-    if old == version:
-        batches: list[rollout.Batch] = []
-    elif olds and mem is not None:
+    if old != version:
         try:
-            batches, headroom = fit_plan(svc, len(olds), mem)
+            batches, headroom = fitted_plan(svc, olds, mem)
         except ValueError as e:
             raise SwapFailed(str(e)) from None
-    else:
-        batches = plan_batches(svc, olds)
     return {"service": name, "from_version": old, "to_version": version,
             "replicas": svc.replicas, "max_surge": svc.max_surge,
             "max_unavailable": svc.max_unavailable, "old_instances": olds,
@@ -376,8 +380,7 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 st = store.load(svc.name)
             except StateError as e:  # moved aside; systemd still knows what runs
                 st, warning = ServiceState(svc.name), str(e)
-            census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
-                                       own_sockets=svc.socket == "reuseport")
+            census = service_census(svc)
             instances: list[dict[str, Any]] = []
             groups: dict[str, list[int]] = {}
             for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
@@ -424,8 +427,7 @@ def watch(paths: Paths, name: str, interval: float, seconds: float,
     connections (the census a drain uses), as {"t": epoch, "connections":
     {instance: n}}. For `verify`'s plot and for watching a swap by hand."""
     svc = load_service(paths.config_dir, name)
-    census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
-                               own_sockets=svc.socket == "reuseport")
+    census = service_census(svc)
     end = time.monotonic() + seconds
     with Systemd() as sd:
         while (now := time.monotonic()) < end:
@@ -438,4 +440,3 @@ def watch(paths: Paths, name: str, interval: float, seconds: float,
                     groups[instance] = pids
             out({"t": round(t, 3), "connections": census.count_many(groups)})
             time.sleep(max(0.0, interval - (time.monotonic() - now)))
-

@@ -235,6 +235,15 @@ def plan_batches(svc: ServiceConfig, olds: list[str]) -> list[Batch]:
     return rollout.plan(svc.replicas, svc.max_surge, svc.max_unavailable)
 
 
+def fitted_plan(svc: ServiceConfig, olds: list[str],
+                mem: Memory | None) -> tuple[list[Batch], str]:
+    """plan_batches, narrowed by fit_plan to what fits in memory where the old
+    instances' memory is known (ValueError when nothing fits), and why."""
+    if not olds or mem is None:
+        return plan_batches(svc, olds), ""
+    return fit_plan(svc, len(olds), mem)
+
+
 def instance_ids(version: str, replicas: int) -> list[str]:
     """The instances of a version: VERSION alone, or VERSION-1..VERSION-N."""
     return [version] if replicas == 1 else [f"{version}-{i}" for i in range(1, replicas + 1)]
@@ -257,12 +266,7 @@ class Swap:
 
     def plan(self, olds: list[str]) -> tuple[list[Batch], str]:
         """The batches, narrowed to what fits in memory, and why if they were."""
-        if not olds:
-            return plan_batches(self.svc, olds), ""
-        mem = self.ops.memory(olds)
-        if mem is None:
-            return plan_batches(self.svc, olds), ""
-        return fit_plan(self.svc, len(olds), mem)
+        return fitted_plan(self.svc, olds, self.ops.memory(olds) if olds else None)
 
     def run(self, old: str | None, new: str) -> SwapResult:
         res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())

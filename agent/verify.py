@@ -29,14 +29,13 @@ from typing import Any
 
 from .config import ServiceConfig, check_version, parse_service, read_yaml
 from .errors import ConfigError, ZddError
-from .traffic.series import Series, merge
+from .traffic.series import Series
 
 PROTOCOLS = ("http1", "h2", "grpc", "ws")
 STEADY = 3.0  # seconds of load before the first swap
 PAUSE = 1.0  # seconds between two swaps
 TAIL = 2.0  # seconds of load after the last swap
 PRIVATE_DIRS = ("/tmp/", "/var/tmp/", "/run/")  # fresh tmpfs in the sandbox
-PAD = 0.1  # a request that began in a swap may end a bucket after it
 
 
 class VerifyError(ZddError):
@@ -136,11 +135,7 @@ def summarize(opts: Options, svc: ServiceConfig, load: dict[str, Any],
     series: Series = load["series"]
     windows = [(float(r["started_at"]), float(r["started_at"]) + float(r["seconds"]))
                for r in swaps if r.get("started_at")]
-    during = sorted({i for a, b in windows for i in series.window(a, b + PAD)})
-    first = windows[0][0] if windows else series.t0 + len(series.ok) * 0.1
-    last = windows[-1][1] if windows else first
-    steady = [i for i in series.window(started + 0.5, first)] + \
-             [i for i in series.window(last + 1.0, series.t0 + len(series.ok) * 0.1)]
+    steady, during = series.steady_and_during(windows, started)
     tcp: dict[str, int] = {}
     for r in swaps:
         for k, v in (r.get("tcp") or {}).items():
@@ -262,7 +257,7 @@ def run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
     if opts.plot is not None:
         from . import plot
 
-        plot.write(opts.plot, merge([load["series"]]), watch.lines, swaps,
+        plot.write(opts.plot, load["series"], watch.lines, swaps,
                    f"zdd-agent verify {svc.name}: {opts.protocol}, {opts.clients} clients, "
                    f"{len(swaps)} swaps")
         report["plot"] = str(opts.plot)

@@ -221,9 +221,7 @@ def drive(name: str, scenario: Any, swaps: int, clients: int,
             extra.kill()
     load = summary(out)
     s = Series.from_dict(load["series"])
-    during = sorted({i for a, b in windows for i in s.window(a, b + 0.1)})
-    steady = list(s.window(s.t0 + 0.5, windows[0][0])) + \
-        list(s.window(windows[-1][1] + 1.0, s.t0 + len(s.ok) * 0.1))
+    steady, during = s.steady_and_during(windows, s.t0)
     row: dict[str, Any] = {
         "scenario": name, "label": scenario.label, "swaps": swaps, "clients": clients,
         "requests": load["sent"], "failed": load["failed"], "errors": load["errors"],

@@ -75,6 +75,24 @@ class Series:
         b = min(len(self.ok), int((end - self.t0) / BUCKET))
         return range(a, max(a, b))
 
+    @property
+    def end(self) -> float:
+        """Epoch seconds at the end of the last bucket."""
+        return self.t0 + len(self.ok) * BUCKET
+
+    def steady_and_during(self, windows: list[tuple[float, float]], start: float,
+                          settle: float = 0.5, after: float = 1.0
+                          ) -> tuple[list[int], list[int]]:
+        """The buckets of steady state (from `start` + `settle` to the first
+        window, and from `after` past the last one to the end) and those of
+        the windows (swaps), each stretched a bucket: a request that began
+        in a swap may end a bucket after it."""
+        during = sorted({i for a, b in windows for i in self.window(a, b + BUCKET)})
+        first = windows[0][0] if windows else self.end
+        last = windows[-1][1] if windows else first
+        steady = [*self.window(start + settle, first), *self.window(last + after, self.end)]
+        return steady, during
+
     def totals(self, buckets: Iterable[int] | None = None) -> tuple[int, int]:
         idx = range(len(self.ok)) if buckets is None else buckets
         return sum(self.ok[i] for i in idx), sum(self.failed[i] for i in idx)
