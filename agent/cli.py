@@ -535,17 +535,45 @@ def daemon(ctx: Ctx) -> None:
     raise SystemExit(run(ctx.paths))
 
 
+@cli.command("check-config", help="Check a service config FILE (or, with --agent, an "
+                                    "agent.yaml) without installing it: exit 0 when valid, 2 "
+                                    "with the reason. For Ansible's `validate:` and for CI.")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="The service the file will be installed as (default: the file's "
+                             "name without .yaml).")
+@click.option("--agent", "is_agent", is_flag=True, help="FILE is the agent's own agent.yaml.")
+def check_config(file: Path, name: str | None, is_agent: bool) -> None:
+    from .config import load_agent_config, parse_service, read_yaml
+
+    try:
+        if is_agent:
+            load_agent_config(file)
+            click.echo(f"{file}: a valid agent config")
+        else:
+            svc = parse_service(file, read_yaml(file), expected_name=name or file.stem)
+            click.echo(f"{file}: a valid config of service {svc.name}")
+    except ZddError as e:
+        click.echo(f"zdd-agent: error: {e}", err=True)
+        raise SystemExit(2) from None
+
+
 @cli.command(help="Put the agent's units (zdd-agent.service/.socket, zdd.target), "
                   "/etc/sysctl.d/60-zdd-agent.conf and a config skeleton in place, create "
                   "the admin group, enable and start the daemon. Idempotent.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@json_option
 @click.pass_obj
-def install(ctx: Ctx, dry_run: bool) -> None:
+def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
     from .config import load_agent_config
     from .install import install as do_install
 
-    group = load_agent_config(ctx.paths.agent_config).admin_group
-    for step in do_install(dry_run, group):
+    conf = load_agent_config(ctx.paths.agent_config)
+    steps = do_install(dry_run, conf.admin_group, conf.sysctl)
+    if as_json:
+        _out({"changed": any(s.changed for s in steps), "dry_run": dry_run,
+              "steps": [{"action": s.action, "target": s.target} for s in steps]})
+        return
+    for step in steps:
         click.echo(f"{'would ' if dry_run else ''}{step}")
 
 

@@ -8,6 +8,7 @@ import grp
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -16,17 +17,21 @@ from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import SystemdError
 from .fsutil import write_if_changed
 from .systemd import UNIT_DIR, Systemd
-from .units import TARGET, TEMPLATE_DIR
+from .sysctl import render_sysctl_d
+from .units import TARGET, TEMPLATE_DIR, data_dir
 
 SYSCTL_D = Path("/etc/sysctl.d/60-zdd-agent.conf")
-REPO = Path(__file__).resolve().parents[1]
-AGENT_UNITS = ("zdd-agent.service", "zdd-agent.socket")
+AGENT_UNITS = ("zdd-agent.socket", "zdd-agent.service")
 
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # create, update, unchanged, remove, run
+    action: str  # create, update, unchanged, remove, run, enable, start, restart, keep
     target: str
+
+    @property
+    def changed(self) -> bool:
+        return self.action not in ("unchanged", "keep")
 
     def __str__(self) -> str:
         return f"{self.action:<9} {self.target}"
@@ -40,15 +45,16 @@ def executable() -> str:
     return str(Path(found).resolve() if not exe.exists() else exe)
 
 
-def files() -> dict[Path, tuple[str, int]]:
-    """Installed path -> (content, mode)."""
+def files(sysctl: Iterable[tuple[str, str | None]] = ()) -> dict[Path, tuple[str, int]]:
+    """Installed path -> (content, mode); `sysctl`: agent.yaml's overrides."""
     service = Template((TEMPLATE_DIR / "zdd-agent.service.in").read_text()).substitute(
         exec=executable())
     return {
         UNIT_DIR / "zdd-agent.service": (service, 0o644),
         UNIT_DIR / "zdd-agent.socket": ((TEMPLATE_DIR / "zdd-agent.socket").read_text(), 0o644),
         UNIT_DIR / TARGET: ((TEMPLATE_DIR / TARGET).read_text(), 0o644),
-        SYSCTL_D: ((REPO / "sysctl.d" / "60-zdd-agent.conf").read_text(), 0o644),
+        SYSCTL_D: (render_sysctl_d((data_dir("sysctl.d") / SYSCTL_D.name).read_text(), sysctl),
+                   0o644),
     }
 
 
@@ -61,9 +67,10 @@ def _state(path: Path, content: str) -> str:
         return "update"
 
 
-def install(dry_run: bool, admin_group: str = "zdd-admin") -> list[Step]:
+def install(dry_run: bool, admin_group: str = "zdd-admin",
+            sysctl: Iterable[tuple[str, str | None]] = ()) -> list[Step]:
     steps: list[Step] = []
-    for path, (content, mode) in files().items():
+    for path, (content, mode) in files(sysctl).items():
         action = _state(path, content)
         steps.append(Step(action, str(path)))
         if not dry_run and action != "unchanged":
@@ -84,15 +91,41 @@ def install(dry_run: bool, admin_group: str = "zdd-admin") -> list[Step]:
         steps.append(Step("create", f"group {admin_group}"))
         if not dry_run:
             subprocess.run(["groupadd", "--system", admin_group], check=True)
-    steps.append(Step("run", "systemctl daemon-reload; enable zdd.target zdd-agent.socket "
-                             "zdd-agent.service; start zdd-agent.socket zdd-agent.service"))
-    if not dry_run:
+    units_changed = any(st.action != "unchanged" for st in steps
+                        if st.target.startswith(str(UNIT_DIR)))
+    try:
         with Systemd() as sd:
+            steps += _activate(sd, dry_run, units_changed)
+    except SystemdError:
+        if not dry_run:
+            raise
+        steps.append(Step("run", "systemctl daemon-reload; enable and start the units "
+                                 "(systemd not reachable: state unknown)"))
+    return steps
+
+
+def _activate(sd: Systemd, dry_run: bool, units_changed: bool) -> list[Step]:
+    """daemon-reload when a unit file changed; enable and start what is not;
+    restart a running daemon whose unit changed."""
+    steps = []
+    if units_changed:
+        steps.append(Step("run", "systemctl daemon-reload"))
+        if not dry_run:
             sd.reload()
-            for unit in (TARGET, "zdd-agent.socket", "zdd-agent.service"):
+    for unit in (TARGET, *AGENT_UNITS):
+        if sd.is_enabled(unit) != "enabled":
+            steps.append(Step("enable", unit))
+            if not dry_run:
                 sd.enable(unit)
-            sd.start("zdd-agent.socket")
-            sd.start("zdd-agent.service")
+    for unit in AGENT_UNITS:
+        if sd.state(unit).active != "active":
+            steps.append(Step("start", unit))
+            if not dry_run:
+                sd.start(unit)
+        elif units_changed and unit == "zdd-agent.service":
+            steps.append(Step("restart", unit))
+            if not dry_run:
+                sd.restart(unit)
     return steps
 
 

@@ -54,6 +54,24 @@ def normalize(key: str, value: str) -> str:
     return " ".join(value.split())
 
 
+def render_sysctl_d(template: str, overrides: Iterable[tuple[str, str | None]]) -> str:
+    """The sysctl.d file for boot with the operator's overrides in place of
+    the defaults (pure): a key set to null is commented out, left alone."""
+    wanted_values = dict(overrides)
+    out = []
+    for line in template.splitlines():
+        key, eq, _ = line.lstrip("-").partition("=")
+        key = key.strip()
+        if eq and not line.startswith("#") and key in wanted_values:
+            value = wanted_values[key]
+            if value is None:
+                line = f"# {key}: left alone (null in agent.yaml)"
+            else:
+                line = f"{line[:len(line) - len(line.lstrip('-'))]}{key} = {value}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 @dataclass(frozen=True)
 class Change:
     key: str

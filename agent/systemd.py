@@ -116,6 +116,10 @@ class Systemd:
         self._call(f"cannot start {unit}", self._manager.Manager.StartUnit,
                    unit.encode(), b"replace")
 
+    def restart(self, unit: str) -> None:
+        self._call(f"cannot restart {unit}", self._manager.Manager.RestartUnit,
+                   unit.encode(), b"replace")
+
     def stop(self, unit: str) -> None:
         """Queue a stop job; a unit systemd has not loaded is not running."""
         try:

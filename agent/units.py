@@ -8,13 +8,24 @@ no shell ever sees them.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 from .config import ServiceConfig, check_instance, check_name, check_version, format_duration
 
-TEMPLATE_DIR = Path(os.environ.get("ZDD_UNITS_DIR", Path(__file__).resolve().parents[1] / "units"))
+def data_dir(name: str) -> Path:
+    """units/ or sysctl.d/: beside the package in a checkout (and an editable
+    install), under PREFIX/share/zdd-agent/ when installed from a wheel."""
+    for base in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "zdd-agent"):
+        if (base / name).is_dir():
+            return base / name
+    raise FileNotFoundError(f"{name}/ is neither beside the agent package nor in "
+                            f"{sys.prefix}/share/zdd-agent: a broken installation")
+
+
+TEMPLATE_DIR = Path(os.environ.get("ZDD_UNITS_DIR") or data_dir("units"))
 TARGET = "zdd.target"
 DROPIN_NAME = "zdd-instance.conf"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.sysctl import DEFAULTS, RESERVED, Sysctl, format_ports, parse_ports, wanted
+from agent.sysctl import RESERVED, Sysctl, format_ports, parse_ports, wanted
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ports_roundtrip() -> None:
@@ -23,17 +22,6 @@ def test_wanted_merges_reserved_ports_and_overrides() -> None:
     assert "net.ipv4.tcp_migrate_req" not in w
     assert w[RESERVED] == "22,8080-8081"
     assert wanted([], [], "")["net.ipv4.ip_local_port_range"] == "10240 65535"
-
-
-def test_sysctl_d_file_matches_defaults() -> None:
-    text = (REPO / "sysctl.d" / "60-zdd-agent.conf").read_text()
-    found = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.lstrip("-").partition("=")
-            found[key.strip()] = " ".join(value.split())
-    assert found == DEFAULTS
 
 
 def fake_proc(tmp_path: Path, values: dict[str, str]) -> Path:
