@@ -310,7 +310,9 @@ class Daemon:
                 alive[0] = self._send(conn, protocol.event(kind, d))
 
         emit = to_client
-        if req.cmd in ("swap", "rollback"):
+        # swap --dry-run is a plan: nothing to log as a swap or count.
+        real_swap = req.cmd in ("swap", "rollback") and not req.args.get("dry_run")
+        if real_swap:
             name = req.args["service"]
             logger = SwapLogger(name, req.args.get("version", "previous"))
             on_metric = self.metrics.on_event(name)
@@ -322,6 +324,8 @@ class Daemon:
 
         try:
             code, out = commands.execute(self.paths, req.cmd, req.args, emit)
+            if real_swap:
+                self.metrics.on_result(out)
         except SwapFailed as e:
             res = e.details["result"].to_dict()  # type: ignore[attr-defined]
             self.metrics.on_result(res)
@@ -335,8 +339,6 @@ class Daemon:
             err = ZddError(f"internal error in {req.cmd}: {type(e).__name__}: {e}")
             self._send(conn, protocol.error(err))
             return
-        if req.cmd in ("swap", "rollback"):
-            self.metrics.on_result(out)
         self._send(conn, protocol.result(out, int(code)))
 
     # ------------------------------------------------------------ main loop

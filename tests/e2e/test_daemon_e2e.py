@@ -95,6 +95,9 @@ def test_cli_goes_through_the_daemon_and_logs_structured_events(dhost: DemoHost)
     pid = daemon_active(dhost)
     code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0 and r["result"] == "ok", r
+    # a plan through the daemon (Ansible's zdd_swap asks for one first)
+    code, plan = dhost.zdd_json("swap", "demo", "--version", "v2", "--dry-run")
+    assert code == 0 and plan["from_version"] == "v1" and plan["batches"], plan
     code, r = dhost.zdd_json("swap", "demo", "--version", "v2")
     assert code == 0 and r["result"] == "ok", r
     assert dhost.get()["version"] == "v2"
