@@ -75,6 +75,13 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
                           "-e", "zdd_version=v1")
     assert same.code == 0 and same.changed() == dict.fromkeys(names, 0), show(same)
 
+    # Check mode: every host would change, none does.
+    dry = fleet.playbook("rolling-deploy.yml", inv, "-e", "zdd_service=api",
+                         "-e", "zdd_version=v2", "--check", "--diff")
+    assert dry.code == 0 and dry.changed() == dict.fromkeys(names, 1), show(dry)
+    assert dry.out.count("+version: v2") == 3, show(dry)
+    assert [h.serving(SERVICE) for h in fleet.hosts] == ["v1"] * 3
+
     fleet.start_haproxy()
     load = fleet.load(clients=32, seconds=600)
     try:
