@@ -121,3 +121,30 @@ def test_output_that_is_not_json_fails_with_stderr(agent: Agent) -> None:
 def test_a_missing_agent_fails_clearly(tmp_path: Path) -> None:
     out = run({"service": "api", "version": "v2", "executable": "no-such-zdd-agent"})
     assert out["failed"] is True and "no-such-zdd-agent" in out["msg"]
+
+
+def test_documentation_matches_the_argument_spec() -> None:
+    """What ansible-test's validate-modules checks first (it needs network
+    to bootstrap here): the documented options are the accepted ones, with
+    the same types, defaults and required flags; EXAMPLES and RETURN parse."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("zdd_swap", MODULE)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = yaml.safe_load(mod.DOCUMENTATION)
+    assert doc["module"] == "zdd_swap"
+    options = doc["options"]
+    assert set(options) == set(mod.ARGUMENT_SPEC)
+    for name, arg in mod.ARGUMENT_SPEC.items():
+        assert options[name]["type"] == arg["type"], name
+        assert options[name].get("required", False) == arg.get("required", False), name
+        assert options[name].get("default") == arg.get("default"), name
+    examples = yaml.safe_load(mod.EXAMPLES)
+    assert all("zdd.agent.zdd_swap" in task or "ansible.builtin.debug" in task
+               for task in examples)
+    returned = yaml.safe_load(mod.RETURN)
+    assert {"service", "version", "previous_version", "plan", "swap", "rc"} <= set(returned)

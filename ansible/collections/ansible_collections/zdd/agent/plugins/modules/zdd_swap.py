@@ -121,6 +121,11 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 SEARCH = ["/opt/zdd-agent/bin"]
+ARGUMENT_SPEC = dict(
+    service=dict(type="str", required=True),
+    version=dict(type="str", required=True),
+    executable=dict(type="path", default="zdd-agent"),
+)
 
 
 def run_agent(module, exe, args):
@@ -144,14 +149,7 @@ def agent_message(data, err):
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=dict(
-            service=dict(type="str", required=True),
-            version=dict(type="str", required=True),
-            executable=dict(type="path", default="zdd-agent"),
-        ),
-        supports_check_mode=True,
-    )
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     service, version = module.params["service"], module.params["version"]
     exe = module.params["executable"]
     if not os.path.isabs(exe):
