@@ -35,7 +35,7 @@ from . import Drain, DrainWSGI, drain_deadline, grace_period, notify
 __all__ = ["graceful_timeout", "on_starting", "post_worker_init", "when_ready",
            "worker_class"]
 
-graceful_timeout = drain_deadline(grace_period())
+graceful_timeout = int(drain_deadline(grace_period()))  # gunicorn takes whole seconds
 worker_class = "gthread"
 
 DRAIN = Drain()  # this worker's (each worker has its own copy after fork)
