@@ -356,14 +356,15 @@ class DrainMiddleware:
         else:
             await self.app(scope, receive, send)
 
+    async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status, body = _ready_response(not self.drain.draining)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.ready_path is not None and scope["path"] == self.ready_path:
-            status, body = _ready_response(not self.drain.draining)
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", b"%d" % len(body))]})
-            await send({"type": "http.response.body", "body": body})
-            return
+        app = self.ready if scope["path"] == self.ready_path else self.app
         version = scope.get("http_version", "1.1")
         h1 = version.startswith("1.")
         asked_close = any(k.lower() == b"connection" and b"close" in v.lower()
@@ -385,7 +386,7 @@ class DrainMiddleware:
         client = scope.get("client")
         self.drain.request_started()
         try:
-            await self.app(scope, receive, send_)
+            await app(scope, receive, send_)
         finally:
             self.drain.request_finished(tuple(client) if client else None,
                                         keepalive and h1)
