@@ -305,10 +305,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class WebSocketSession:
     """One accepted WebSocket, closable by the drain while its app runs."""
 
+    CLOSE_WAIT = 1.0  # seconds the close waits for the app to finish a reply
+
     def __init__(self, send: Send) -> None:
         self._send = send
         self._lock = asyncio.Lock()
         self.closed = False
+        self._idle = asyncio.Event()  # the app waits for the client's next message
+
+    async def receive(self, receive: Receive) -> Message:
+        self._idle.set()
+        try:
+            return await receive()
+        finally:
+            self._idle.clear()
 
     async def send(self, message: Message) -> None:
         async with self._lock:
@@ -320,7 +330,13 @@ class WebSocketSession:
 
     async def close(self) -> None:
         """Close with 1012 (Service Restart): the client reconnects, and
-        reaches the new instance."""
+        reaches the new instance. Sent once the app waits for the next
+        message (at most CLOSE_WAIT s): a reply the app is still working on
+        goes out first instead of being dropped after the close."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.CLOSE_WAIT)
+        except TimeoutError:
+            pass
         try:
             await self.send({"type": "websocket.close", "code": WS_SERVICE_RESTART,
                              "reason": "service restart"})
@@ -401,8 +417,11 @@ class DrainMiddleware:
                 if self.drain.draining:
                     await session.close()
 
+        async def receive_() -> Message:
+            return await session.receive(receive)
+
         try:
-            await self.app(scope, receive, send_)
+            await self.app(scope, receive_, send_)
         finally:
             self.drain.websockets.discard(session)
 

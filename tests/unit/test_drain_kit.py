@@ -196,7 +196,10 @@ def test_websockets_are_closed_with_1012_when_the_drain_begins() -> None:
         async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await receive()
             await send({"type": "websocket.accept"})
-            await disconnect.wait()
+            message = await receive()  # a message, then waiting for the next
+            await asyncio.sleep(0.05)  # working on its reply as the drain begins
+            await send({"type": "websocket.send", "text": message["text"]})
+            await receive()  # the client's answer to the close
             await send({"type": "websocket.send", "text": "late"})  # dropped: closed
             events.append("app done")
 
@@ -205,15 +208,21 @@ def test_websockets_are_closed_with_1012_when_the_drain_begins() -> None:
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
+        incoming = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hi"}]
+
         async def receive() -> dict[str, Any]:
-            return {"type": "websocket.connect"}
+            if incoming:
+                return incoming.pop(0)
+            await disconnect.wait()
+            return {"type": "websocket.disconnect", "code": 1012}
 
         app = DrainMiddleware(echo, d)
         task = asyncio.ensure_future(app({"type": "websocket", "path": "/ws"}, receive, send))
         await asyncio.sleep(0.01)
         assert len(d.websockets) == 1
         d.begin()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the app replied and waits again: closed
+        assert [m["type"] for m in sent][-1] == "websocket.close"
         assert "1 WebSocket(s) closing" in d.unsettled()  # until the app ends
         disconnect.set()
         await task
@@ -221,6 +230,7 @@ def test_websockets_are_closed_with_1012_when_the_drain_begins() -> None:
         return sent, events
 
     sent, events = asyncio.run(scenario())
-    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
-    assert sent[1]["code"] == 1012
+    # the reply in the works went out before the close
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "hi" and sent[2]["code"] == 1012
     assert events == ["app done"]
