@@ -124,6 +124,24 @@ def http1(server: str, kit: bool, swaps: int, clients: int, grace: float) -> dic
                        "status": res.status, "timeout": res.timeout}, **drains(results, grace)}
 
 
+def swaps_under(host: DemoHost, client: list[str], before: float, swaps: list[str],
+                pause: float, after: float) -> tuple[str, list[dict[str, Any]]]:
+    """Run a load client (argv) in the sandbox's network, swap through
+    `swaps`, stop the client (SIGINT: it reports); its output and the swaps'."""
+    proc = host.sb.popen(client, net_only=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        time.sleep(before)
+        results = swap_many(host, swaps, pause=pause, name="web")
+        time.sleep(after)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{client[:3]}: {err[-2000:]}")
+    return out, results
+
+
 def ws(server: str, kit: bool, clients: int, grace: float, patient: bool = False
        ) -> dict[str, Any]:
     """`patient`: hypercorn without the kit, its graceful_timeout past the
@@ -133,20 +151,10 @@ def ws(server: str, kit: bool, clients: int, grace: float, patient: bool = False
     extra = ("--graceful-timeout", f"{grace + 30:g}") if patient else ()
     with DemoHost() as host:
         deploy(host, server, kit, grace, extra)
-        proc = host.sb.popen([sys.executable, "-m", "agent.traffic.ws_client", "--url",
-                              f"ws://127.0.0.1:{PORT}", "--clients", str(clients),
-                              "--pause", "1.0", "--ramp", str(ramp),
-                              "--seconds", str(ramp + 3 + grace + 8)],
-                             net_only=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            time.sleep(ramp + 3)
-            results = swap_many(host, ["v2"], pause=0, name="web")
-            time.sleep(4)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ws_client: {err[-2000:]}")
+        client = [sys.executable, "-m", "agent.traffic.ws_client", "--url",
+                  f"ws://127.0.0.1:{PORT}", "--clients", str(clients), "--pause", "1.0",
+                  "--ramp", str(ramp), "--seconds", str(ramp + 3 + grace + 8)]
+        out, results = swaps_under(host, client, ramp + 3, ["v2"], 0, 4)
     echo = json.loads(out.strip().splitlines()[-1])["echo"]
     closes = {int(k): n for k, n in echo["closes"].items()}
     return {"test": "ws", "server": server,
@@ -160,18 +168,9 @@ def ws(server: str, kit: bool, clients: int, grace: float, patient: bool = False
 def h2(kit: bool, swaps: int, connections: int, streams: int, grace: float) -> dict[str, Any]:
     with DemoHost() as host:
         deploy(host, "hypercorn", kit, grace)
-        proc = host.sb.popen(http_argv(f"http://127.0.0.1:{PORT}/", "h2", connections, streams,
-                                       swaps * 6 + 30), net_only=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            time.sleep(1.5)
-            results = swap_many(host, versions(swaps), pause=1.5, name="web")
-            time.sleep(1.0)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"http2 client: {err[-2000:]}")
+        client = http_argv(f"http://127.0.0.1:{PORT}/", "h2", connections, streams,
+                           swaps * 6 + 30)
+        out, results = swaps_under(host, client, 1.5, versions(swaps), 1.5, 1.0)
     s = summary(out)
     return {"test": "h2", "server": "hypercorn", "variant": "kit" if kit else "plain",
             "swaps": swaps, "connections": connections, "streams": streams,

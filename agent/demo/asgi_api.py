@@ -28,14 +28,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from zdd_drain import bind_reuseport, listeners, notify
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from zdd_drain import Receive, Scope, Send, bind_reuseport, listeners, notify
 
 HOLD_INTERVAL = 0.2  # seconds between two /ws/hold messages
 SERVERS = ("hypercorn", "uvicorn")
