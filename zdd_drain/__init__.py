@@ -165,7 +165,7 @@ def drain_deadline(grace: float) -> float:
 
 class Drain:
     """The drain state of one service process, shared by its server adapter
-    and its middleware. Pure bookkeeping and a clock: no sockets.
+    and its middleware: bookkeeping and a clock (its only I/O: STOPPING=1).
 
     Timeline after the signal: `begin()` (draining; readiness 503; hooks:
     GOAWAY, WebSocket closes); `settled()` becomes true once every HTTP/1.1
