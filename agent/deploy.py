@@ -109,7 +109,7 @@ class SystemdOps:
 
     def status(self, version: str) -> InstanceStatus:
         st = self.sd.state(self.unit(version))
-        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job)
+        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job, st.exit)
 
     def probe(self, version: str) -> tuple[bool, str]:
         port = self.ports.get(version)

@@ -28,6 +28,7 @@ class InstanceStatus:
     result: str  # systemd Result of the service (timeout = killed at TimeoutStopSec)
     restarts: int = 0
     job: str = ""  # queued systemd job: start, stop, restart, ... or ""
+    exit: str = ""  # how its main process last ended: "exited 0", "killed by SIGTERM", ...
 
     @property
     def gone(self) -> bool:
@@ -191,13 +192,19 @@ class DrainResult:
     killed_at_grace: bool = False
     seconds: float = 0.0
     held: list[str] = field(default_factory=list)  # peers still connected at the last poll
+    # how each old instance's main process ended: "exited 0" is a program
+    # that drained and returned; "killed by SIGTERM" one that died of the
+    # drain signal (a clean stop to systemd, but nothing was drained);
+    # "killed by SIGKILL" the kill at the grace period
+    exits: list[str] = field(default_factory=list)
 
     def merge(self, other: DrainResult) -> DrainResult:
         """Several batches' drains as one."""
         return DrainResult(self.connections_at_start + other.connections_at_start,
                            self.connections_at_end + other.connections_at_end,
                            self.killed_at_grace or other.killed_at_grace,
-                           self.seconds + other.seconds, self.held + other.held)
+                           self.seconds + other.seconds, self.held + other.held,
+                           self.exits + other.exits)
 
 
 @dataclass
@@ -503,6 +510,7 @@ class Swap:
             states = [self.ops.status(x) for x in olds]
             elapsed = self.clock.monotonic() - t
             if all(st.stopped for st in states):
+                d.exits = [st.exit for st in states]
                 d.killed_at_grace = any(st.result == "timeout" for st in states)
                 d.connections_at_end = last if d.killed_at_grace else 0
                 if not d.killed_at_grace:

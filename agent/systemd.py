@@ -9,6 +9,7 @@ nothing: the journal.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -38,6 +39,22 @@ class UnitState:
     restarts: int
     since_us: int  # realtime usec of the last active-state change
     job: str = ""  # type of the queued job (start, stop, ...), "" when none
+    exit: str = ""  # how the main process last ended (exit_description), "" if never
+
+
+def exit_description(code: int, status: int) -> str:
+    """ExecMainCode/ExecMainStatus in words: the code is waitid(2)'s si_code
+    (CLD_EXITED 1, CLD_KILLED 2, CLD_DUMPED 3), the status an exit status or
+    a signal number."""
+    if code == 1:
+        return f"exited {status}"
+    if code in (2, 3):
+        try:
+            name = signal.Signals(status).name
+        except ValueError:
+            name = f"signal {status}"
+        return f"killed by {name}" + (" (core dumped)" if code == 3 else "")
+    return ""
 
 
 class Systemd:
@@ -189,7 +206,9 @@ class Systemd:
             result=_s(svc.Result) if svc is not None and load == "loaded" else "",
             main_pid=int(svc.MainPID) if svc is not None and load == "loaded" else 0,
             restarts=int(svc.NRestarts) if svc is not None and load == "loaded" else 0,
-            since_us=int(props.StateChangeTimestamp), job=job)
+            since_us=int(props.StateChangeTimestamp), job=job,
+            exit=exit_description(int(svc.ExecMainCode), int(svc.ExecMainStatus))
+            if svc is not None and load == "loaded" else "")
 
     def _job_type(self, unit: str) -> str:
         for _id, name, jtype, _state, _job, _unit in self._call(

@@ -1,5 +1,7 @@
 """The bundled demo HTTP/1.1 API: a small service that drains the way
-zdd-agent expects, used by `zdd-agent demo` and the end-to-end tests.
+zdd-agent expects, used by `zdd-agent demo` and the end-to-end tests. Its
+HTTP server is its own (plain asyncio streams); the systemd and drain parts
+are the drain kit's (zdd_drain: listeners, READY=1, stop accepting).
 
 - listeners inherited from systemd (LISTEN_FDS, sd_listen_fds(3)), or bound
   with --listen when run by hand;
@@ -24,14 +26,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.sd import listen_fds
-from agent.sd import notify as sd_notify
+from zdd_drain import listeners, stop_accepting
+from zdd_drain import notify as sd_notify
 
 IDLE_AFTER_DRAIN = 1.0  # seconds an idle keep-alive connection may sit once draining
 
@@ -44,6 +45,7 @@ class Api:
         self.open_conns = 0
         self.idle: dict[asyncio.StreamWriter, float] = {}  # writer -> idle since
         self.servers: list[asyncio.Server] = []
+        self.own_listeners = False  # SO_REUSEPORT sockets of this process (ZDD_LISTEN)
         self.drain_started = 0.0
 
     def response(self, status: int, body: bytes, close: bool,
@@ -155,13 +157,9 @@ class Api:
         self.draining.set()
         self.drain_started = asyncio.get_running_loop().time()
         loop = asyncio.get_running_loop()
-        # Stop accepting first, close the listener later: Server.close() while
-        # accept tasks are still setting up connections the kernel handed us
-        # makes those tasks fail (Server._attach asserts it is open, Python
-        # 3.11), and the orphaned sockets are reset when the process exits.
-        for server in self.servers:
-            for sock in server.sockets:
-                loop.remove_reader(sock.fileno())
+        # Stop accepting first, close the listener later (stop_accepting says why)
+        stop_accepting(loop, [s.fileno() for server in self.servers for s in server.sockets],
+                       self.own_listeners)
         await asyncio.sleep(0.1)
         for server in self.servers:
             server.close()  # this process's copy of the listener; the socket unit keeps it
@@ -175,32 +173,17 @@ class Api:
             await asyncio.sleep(0.05)
 
 
-def bind_reuseport(address: str) -> socket.socket:
-    """Bind our own listener beside the other instances' (SO_REUSEPORT)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, int(port)))
-    s.listen(4096)
-    return s
-
-
 async def main_async(args: argparse.Namespace) -> int:
     api = Api(args.version, args.never_ready)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    socks = listen_fds()
-    if not socks and os.environ.get("ZDD_LISTEN"):  # socket: reuseport
-        socks = [bind_reuseport(a) for a in os.environ["ZDD_LISTEN"].split()]
+    # systemd's (LISTEN_FDS), else SO_REUSEPORT ones for ZDD_LISTEN or --listen
+    socks, api.own_listeners = listeners([args.listen] if args.listen else [])
     if not socks:
-        if not args.listen:
-            print("no LISTEN_FDS from systemd, no ZDD_LISTEN and no --listen", file=sys.stderr)
-            return 2
-        socks = [bind_reuseport(args.listen)]
+        print("no LISTEN_FDS from systemd, no ZDD_LISTEN and no --listen", file=sys.stderr)
+        return 2
     for s in socks:
         s.setblocking(False)
         api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))

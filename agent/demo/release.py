@@ -2,8 +2,10 @@
 ROOT/VERSION/bin/PROGRAM, an executable that runs the program as VERSION.
 
 Programs: api (the HTTP/1.1 demo, agent.demo.api), asgi (HTTP/1.1, h2c and
-WebSocket under hypercorn, agent.demo.asgi_api), grpc (unary and server
-streaming with grpc.health.v1, agent.demo.grpc_api)."""
+WebSocket under hypercorn or uvicorn, agent.demo.asgi_api), wsgi (the WSGI
+app under gunicorn, agent.demo.wsgi_api), grpc (unary and server streaming
+with grpc.health.v1, agent.demo.grpc_api). The services but grpc drain with
+the drain kit (zdd_drain) unless given --plain."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from ..config import check_version
 
 PROGRAMS = {"api": "agent.demo.api", "asgi": "agent.demo.asgi_api",
-            "grpc": "agent.demo.grpc_api"}
+            "wsgi": "agent.demo.wsgi_api", "grpc": "agent.demo.grpc_api"}
 
 _SCRIPT = """#!{python}
 # zdd-agent demo release {version}

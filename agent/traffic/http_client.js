@@ -161,8 +161,23 @@ async function main() {
   const count = opts.protocol === 'h2' ? opts.connections : opts.connections * opts.streams;
   const conns = Array.from({ length: count }, () => new Conn());
   const loop = async (c) => { while (Date.now() < deadline) await c.request(); };
+  // A stream whose session a server tore down without a frame for it can be
+  // left with neither a response nor an error event (seen with stock
+  // hypercorn at shutdown): node then runs out of work and would exit
+  // without a report. Such requests are counted as failed ("hung").
+  process.on('beforeExit', () => {
+    for (let n = stats.sent - stats.ok - stats.failed; n > 0; n -= 1) fail('hung');
+    report(count, perConn);
+  });
   await Promise.all(conns.flatMap((c) => Array.from({ length: perConn }, () => loop(c))));
   conns.forEach((c) => c.close());
+  report(count, perConn);
+}
+
+let reported = false;
+function report(count, perConn) {
+  if (reported) return;
+  reported = true;
   process.stdout.write(JSON.stringify({ ...stats, protocol: opts.protocol,
     connections: count, streams: perConn, series }) + '\n');
 }

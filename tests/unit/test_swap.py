@@ -78,8 +78,10 @@ class FakeHost:
         if version in self.stopped:
             dt = self.clock.now - self.stopped[version]
             if dt >= min(sc.drain_seconds, self.grace):
-                return InstanceStatus("inactive" if dt < self.grace else "failed", "dead",
-                                      "success" if sc.drain_seconds < self.grace else "timeout")
+                killed = sc.drain_seconds >= self.grace
+                return InstanceStatus("failed" if killed else "inactive", "dead",
+                                      "timeout" if killed else "success",
+                                      exit="killed by SIGKILL" if killed else "exited 0")
             return InstanceStatus("deactivating", "stop-sigterm", "success")
         if version not in self.started:
             return InstanceStatus("inactive", "dead", "success")
@@ -176,6 +178,7 @@ def test_swap_drains_old_after_new_is_ready() -> None:
                           ("stop", "v1"), ("disable", "v1"), ("cleanup", "v1")]
     assert res.drain.connections_at_start == 3
     assert res.drain.connections_at_end == 0 and not res.drain.killed_at_grace
+    assert res.drain.exits == ["exited 0"]
     assert 1.0 <= res.drain.seconds <= 1.3
     drains = [d["connections"] for k, d in events if k == "drain"]
     assert drains[0] == 3 and drains == sorted(drains, reverse=True)
@@ -187,7 +190,7 @@ def test_old_that_holds_past_grace_is_reported_killed() -> None:
                "v2": Script()}
     host, clock, events, res = run(scripts, "v1", "v2", grace=3.0)
     assert res.result == "ok"
-    assert res.drain.killed_at_grace
+    assert res.drain.killed_at_grace and res.drain.exits == ["killed by SIGKILL"]
     assert res.drain.connections_at_end == 2
     assert res.drain.held == ["peer-0:5000", "peer-1:5000"]  # listed while draining
     assert 3.0 <= res.drain.seconds <= 3.3
