@@ -51,7 +51,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.sd import notify as sd_notify
+from zdd_drain import grace_period
+from zdd_drain import notify as sd_notify
 
 SERVICE = "zdd.demo.Echo"
 STOP_MARGIN = 30.0  # seconds past the agent's grace period: its SIGKILL comes first
@@ -153,13 +154,6 @@ def leave_reuseport_group(ports: set[int]) -> int:
             except OSError:
                 pass
     return left
-
-
-def grace_period() -> float:
-    try:
-        return float(os.environ.get("ZDD_GRACE_PERIOD", "30"))
-    except ValueError:
-        return 30.0
 
 
 def serve(args: argparse.Namespace) -> int:
