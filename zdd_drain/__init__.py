@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 __all__ = ["Drain", "DrainMiddleware", "DrainWSGI", "Listener", "bind_reuseport",
-           "drain_deadline", "grace_period", "listen_fds", "listeners", "notify",
-           "stop_accepting"]
+           "drain_deadline", "grace_period", "instance_address", "listen_fds", "listeners",
+           "notify", "stop_accepting"]
 
 SD_LISTEN_FDS_START = 3
 DEFAULT_GRACE = 30.0  # seconds, when ZDD_GRACE_PERIOD is unset (not run by the agent)
@@ -84,6 +84,14 @@ def listen_fds(unset: bool = True) -> list[Listener]:
     names += ["unknown"] * (n - len(names))
     return [Listener(names[i] or "unknown", socket.socket(fileno=SD_LISTEN_FDS_START + i))
             for i in range(n)]
+
+
+def instance_address(environ: Mapping[str, str] | None = None) -> str | None:
+    """127.0.0.1:$ZDD_INSTANCE_PORT: where the agent's per-instance readiness
+    probe asks this instance (never through the shared port); None when the
+    agent gives no port (notify, tcp or exec readiness)."""
+    port = (os.environ if environ is None else environ).get("ZDD_INSTANCE_PORT")
+    return f"127.0.0.1:{int(port)}" if port else None
 
 
 def bind_reuseport(address: str, backlog: int = 4096) -> socket.socket:

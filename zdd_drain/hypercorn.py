@@ -46,7 +46,7 @@ from hypercorn.config import Config
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol
 
-from . import ASGIApp, Drain, DrainMiddleware, listeners, notify
+from . import ASGIApp, Drain, DrainMiddleware, instance_address, listeners, notify
 
 __all__ = ["H2Goaway", "answer_after_client_goaway", "serve"]
 
@@ -143,9 +143,9 @@ async def serve(app: ASGIApp, config: Config | None = None, *, drain: Drain | No
         return 2
     fds = [s.detach() for s in socks]  # hypercorn's "fd://N" sockets own them alone
     config.bind = [f"fd://{fd}" for fd in fds]
-    port = os.environ.get("ZDD_INSTANCE_PORT")
-    if port:
-        config.bind.append(f"127.0.0.1:{int(port)}")
+    probe = instance_address()
+    if probe:
+        config.bind.append(probe)
     config.graceful_timeout = drain.deadline
     config.keep_alive_max_requests = 2**62
     h2 = H2Goaway()

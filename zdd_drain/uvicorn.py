@@ -30,7 +30,8 @@ from typing import Any
 
 import uvicorn
 
-from . import ASGIApp, Drain, DrainMiddleware, bind_reuseport, listeners, notify
+from . import (ASGIApp, Drain, DrainMiddleware, bind_reuseport, instance_address, listeners,
+               notify)
 
 __all__ = ["DrainServer", "run"]
 
@@ -82,10 +83,8 @@ def run(app: ASGIApp, *, drain: Drain | None = None, ready_path: str | None = "/
     socks, own = listeners(fallback)
     if not socks:
         return 2
-    instance_port = os.environ.get("ZDD_INSTANCE_PORT")
-    served = list(socks)
-    if instance_port:
-        served.append(bind_reuseport(f"127.0.0.1:{int(instance_port)}"))
+    probe = instance_address()
+    served = socks + ([bind_reuseport(probe)] if probe else [])
     drain = drain or Drain(keepalive_timeout=kwargs.get("timeout_keep_alive", 5))
     # loop: the selector event loop, whose accept loop stop_accepting can stop
     config = uvicorn.Config(DrainMiddleware(app, drain, ready_path),

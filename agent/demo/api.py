@@ -31,7 +31,7 @@ from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from zdd_drain import listeners, stop_accepting
+from zdd_drain import instance_address, listeners, stop_accepting
 from zdd_drain import notify as sd_notify
 
 IDLE_AFTER_DRAIN = 1.0  # seconds an idle keep-alive connection may sit once draining
@@ -188,9 +188,10 @@ async def main_async(args: argparse.Namespace) -> int:
         s.setblocking(False)
         api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))
     ready_server = None
-    port = os.environ.get("ZDD_INSTANCE_PORT")
-    if port:
-        ready_server = await asyncio.start_server(api.serve_ready, "127.0.0.1", int(port))
+    probe = instance_address()
+    if probe:
+        host, _, port = probe.rpartition(":")
+        ready_server = await asyncio.start_server(api.serve_ready, host, int(port))
     if not args.never_ready:
         sd_notify(f"READY=1\nSTATUS=serving {args.version}\nMAINPID={os.getpid()}")
     print(f"demo api {args.version} serving (pid {os.getpid()})", flush=True)

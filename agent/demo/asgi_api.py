@@ -30,7 +30,8 @@ import socket
 import sys
 from typing import Any
 
-from zdd_drain import Receive, Scope, Send, bind_reuseport, listeners, notify
+from zdd_drain import (Receive, Scope, Send, bind_reuseport, instance_address, listeners,
+                       notify)
 
 HOLD_INTERVAL = 0.2  # seconds between two /ws/hold messages
 SERVERS = ("hypercorn", "uvicorn")
@@ -105,9 +106,9 @@ class App:
 def plain_sockets(args: argparse.Namespace) -> list[socket.socket]:
     """The listeners as a stock deployment has them, plus the instance port."""
     socks, _own = listeners([args.listen] if args.listen else [])
-    port = os.environ.get("ZDD_INSTANCE_PORT")
-    if socks and port:
-        socks.append(bind_reuseport(f"127.0.0.1:{int(port)}"))
+    probe = instance_address()
+    if socks and probe:
+        socks.append(bind_reuseport(probe))
     return socks
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from zdd_drain import grace_period
+from zdd_drain import grace_period, instance_address
 from zdd_drain import notify as sd_notify
 
 SERVICE = "zdd.demo.Echo"
@@ -174,9 +174,9 @@ def serve(args: argparse.Namespace) -> int:
     healthz = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(healthz, server)
     shared_ports = {int(a.rpartition(":")[2]) for a in addresses}
-    instance_port = os.environ.get("ZDD_INSTANCE_PORT")
-    if instance_port:
-        addresses.append(f"127.0.0.1:{int(instance_port)}")
+    probe = instance_address()
+    if probe:
+        addresses.append(probe)
     for address in addresses:
         try:
             bound = server.add_insecure_port(address)

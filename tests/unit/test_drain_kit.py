@@ -76,6 +76,13 @@ def test_grace_period_and_deadline(raw: str, grace: float, deadline: float) -> N
     assert drain_deadline(grace) == pytest.approx(deadline)
 
 
+def test_instance_address_is_loopback_on_the_agents_port() -> None:
+    assert zdd_drain.instance_address({"ZDD_INSTANCE_PORT": "41234"}) == "127.0.0.1:41234"
+    assert zdd_drain.instance_address({}) is None
+    with pytest.raises(ValueError):
+        zdd_drain.instance_address({"ZDD_INSTANCE_PORT": "80; rm"})
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 100.0
