@@ -91,8 +91,7 @@ def install(dry_run: bool, admin_group: str = "zdd-admin",
         steps.append(Step("create", f"group {admin_group}"))
         if not dry_run:
             subprocess.run(["groupadd", "--system", admin_group], check=True)
-    units_changed = any(st.action != "unchanged" for st in steps
-                        if st.target.startswith(str(UNIT_DIR)))
+    units_changed = any(st.changed for st in steps if st.target.startswith(str(UNIT_DIR)))
     try:
         with Systemd() as sd:
             steps += _activate(sd, dry_run, units_changed)

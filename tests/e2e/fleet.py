@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,13 +29,12 @@ from typing import Any
 import yaml
 
 from agent.demo.load import Load, wrk_argv, write_script
-from agent.demo.release import make_release
+from agent.demo.run import DemoHost
 from agent.sandbox import DEFAULT_ROOT, Sandbox
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
-RELEASES = "/var/lib/zdd-fleet/releases"
 # The role's virtualenv, on the sandbox's private /var (the machine's /opt is
 # shared by every sandbox).
 AGENT_VENV = "/var/lib/zdd-fleet/agent"
@@ -86,37 +86,24 @@ def run(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
                           timeout=kw.pop("timeout", 120), **kw)
 
 
-@dataclass
-class Host:
-    name: str
-    index: int
-    sb: Sandbox
+class Host(DemoHost):
+    """One host of the fleet: a DemoHost (releases, the agent's CLI run
+    inside) whose agent is the one the role installed."""
+
+    def __init__(self, name: str, index: int, root: Path) -> None:
+        super().__init__(Sandbox(root=root))
+        self.name, self.index = name, index
+        self.agent = [f"{AGENT_VENV}/bin/zdd-agent"]
 
     @property
     def addr(self) -> str:
         return f"10.231.{self.index}.2"
 
-    def release(self, version: str, *flags: str) -> None:
-        make_release(self.sb.path(RELEASES), version, tuple(flags))
-
-    def zdd(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.sb.run([f"{AGENT_VENV}/bin/zdd-agent", *args], check=False, capture=True)
-
-    def zdd_json(self, *args: str) -> Any:
-        import json
-
-        r = self.zdd(*args, "--json")
-        try:
-            return json.loads(r.stdout)
-        except ValueError:
-            raise RuntimeError(f"{self.name}: zdd-agent {' '.join(args)} exited "
-                               f"{r.returncode}: {r.stdout[-1000:]} {r.stderr[-2000:]}") from None
-
     def serving(self, service: str) -> str | None:
-        return self.zdd_json("status", service)[0]["serving"]
+        return self.zdd_json("status", service)[1][0]["serving"]
 
     def history(self, service: str) -> list[dict[str, Any]]:
-        return list(self.zdd_json("history", service))
+        return list(self.zdd_json("history", service)[1])
 
 
 @dataclass
@@ -134,8 +121,7 @@ class Fleet:
         tag = uuid.uuid4().hex[:8]
         self.root = DEFAULT_ROOT / f"fleet-{tag}"
         self.netns = f"zdd-fleet-{tag}"
-        self.hosts = [Host(f"host{i}", i, Sandbox(root=self.root / f"host{i}"))
-                      for i in range(1, size + 1)]
+        self.hosts = [Host(f"host{i}", i, self.root / f"host{i}") for i in range(1, size + 1)]
         self.key = self.root / "ssh" / "id_ed25519"
         self.wheels = self.root / "wheels"
         self.haproxy: subprocess.Popen[str] | None = None
@@ -199,8 +185,6 @@ class Fleet:
             h.sb.close()
         if self._netns_made:
             subprocess.run(["ip", "netns", "del", self.netns], check=False)
-        import shutil
-
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Fleet:

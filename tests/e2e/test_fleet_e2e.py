@@ -15,7 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet import RELEASES, SERVICE_PORT, Fleet, StateWatch
+from fleet import SERVICE_PORT, Fleet, StateWatch
+
+from agent.demo.run import RELEASES
 
 pytestmark = pytest.mark.fleet
 
@@ -64,7 +66,7 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
     assert again.code == 0, show(again)
     assert again.changed() == dict.fromkeys(names, 0), show(again)
     for h in fleet.hosts:
-        assert h.zdd_json("host-state")["drained"] is False
+        assert h.zdd_json("host-state")[1]["drained"] is False
 
     # First deploy of v1 everywhere; rolling it again is no change.
     first = fleet.playbook("rolling-deploy.yml", inv, "-e", "zdd_service=api",
