@@ -123,7 +123,16 @@ class Hook:
     timeout: float = 60.0
 
 
-HOOKS = ("pre_swap", "post_swap", "on_rollback")
+# post_start runs after each new batch is admitted and baked, before any old
+# instance gets its drain signal; it must succeed (e.g. a warm-up request).
+HOOKS = ("pre_swap", "post_start", "post_swap", "on_rollback")
+
+# strategy.min_ready (Kubernetes minReadySeconds, Nomad min_healthy_time): how
+# long each admitted new instance must stay up beside the old ones before any
+# old one is signalled. strategy.watch (Nomad auto_revert): how long the daemon
+# keeps watching the new version after a swap and reverts by itself.
+DEFAULT_MIN_READY = 5.0
+DEFAULT_WATCH = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ class ServiceConfig:
     replicas: int = 1
     max_surge: int = 1  # resolved counts (rollout.resolve)
     max_unavailable: int = 0
+    min_ready: float = DEFAULT_MIN_READY  # seconds; 0: admitted at the gate
+    watch: float = DEFAULT_WATCH  # seconds after a swap; 0: nothing watches
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)

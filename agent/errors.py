@@ -20,6 +20,9 @@ class Exit(IntEnum):
     NO_HISTORY = 7  # `rollback`: no previous version to go back to
     PROBLEMS = 8  # `doctor`: something needs attention
     NOT_ZERO_DOWNTIME = 9  # `verify`: a request failed or a swap did not succeed
+    FAILED = 10  # the new version failed after an old instance was signalled: the old
+    #              version was restarted (or could not be); requests may have failed
+    DOWN = 11  # `status`: a service has no running instance
 
 
 class ZddError(Exception):
@@ -40,6 +43,12 @@ class LockedError(ZddError):
 
 class SwapFailed(ZddError):
     exit_code = Exit.ROLLED_BACK
+
+
+class SwapBroken(ZddError):
+    """The new version failed after an old instance got its drain signal."""
+
+    exit_code = Exit.FAILED
 
 
 class SystemdError(ZddError):
