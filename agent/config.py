@@ -165,6 +165,14 @@ class ServiceConfig:
     def ports(self) -> tuple[int, ...]:
         return tuple(sorted({lst.port for lst in self.listen}))
 
+    @property
+    def needs_instance_port(self) -> bool:
+        """Whether each instance gets a private port of its own: its readiness
+        probe or its post_start hook names {instance_port}."""
+        hook = self.hook("post_start")
+        return self.ready.needs_instance_port or (
+            hook is not None and any(INSTANCE_PORT in a for a in hook.command))
+
 
 # ---------------------------------------------------------------- validation
 

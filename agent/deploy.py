@@ -21,6 +21,7 @@ from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import free_port, probe, probe_exec
 from .state import ServiceState, StateStore
+from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
@@ -68,8 +69,7 @@ def _listen_lines(text: str | None) -> list[str]:
 
 def service_census(svc: ServiceConfig) -> Census:
     """The census of a service's ports, for the socket families its listeners use."""
-    return Census.for_listen([(lst.host, lst.port) for lst in svc.listen],
-                             own_sockets=svc.socket == "reuseport")
+    return mode_for(svc).census()
 
 
 class SystemdOps:
@@ -77,7 +77,8 @@ class SystemdOps:
 
     def __init__(self, svc: ServiceConfig, sd: Systemd) -> None:
         self.svc, self.sd = svc, sd
-        self.census = service_census(svc)
+        self.mode = mode_for(svc)
+        self.census = self.mode.census()
         self.ports: dict[str, int | None] = {}
 
     def unit(self, version: str) -> str:
@@ -89,7 +90,7 @@ class SystemdOps:
     def prepare(self, instance: str, version: str) -> None:
         """What the instance runs: the template's own ExecStart (%i), or a
         drop-in (replicas, or a readiness port per start) and a reload."""
-        port = free_port() if self.svc.ready.needs_instance_port else None
+        port = free_port() if self.svc.needs_instance_port else None
         self.ports[instance] = port
         self.sd.reset_failed(self.unit(instance))
         path = units.dropin_path(self.svc.name, instance)
@@ -109,7 +110,8 @@ class SystemdOps:
 
     def status(self, version: str) -> InstanceStatus:
         st = self.sd.state(self.unit(version))
-        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job, st.exit)
+        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job, st.exit,
+                              st.main_pid)
 
     def probe(self, version: str) -> tuple[bool, str]:
         port = self.ports.get(version)
@@ -150,12 +152,46 @@ class SystemdOps:
         when systemd accounts memory, else its processes' RSS."""
         return instance_memory(self.sd, [self.unit(x) for x in olds])
 
-    def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
+    def run_hook(self, hook: str, env: dict[str, str],
+                 instance: str | None = None) -> tuple[bool, str] | None:
+        """A hook's argv (no shell); for one new instance (post_start) with
+        {version} and {instance_port} substituted and ZDD_INSTANCE_PORT set."""
         h = self.svc.hook(hook)
         if h is None:
             return None
-        r = probe_exec(list(h.command), h.timeout, env)
+        argv = list(h.command)
+        if instance is not None:
+            port = self.ports.get(instance)
+            env = {**env, "ZDD_VERSION": env.get("ZDD_TO_VERSION", "")}
+            if port is not None:
+                env["ZDD_INSTANCE_PORT"] = str(port)
+            argv = [a.replace("{version}", env["ZDD_VERSION"])
+                    .replace("{instance_port}", str(port or "")) for a in argv]
+        r = probe_exec(argv, h.timeout, env)
         return r.ok, r.detail
+
+    def missing_listeners(self, instance: str) -> list[str]:
+        pids = self.pids(instance)
+        if not pids:
+            return [str(lst) for lst in self.svc.listen]
+        return self.mode.missing_listeners(pids)
+
+    def close_listeners(self, instance: str) -> int:
+        return self.mode.close_listeners(self.pids(instance))
+
+    def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]:
+        return self.census.inodes_many({x: self.pids(x) for x in instances})
+
+    def close_watch(self, instances: list[str]) -> Any:
+        """Follows how `instances` end their connections (closes.py), begun
+        before their drain signal; None where the census knows none."""
+        from .closes import CloseWatch
+
+        sets = self.connection_sets(instances)
+        inodes = set().union(*sets.values()) if sets else set()
+        watch = CloseWatch(self.census.ports, self.census.families)
+        watch.begin(inodes)
+        return watch
 
 
 def instance_memory(sd: Systemd, unit_names: list[str]) -> Memory | None:
@@ -281,13 +317,13 @@ def _serving_or_none(svc: ServiceConfig, sd: Systemd, st: ServiceState) -> str |
 
 
 def _runner(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
-            emit: Emit | None) -> Swap:
+            emit: Emit | None, interrupted: Callable[[], bool] | None = None) -> Swap:
     def intent(old: str | None, new: str, phase: str, extra: dict[str, Any]) -> None:
         state.intent = {"from": old, "to": new, "phase": phase, "pid": os.getpid(),
                         "at": time.time(), **extra}
         store.save(state)
 
-    return Swap(svc, SystemdOps(svc, sd), SystemClock(), emit, intent)
+    return Swap(svc, SystemdOps(svc, sd), SystemClock(), emit, intent, interrupted)
 
 
 def _finish(store: StateStore, state: ServiceState, result: SwapResult) -> None:
@@ -334,11 +370,17 @@ def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
                         for b in batches]}
 
 
-def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> SwapResult:
+def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
+         interrupted: Callable[[], bool] | None = None,
+         watched: bool = False) -> SwapResult:
+    """Swap `name` to `version` under the service's lock. `interrupted` is
+    polled by the swap (a --local CLI's SIGINT/SIGTERM); `watched` says
+    that the daemon will watch the new version afterwards (strategy.watch)."""
     svc = load_service(paths.config_dir, name)
     preflight(svc, version)
     backlog = _backlog(paths)
     store = StateStore(paths.state_dir)
+    say = emit or (lambda kind, data: None)
     with store.lock(name):
         state = store.load(name)
         if svc.socket == "reuseport":
@@ -347,23 +389,87 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None) -> Swa
             install_units(svc, sd, backlog)
             recover(svc, sd, store, state, emit)
             old = serving_version(svc, sd, state, exclude=version)
+            if old is None and version in active_versions(svc, sd):
+                old = version  # it runs already (no record of it): nothing to do
+            warnings = [f"a process outside zdd-agent listens on {s['address']} "
+                        f"(pid {s['pid']} {s['comm']}): it takes a share of new connections "
+                        "and no swap replaces it" for s in stray_listeners(svc, sd)]
+            for w in warnings:
+                say("warning", {"message": w})
+            state.watch = None  # a new swap ends any watch of the last one
+            runner = _runner(svc, sd, store, state, emit, interrupted)
             try:
-                result = _runner(svc, sd, store, state, emit).run(old, version)
+                result = runner.run(old, version)
             except SwapFailed as e:
                 res = e.details["result"]
                 assert isinstance(res, SwapResult)
+                res.warnings[:0] = warnings
                 _finish(store, state, res)
                 raise
+            result.warnings[:0] = warnings
+            if result.result == "ok":
+                disable_others(svc, sd, set(instance_ids(version, svc.replicas)))
+                result.watch = watch_note(svc, version, old, watched, time.time())
+                if watched and svc.watch > 0:
+                    state.watch = dict(result.watch)
             _finish(store, state, result)
             return result
 
 
-def rollback(paths: Paths, name: str, emit: Emit | None = None) -> SwapResult:
+def watch_note(svc: ServiceConfig, version: str, old: str | None, watched: bool,
+               now: float) -> dict[str, Any]:
+    """Who watches `version` after its swap (strategy.watch), for the result."""
+    if svc.watch <= 0:
+        return {"seconds": 0, "note": "strategy.watch is 0: nothing watches the new version"}
+    if old is None or old == version:
+        return {"seconds": 0, "note": "a first deploy: there is no previous version to "
+                                      "revert to"}
+    if not watched:
+        return {"seconds": 0, "note": f"swapped without the daemon (--local): nothing "
+                                      f"watches {version} and nothing reverts it by itself"}
+    return {"seconds": svc.watch, "until": now + svc.watch, "version": version,
+            "previous": old, "by": "daemon"}
+
+
+def disable_others(svc: ServiceConfig, sd: Systemd, keep: set[str]) -> list[str]:
+    """Disable every instance of the service enabled for boot but `keep`, even
+    those not running (crashed, stopped by hand): after a reboot only the
+    serving version may start on the socket."""
+    wants = sd.unit_dir / f"{units.TARGET}.wants"
+    out = []
+    for link in sorted(wants.glob(f"zdd-{svc.name}@*.service")) if wants.is_dir() else []:
+        instance = units.version_of(svc.name, link.name)
+        if instance is None or instance in keep:
+            continue
+        if sd.state(link.name).active in ("active", "activating", "reloading"):
+            continue  # running: the swap that owns it decides
+        sd.disable(link.name)
+        out.append(link.name)
+    return out
+
+
+def stray_listeners(svc: ServiceConfig, sd: Systemd) -> list[dict[str, Any]]:
+    """LISTEN sockets on the service's ports that no instance the agent
+    manages holds (a forgotten process sharing the port through SO_REUSEPORT)."""
+    from . import listeners
+
+    known: set[int] = set()
+    for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+        known.update(sd.processes(unit))
+    try:
+        return listeners.strays([(lst.host, lst.port) for lst in svc.listen], known)
+    except OSError:
+        return []
+
+
+def rollback(paths: Paths, name: str, emit: Emit | None = None,
+             interrupted: Callable[[], bool] | None = None,
+             watched: bool = False) -> SwapResult:
     state = StateStore(paths.state_dir).load(name)
     if not state.previous:
         raise NoHistoryError(f"no previous version of {name} is recorded; nothing to roll "
                              "back to (use swap --version)")
-    return swap(paths, name, state.previous, emit)
+    return swap(paths, name, state.previous, emit, interrupted, watched)
 
 
 def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ class SwapFailed(ZddError):
     exit_code = Exit.ROLLED_BACK
 
 
-class SwapBroken(ZddError):
+class SwapBroken(SwapFailed):
     """The new version failed after an old instance got its drain signal."""
 
     exit_code = Exit.FAILED

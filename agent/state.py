@@ -33,11 +33,14 @@ class ServiceState:
     # A swap in flight: {"from": old, "to": new, "phase": ..., "pid": ..., "at": ...},
     # written before each phase acts, cleared with the swap's record.
     intent: dict[str, Any] | None = None
+    # The daemon's watch of the last swap's version (strategy.watch):
+    # {"version", "previous", "until": epoch, "seconds", "by"}; None when nothing watches.
+    watch: dict[str, Any] | None = None
 
     def record(self, result: dict[str, Any]) -> None:
         self.history.append(result)
         del self.history[:-HISTORY_LIMIT]
-        if result.get("result") == "ok":
+        if result.get("result") in ("ok", "auto_reverted"):
             if result.get("from_version") != result["to_version"]:
                 self.previous = result.get("from_version") or self.previous
             self.serving = result["to_version"]
@@ -68,12 +71,13 @@ class StateStore:
             raise StateError(f"{path}: unreadable state ({e}); moved to {aside}") from e
         return ServiceState(name=name, serving=data.get("serving"),
                             previous=data.get("previous"), since=data.get("since"),
-                            history=list(data.get("history", [])), intent=data.get("intent"))
+                            history=list(data.get("history", [])), intent=data.get("intent"),
+                            watch=data.get("watch"))
 
     def save(self, st: ServiceState) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
         data = {"serving": st.serving, "previous": st.previous, "since": st.since,
-                "history": st.history, "intent": st.intent}
+                "history": st.history, "intent": st.intent, "watch": st.watch}
         atomic_write(self._path(st.name), json.dumps(data, indent=1, sort_keys=True) + "\n",
                      mode=0o644)
 

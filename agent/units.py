@@ -111,7 +111,7 @@ def version_in_template(svc: ServiceConfig) -> bool:
     daemon-reload, which was half of the agent's own time in a swap (~170 ms
     of ~320, bench/suite.py); with replicas or an instance port, each
     instance gets a drop-in (render_instance_dropin)."""
-    return svc.replicas == 1 and not svc.ready.needs_instance_port
+    return svc.replicas == 1 and not svc.needs_instance_port
 
 
 def _instance_lines(svc: ServiceConfig, version: str, instance: str,

@@ -41,6 +41,9 @@ class Script:
     drain_connections: list[int] = field(default_factory=lambda: [3, 1, 0])
     drain_seconds: float = 0.6  # exits this long after its stop signal
     connections: int = 3
+    dies_after: float | None = None  # exits this long after its start, once up
+    listens_after: float = 0.0  # holds its LISTEN sockets this long after its start
+    accepts: bool = True  # takes new connections while it runs
 
 
 class FakeHost:
@@ -88,9 +91,34 @@ class FakeHost:
         age = self.clock.now - self.started[version]
         if sc.exits_after is not None and age >= sc.exits_after:
             return InstanceStatus("failed", "failed", "exit-code")
+        if sc.dies_after is not None and age >= sc.dies_after:
+            return InstanceStatus("failed", "failed", "exit-code", exit="exited 1")
         if sc.ready_after is not None and age >= sc.ready_after:
-            return InstanceStatus("active", "running", "success")
+            return InstanceStatus("active", "running", "success", main_pid=self.pids(version)[0])
         return InstanceStatus("activating", "start", "success")
+
+    def missing_listeners(self, version: str) -> list[str]:
+        age = self.clock.now - self.started.get(version, self.clock.now)
+        return [] if age >= self.scripts[version].listens_after else ["127.0.0.1:8080"]
+
+    def close_listeners(self, version: str) -> int:
+        return 0
+
+    def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]:
+        """Each running instance that accepts gets one new connection per
+        0.25 s of the fake clock (inodes numbered by time)."""
+        out = {}
+        for x in instances:
+            if x in self.stopped or x not in self.started:
+                out[x] = frozenset()
+                continue
+            tick = int(self.clock.now * 4)
+            base = (hash(x) % 1000) * 10**7
+            out[x] = frozenset({base + tick}) if self.scripts[x].accepts else frozenset()
+        return out
+
+    def close_watch(self, instances: list[str]) -> None:
+        return None
 
     def probe(self, version: str) -> tuple[bool, str]:
         self.probes.append(self.clock.now - self.started[version])
@@ -132,10 +160,11 @@ class FakeHost:
     def memory(self, olds: list[str]) -> Memory | None:
         return self.mem
 
-    def run_hook(self, hook: str, env: dict[str, str]) -> tuple[bool, str] | None:
+    def run_hook(self, hook: str, env: dict[str, str],
+                 instance: str | None = None) -> tuple[bool, str] | None:
         if hook not in self.hooks:
             return None
-        self._log(hook, env["ZDD_TO_VERSION"])
+        self._log(hook, instance or env["ZDD_TO_VERSION"])
         return self.hooks[hook], "exit 0" if self.hooks[hook] else "exit 1"
 
 
@@ -225,12 +254,13 @@ def test_http_gate_waits_initial_delay_and_probes_each_period() -> None:
     scripts = {"v2": Script(probe=lambda t: t >= 4.0)}
     host, clock, events, res = run(scripts, None, "v2", ready=ready)
     assert res.result == "ok"
-    assert host.probes[0] >= 2.0
+    gate = host.probes[:res.readiness_checks]  # then the bake goes on probing
+    assert gate[0] >= 2.0
     gaps = [b - a for a, b in zip(host.probes, host.probes[1:])]
     assert all(0.99 <= g <= 1.11 for g in gaps), gaps
     # two consecutive successes needed: first success at >=4s, ready at the next
-    assert res.readiness_checks == len(host.probes)
-    assert sum(1 for t in host.probes if t >= 4.0) == 2
+    assert sum(1 for t in gate if t >= 4.0) == 2
+    assert len(host.probes) > len(gate)  # the bake probed it too
 
 
 def test_flapping_after_first_success_fails_at_failure_threshold() -> None:
@@ -282,7 +312,7 @@ def test_interrupt_before_admission_rolls_back() -> None:
 
     host.probe = interrupted  # type: ignore[method-assign]
     ready = Ready(type="http", url="http://127.0.0.1:{instance_port}/ready")
-    with pytest.raises(SwapFailed, match="interrupted before v2 was admitted"):
+    with pytest.raises(SwapFailed, match="interrupted before v1 was signalled: rolled back"):
         Swap(service(ready), host, clock).run("v1", "v2")
     assert ("stop", "v1") not in host.calls and host.calls[-1] == ("cleanup", "v2")
 
@@ -478,10 +508,12 @@ def test_failing_batch_rolls_the_whole_service_back() -> None:
     assert isinstance(res, SwapFailed)
     r = res.details["result"]
     assert r.result == "rolled_back" and "v2-2 exited during start-up" in r.reason
-    # batch 1 had replaced v1-1; the rollback stops v2-1 and v2-2 and brings v1-1 back
-    tail = host.calls[host.calls.index(("stop", "v2-1")):]
-    assert ("stop", "v2-2") in tail
-    assert tail[-3:] == [("prepare", "v1-1"), ("start", "v1-1"), ("enable", "v1-1")]
+    # batch 1 had replaced v1-1; the rollback discards v2-2 (never admitted),
+    # brings v1-1 back and gates it, and only then drains v2-1
+    tail = host.calls[host.calls.index(("stop", "v2-2")):]
+    assert tail == [("stop", "v2-2"), ("disable", "v2-2"), ("cleanup", "v2-2"),
+                    ("prepare", "v1-1"), ("start", "v1-1"), ("enable", "v1-1"),
+                    ("stop", "v2-1"), ("disable", "v2-1"), ("cleanup", "v2-1")]
     assert not any(what == "stop" and x in ("v1-2", "v1-3", "v1-4") for what, x in host.calls)
 
 
@@ -578,3 +610,262 @@ def test_count_cut_at_grace_is_the_last_one_before_the_kill() -> None:
     res = Swap(service(grace=3.0), host, clock).run("v1", "v2")
     assert res.drain.killed_at_grace and res.drain.connections_at_end == 2
     assert res.drain.held == ["peer-0:5000", "peer-1:5000"]
+
+
+# ------------------------------------------------------- proven: bake, re-checks
+
+from agent.errors import SwapBroken  # noqa: E402
+from agent.swap import instance_ids  # noqa: E402
+
+
+def swap_with(scripts: dict[str, Script], svc: ServiceConfig, old: str | None, new: str,
+              setup: Callable[[FakeHost], None] = lambda h: None,
+              interrupted: Callable[[], bool] | None = None,
+              ) -> tuple[FakeHost, object, list[tuple[str, dict]]]:
+    clock = FakeClock()
+    host = FakeHost(clock, svc.drain.grace_period, scripts, running=(old,) if old else ())
+    setup(host)
+    events: list[tuple[str, dict]] = []
+    try:
+        res: object = Swap(svc, host, clock, lambda k, d: events.append((k, d)),
+                           interrupted=interrupted).run(old, new)
+    except (SwapFailed, SwapBroken) as e:
+        res = e
+    return host, res, events
+
+
+def baked(min_ready: float = 5.0, **kw: object) -> ServiceConfig:
+    base = service()
+    return ServiceConfig(**{**base.__dict__, "min_ready": min_ready, **kw})  # type: ignore[arg-type]
+
+
+def test_ready_then_dies_during_the_bake_rolls_back_before_the_old_is_signalled() -> None:
+    # gunicorn's arbiter: READY=1 at 0.3 s, its workers cannot import the app, exit at 1.2 s
+    scripts = {"v1": Script(), "v2": Script(ready_after=0.3, dies_after=1.2)}
+    host, res, _ = swap_with(scripts, baked(5.0), "v1", "v2")
+    assert isinstance(res, SwapFailed) and not isinstance(res, SwapBroken)
+    r = res.details["result"]
+    assert r.result == "rolled_back"
+    assert "v2 is no longer running" in r.reason and "into the bake (min_ready 5s)" in r.reason
+    assert ("stop", "v1") not in host.calls and ("enable", "v2") not in host.calls
+
+
+def test_a_healthy_bake_is_evidence_in_the_result() -> None:
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(2.0), "v1", "v2")
+    assert res.result == "ok"
+    assert 2.0 <= res.bake["seconds"] < 2.3 and res.phases["bake"] >= 2.0
+    assert res.bake["accepted"]["v2"] > 0 and res.bake["accepted"]["v1"] > 0
+    assert any(e.startswith("v2: READY=1") for e in res.evidence)
+    assert any(e.startswith("v2: up 2.0s beside v1") for e in res.evidence)
+    # the old one is signalled only after the whole bake
+    assert host.calls.index(("enable", "v2")) < host.calls.index(("stop", "v1"))
+
+
+def test_restart_by_systemd_during_the_bake_fails_it() -> None:
+    class Restarting(FakeHost):
+        def status(self, version: str) -> InstanceStatus:
+            st = super().status(version)
+            if version == "v2" and st.active == "active" and \
+                    self.clock.now - self.started["v2"] > 1.0:
+                return InstanceStatus("active", "running", "success", restarts=1,
+                                      main_pid=4242)
+            return st
+
+    clock = FakeClock()
+    host = Restarting(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    with pytest.raises(SwapFailed, match="was restarted by systemd"):
+        Swap(baked(3.0), host, clock).run("v1", "v2")
+    assert ("stop", "v1") not in host.calls
+
+
+def test_an_instance_that_never_accepts_while_the_old_does_fails_the_bake() -> None:
+    scripts = {"v1": Script(), "v2": Script(accepts=False)}
+    host, res, _ = swap_with(scripts, baked(6.0), "v1", "v2")
+    assert isinstance(res, SwapFailed)
+    assert "accepted no connection during the 6s bake" in res.details["result"].reason
+    assert ("stop", "v1") not in host.calls
+
+
+def test_ready_claim_without_a_listener_is_not_admission() -> None:
+    scripts = {"v1": Script(), "v2": Script(ready_after=0.2, listens_after=2.0)}
+    host, res, _ = swap_with(scripts, baked(0.0), "v1", "v2")
+    assert res.result == "ok" and res.phases["ready"] >= 2.0  # waited for the LISTEN socket
+    scripts = {"v1": Script(), "v2": Script(ready_after=0.2, listens_after=999)}
+    host, res, _ = swap_with(scripts, baked(0.0), "v1", "v2")
+    assert isinstance(res, SwapFailed)
+    assert "said it was ready (READY=1" in res.details["result"].reason
+    assert "no LISTEN socket on 127.0.0.1:8080" in res.details["result"].reason
+
+
+def test_new_instance_dying_during_pre_stop_delay_keeps_the_old_one() -> None:
+    svc = baked(1.0, drain=Drain(grace_period=5.0, pre_stop_delay=5.0))
+    scripts = {"v1": Script(), "v2": Script(ready_after=0.3, dies_after=3.0)}
+    host, res, _ = swap_with(scripts, svc, "v1", "v2")
+    assert isinstance(res, SwapFailed) and not isinstance(res, SwapBroken)
+    r = res.details["result"]
+    assert r.result == "rolled_back" and "before v1 was signalled" in r.reason
+    assert ("stop", "v1") not in host.calls
+
+
+def test_new_instance_dying_after_the_signal_restarts_the_old_version() -> None:
+    scripts = {"v1": Script(drain_seconds=2.0, drain_connections=[3, 3, 2, 2, 1]),
+               "v2": Script(ready_after=0.3, dies_after=2.0)}
+    host, res, events = swap_with(scripts, baked(1.0), "v1", "v2")
+    assert isinstance(res, SwapBroken)
+    r = res.details["result"]
+    assert r.result == "failed" and "after v1 got the drain signal" in r.reason
+    assert "v1 restarted and serving again" in r.reason
+    stop_v1 = host.calls.index(("stop", "v1"))
+    restart = host.calls.index(("start", "v1"), stop_v1)
+    assert ("stop", "v2") in host.calls[stop_v1 + 1:restart]  # dead: it serves nothing
+    assert ("enable", "v1") in host.calls[restart:]
+
+
+def test_post_start_hook_runs_per_instance_before_the_signal() -> None:
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(0.5), "v1", "v2",
+                             setup=lambda h: h.hooks.update(post_start=True))
+    assert res.result == "ok"
+    assert host.calls.index(("post_start", "v2")) < host.calls.index(("stop", "v1"))
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(0.5), "v1", "v2",
+                             setup=lambda h: h.hooks.update(post_start=False))
+    assert isinstance(res, SwapFailed)
+    assert "post_start hook failed for api v2" in res.details["result"].reason
+    assert ("stop", "v1") not in host.calls
+
+
+def test_interrupt_after_the_signal_finishes_the_swap() -> None:
+    asked: list[bool] = []
+
+    def interrupted() -> bool:
+        return bool(asked)
+
+    class Asking(FakeHost):
+        def stop(self, version: str) -> None:
+            super().stop(version)
+            asked.append(True)  # the operator presses Ctrl-C as v1 starts draining
+
+    clock = FakeClock()
+    host = Asking(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    events: list[tuple[str, dict]] = []
+    res = Swap(baked(0.5), host, clock, lambda k, d: events.append((k, d)),
+               interrupted=interrupted).run("v1", "v2")
+    assert res.result == "ok"
+    assert "interrupted after v1 was signalled: finishing the swap to v2" in res.warnings
+    assert ("disable", "v1") in host.calls and ("stop", "v2") not in host.calls
+
+
+def test_interrupt_before_the_signal_rolls_back_without_stopping_the_old() -> None:
+    scripts = {"v1": Script(), "v2": Script()}
+    host, res, _ = swap_with(scripts, baked(5.0), "v1", "v2", interrupted=lambda: True)
+    assert isinstance(res, SwapFailed)
+    assert res.details["result"].reason == "interrupted before v1 was signalled: rolled back"
+    assert ("stop", "v1") not in host.calls and ("stop", "v2") in host.calls
+
+
+def test_an_error_before_the_signal_rolls_back_and_after_it_finishes() -> None:
+    def broken_enable(h: FakeHost) -> None:
+        def enable(v: str) -> None:
+            raise OSError("D-Bus connection closed")
+        h.enable = enable  # type: ignore[method-assign]
+
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(0.5), "v1", "v2",
+                             setup=broken_enable)
+    assert isinstance(res, SwapFailed)
+    assert "OSError: D-Bus connection closed before v1 was signalled" in \
+        res.details["result"].reason
+    assert ("stop", "v1") not in host.calls
+
+    def flaky_disable(h: FakeHost) -> None:
+        orig, fails = h.disable, [1]
+
+        def disable(v: str) -> None:
+            if fails:
+                fails.pop()
+                raise OSError("systemd is re-executing")
+            orig(v)
+        h.disable = disable  # type: ignore[method-assign]
+
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(0.5), "v1", "v2",
+                             setup=flaky_disable)
+    assert res.result == "ok"
+    assert any("systemd is re-executing after v1 was signalled: finishing the swap" in w
+               for w in res.warnings)
+    assert ("disable", "v1") in host.calls
+
+
+def test_census_error_makes_the_count_unknown_and_never_aborts_the_drain() -> None:
+    def failing_census(h: FakeHost) -> None:
+        def connections(pids: list[int]) -> int:
+            raise OSError("sock_diag: short read")
+        h.connections = connections  # type: ignore[method-assign]
+
+    host, res, events = swap_with({"v1": Script(), "v2": Script()}, baked(0.5), "v1", "v2",
+                                  setup=failing_census)
+    assert res.result == "ok" and ("disable", "v1") in host.calls
+    assert res.drain.connections_at_start is None and res.to_dict()["drain"][
+        "connections_drained"] is None
+    assert res.drain.census_errors and "count unknown" in str(events)
+
+
+# -------------------------------------- the rollback never goes below the promise
+
+class Counting(FakeHost):
+    """Checks after every call and tick that at least `floor` instances other
+    than the broken one are ready (active and not stopping)."""
+
+    def __init__(self, *a: object, floor: int, broken: str, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.floor, self.broken, self.low = floor, broken, 10**6
+        orig = self.clock.sleep
+
+        def sleep(seconds: float) -> None:
+            orig(seconds)
+            self.look()
+        self.clock.sleep = sleep  # type: ignore[method-assign]
+
+    def look(self) -> None:
+        ready = sum(1 for x in self.scripts if x != self.broken
+                    and (x in self.started or x in self.stopped)
+                    and self.status(x).active == "active")
+        self.low = min(self.low, ready)
+
+    def stop(self, version: str) -> None:
+        super().stop(version)
+        self.look()
+
+
+def rollback_cases() -> list[tuple[int, int, int]]:
+    return [(n, s, u) for n in range(1, 13) for s in range(0, n + 1) for u in range(0, n + 1)
+            if (s, u) != (0, 0)]
+
+
+@pytest.mark.parametrize("n,surge,unavailable", rollback_cases())
+def test_rollback_keeps_replicas_minus_max_unavailable_ready(n: int, surge: int,
+                                                             unavailable: int) -> None:
+    batches = plan(n, surge, unavailable)
+    news, olds = instance_ids("v2", n), instance_ids("v1", n)
+    firsts = [sum(b.start for b in batches[:i]) for i in range(len(batches))]
+    # a failure in every batch that starts something: at the gate, then in the bake
+    for i, first in enumerate(firsts):
+        if not batches[i].start:
+            continue
+        for how in ("gate", "bake"):
+            broken = news[first]
+            scripts = {x: Script(drain_seconds=0.3) for x in olds + news}
+            scripts[broken] = (Script(ready_after=None, exits_after=0.2) if how == "gate"
+                               else Script(ready_after=0.2, dies_after=0.6))
+            clock = FakeClock()
+            host = Counting(clock, 5.0, scripts, running=tuple(olds), floor=n - unavailable,
+                            broken=broken)
+            svc = ServiceConfig(name="api", command=("/x",), listen=(Listen(None, 8080),),
+                                ready=Ready(deadline=10.0), drain=Drain(grace_period=5.0),
+                                replicas=n, max_surge=surge, max_unavailable=unavailable,
+                                min_ready=1.0)
+            with pytest.raises(SwapFailed) as e:
+                Swap(svc, host, clock).run("v1", "v2")
+            r = e.value.details["result"]
+            assert r.result == "rolled_back", (i, how, r.reason)
+            assert host.low >= n - unavailable, (i, how, host.low)
+            # the end: every old instance serves, no new one does
+            assert all(host.status(x).active == "active" for x in olds), (i, how)
+            assert not any(host.status(x).active == "active" for x in news), (i, how)

@@ -1,0 +1,177 @@
+"""The drain: old instances get their drain signal (systemd's KillSignal=,
+SIGKILL at TimeoutStopSec=, the grace period: the grace period holds even if
+the agent dies meanwhile) while the agent counts the connections they still
+hold, lists the last long-lived ones, and keeps checking that the new
+instances it relies on are still up.
+
+Where instances bind their own listeners (socket: reuseport) the agent
+closes the old instances' LISTEN sockets itself at the signal (SOCK_DESTROY),
+so that they stop receiving new connections whatever the program does with
+its listener; with tcp_migrate_req their queued connections move on.
+
+How the old instance ended its connections comes from the kernel (closes.py):
+answered and closed after a response, closed while idle with no request
+since the signal (keep-alive clients may be writing on them), or cut at the
+grace period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .instance import Host
+
+# How often a drain counts connections; how often it checks whether the old
+# instance is gone (a cheap property read: the drain ends within 50 ms of it).
+DRAIN_POLL = 0.25
+STATE_POLL = 0.05
+# Below this many connections left, a drain lists their peers (long-lived ones:
+# WebSockets, HTTP/2 and gRPC streams), at most once a second.
+LIST_BELOW = 10
+
+
+@dataclass
+class DrainResult:
+    connections_at_start: int | None = 0  # None: the census failed (unknown)
+    connections_at_end: int | None = 0
+    killed_at_grace: bool = False
+    seconds: float = 0.0
+    held: list[str] = field(default_factory=list)  # peers still connected at the last poll
+    # how each old instance's main process ended: "exited 0" is a program
+    # that drained and returned; "killed by SIGTERM" one that died of the
+    # drain signal (a clean stop to systemd, but nothing was drained);
+    # "killed by SIGKILL" the kill at the grace period
+    exits: list[str] = field(default_factory=list)
+    listeners_closed: int = 0  # old LISTEN sockets the agent closed (reuseport)
+    # how the old instances ended their connections (closes.Closes.to_dict):
+    # answered, closed_idle, client_closed, open, unknown
+    closes: dict[str, Any] = field(default_factory=dict)
+    closed_idle: int = 0  # closed by the program while idle since the signal
+    census_errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: DrainResult) -> DrainResult:
+        """Several batches' drains as one."""
+        closes = dict(self.closes)
+        for k, v in other.closes.items():
+            if isinstance(v, int) and isinstance(closes.get(k, 0), int):
+                closes[k] = closes.get(k, 0) + v
+            else:
+                closes.setdefault(k, v)
+        return DrainResult(_add(self.connections_at_start, other.connections_at_start),
+                           _add(self.connections_at_end, other.connections_at_end),
+                           self.killed_at_grace or other.killed_at_grace,
+                           self.seconds + other.seconds, self.held + other.held,
+                           self.exits + other.exits,
+                           self.listeners_closed + other.listeners_closed, closes,
+                           self.closed_idle + other.closed_idle,
+                           self.census_errors + other.census_errors)
+
+    @property
+    def drained(self) -> int | None:
+        if self.connections_at_start is None or self.connections_at_end is None:
+            return None
+        return self.connections_at_start - self.connections_at_end
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _count(host: Host, pids: list[int], d: DrainResult) -> int | None:
+    """The census, or None (unknown) when it fails: never a reason to stop a drain."""
+    try:
+        return host.ops.connections(pids)
+    except OSError as e:
+        if len(d.census_errors) < 5:
+            d.census_errors.append(str(e))
+            host.emit("warning", message=f"connection census failed: {e}; count unknown")
+        return None
+
+
+def run_drain(host: Host, olds: list[str],
+              check: Callable[[], str | None] = lambda: None) -> tuple[DrainResult, str | None]:
+    """Signal `olds` and follow them until they are gone. `check` runs at
+    every poll: a reason from it (a new instance died) ends the wait at once
+    and is returned beside the result, so that the old version can be
+    restarted without waiting for its drain to finish."""
+    svc, ops, clock = host.svc, host.ops, host.clock
+    grace = svc.drain.grace_period
+    label = ", ".join(olds)
+    pids = sorted({p for x in olds for p in ops.pids(x)})
+    d = DrainResult()
+    d.connections_at_start = _count(host, pids, d)
+    watch = None
+    try:
+        watch = ops.close_watch(olds)
+    except OSError as e:
+        host.emit("warning", message=f"cannot follow how {label} closes its connections: {e}")
+    t = clock.monotonic()
+    for x in olds:
+        ops.stop(x)
+    for x in olds:
+        try:
+            d.listeners_closed += ops.close_listeners(x)
+        except OSError as e:
+            host.emit("warning", message=f"cannot close the listeners of {x}: {e}; new "
+                                         "connections may still reach it while it drains")
+    host.emit("drain", version=label, connections=d.connections_at_start, elapsed=0.0,
+              grace=grace)
+    last = d.connections_at_start
+    listed_at = -1.0
+    counted_at = 0.0
+    broken: str | None = None
+    while True:
+        clock.sleep(STATE_POLL)
+        host.interrupted()  # the signal is out: a request to stop is noted, the drain goes on
+        if watch is not None:
+            watch.poll()
+        states = [ops.status(x) for x in olds]
+        elapsed = clock.monotonic() - t
+        if all(st.stopped for st in states):
+            d.exits = [st.exit for st in states]
+            d.killed_at_grace = any(st.result == "timeout" for st in states)
+            d.connections_at_end = last if d.killed_at_grace else 0
+            if not d.killed_at_grace:
+                d.held = []
+            break
+        if elapsed - counted_at < DRAIN_POLL:
+            continue
+        counted_at = elapsed
+        broken = check()
+        if broken:
+            d.connections_at_end = last
+            break
+        now_count = _count(host, pids, d)
+        # Past the grace period systemd is killing them: what falls now was
+        # cut, so the count at the last poll before it is what the kill cut.
+        if elapsed < grace and now_count is not None:
+            last = now_count
+        held: list[str] | None = None
+        if last and 0 < last <= LIST_BELOW and elapsed - listed_at >= 1.0 and elapsed < grace:
+            listed_at = elapsed
+            try:
+                held = d.held = ops.peers(pids)
+            except OSError:
+                held = None
+        elif last == 0:
+            d.held = []
+        host.emit("drain", version=label, connections=now_count, elapsed=elapsed, grace=grace,
+                  **({"held": held} if held is not None else {}))
+        if elapsed > grace + 30:  # systemd should have killed them long ago
+            d.connections_at_end = last
+            host.emit("warning", message=f"{label} still running {elapsed:.0f}s after the "
+                                         f"drain signal (grace period {grace:g}s)")
+            break
+    d.seconds = clock.monotonic() - t
+    if watch is not None:
+        closes = watch.finish()
+        d.closes = closes.to_dict()
+        d.closed_idle = int(getattr(closes, "closed_idle", 0) or 0)
+    if d.killed_at_grace:
+        host.emit("killed", version=label, connections=d.connections_at_end, grace=grace,
+                  held=d.held)
+    host.emit("drained", version=label, connections=d.connections_at_end, seconds=d.seconds,
+              closed_idle=d.closed_idle)
+    return d, broken
