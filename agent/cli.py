@@ -3,9 +3,12 @@ errors; only `main` turns them into one line on stderr and an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +125,15 @@ def _swap_summary(r: dict[str, Any]) -> str:
     text = (f"swapped {r['service']} {r['from_version'] or '(nothing)'} -> {r['to_version']} "
             f"in {r['seconds']:.2f}s (ready after {r['phases'].get('ready', 0):.2f}s, "
             f"{r['readiness_checks']} check{'s' if r['readiness_checks'] != 1 else ''}")
+    if (r.get("bake") or {}).get("seconds"):
+        text += f", baked {r['bake']['seconds']:.1f}s"
     d = r.get("drain")
     if d:
-        text += (f"; drained {d['connections_drained']} connections in {d['seconds']:.2f}s")
+        drained = "an unknown number of" if d["connections_drained"] is None \
+            else d["connections_drained"]
+        text += f"; drained {drained} connections in {d['seconds']:.2f}s"
+        if d.get("closed_idle"):
+            text += f", {d['closed_idle']} closed idle"
         if d["killed_at_grace"]:
             text += f", {d['connections_at_end']} cut at the grace period"
     return text + ")" + _tcp_note(r)
@@ -169,13 +178,39 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
         except DaemonUnavailable as e:
             click.echo(f"zdd-agent: {e}; acting in-process", err=True)
     try:
-        code, out = commands.execute(ctx.paths, cmd, args, emit)
+        with _stop_requests(cmd in ("swap", "rollback") and not args.get("dry_run")) as asked:
+            code, out = commands.execute(ctx.paths, cmd, args, emit, asked)
         return {"result": out, "exit_code": int(code)}
     except SwapFailed as e:
         res = e.details["result"].to_dict()  # type: ignore[attr-defined]
         return dict(json.loads(protocol.error(e, {"result": res})))
     except ZddError as e:
         return dict(json.loads(protocol.error(e)))
+
+
+@contextlib.contextmanager
+def _stop_requests(active: bool) -> Iterator[Callable[[], bool]]:
+    """While a swap runs in-process, SIGINT and SIGTERM only ask it to stop
+    (the swap decides: roll back before an old instance was signalled,
+    finish after); outside a swap they keep their usual effect."""
+    asked: list[int] = []
+    if not active:
+        yield lambda: False
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if not asked:
+            click.echo(f"\n{signal.Signals(signum).name}: stopping the swap safely "
+                       "(rolling back before the old version is signalled, finishing "
+                       "after) ...", err=True)
+        asked.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(asked)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _finish(reply: dict[str, Any], as_json: bool, render: Any) -> None:
@@ -195,17 +230,37 @@ def _finish(reply: dict[str, Any], as_json: bool, render: Any) -> None:
 
 
 def _render_swap(r: dict[str, Any], code: int) -> None:
-    if code == int(Exit.ROLLED_BACK):
-        click.echo(f"swap of {r['service']} to {r['to_version']} failed: {r['reason']}", err=True)
+    if code in (int(Exit.ROLLED_BACK), int(Exit.FAILED)):
+        what = "failed" if code == int(Exit.FAILED) else "rolled back"
+        click.echo(f"swap of {r['service']} to {r['to_version']} {what}: {r['reason']}",
+                   err=True)
         old = r["from_version"]
-        click.echo(f"{old} still serving, untouched" if old else
-                   "nothing was serving before; nothing serves now", err=True)
+        if code == int(Exit.ROLLED_BACK):
+            click.echo(f"{old} still serving, untouched" if old else
+                       "nothing was serving before; nothing serves now", err=True)
+        else:
+            click.echo(f"{old} had been signalled already: requests may have failed "
+                       f"(exit {int(Exit.FAILED)}); run `zdd-agent status {r['service']}`",
+                       err=True)
         if r["journal"]:
             click.echo(f"last lines of zdd-{r['service']}@{r['to_version']}.service:", err=True)
             for ln in r["journal"]:
                 click.echo(f"  {ln}", err=True)
+        _render_warnings(r)
         return
     click.echo(_swap_summary(r))
+    _render_warnings(r)
+    w = r.get("watch") or {}
+    if w.get("seconds"):
+        click.echo(f"watching {w['version']} for {w['seconds']:g}s: the daemon reverts to "
+                   f"{w['previous']} by itself if it exits, restarts or fails its probe")
+    elif w.get("note") and r["result"] == "ok":
+        click.echo(f"note: {w['note']}")
+
+
+def _render_warnings(r: dict[str, Any]) -> None:
+    for w in r.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)
 
 
 def _swap_cmd(ctx: Ctx, cmd: str, args: dict[str, Any], as_json: bool, local: bool) -> None:
@@ -325,19 +380,35 @@ def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
             f"{last['from_version'] or '-'} -> {last['to_version']} {last['result']} "
             f"{_fmt_time((last['started_at'] or 0) + (last['seconds'] or 0))}")
         insts = row["instances"] or [None]
+        serving = "DOWN" if row.get("down") else (row["serving"] or "-")
         for i, inst in enumerate(insts):
             table.add_row(
-                row["service"] if i == 0 else "", (row["serving"] or "-") if i == 0 else "",
+                row["service"] if i == 0 else "", serving if i == 0 else "",
                 inst["instance"] if inst else "-",
                 f"{inst['active']} ({inst['sub']}), {inst['enabled']}" if inst else "-",
                 str(inst["connections"]) if inst else "-",
                 _fmt_time(inst["since"]) if inst else "-",
                 last_text if i == 0 else "")
     Console(width=200).print(table)
+    for row in rows:
+        if row.get("down"):
+            click.echo(f"{row['service']} is DOWN: no instance runs (exit "
+                       f"{int(Exit.DOWN)}); `zdd-agent doctor` says why", err=True)
+        for st in row.get("strays") or []:
+            click.echo(f"warning: {row['service']}: a process outside zdd-agent listens on "
+                       f"{st['address']} (pid {st['pid']} {st['comm']}): it takes a share of "
+                       "new connections", err=True)
+        w = row.get("watch")
+        if w and w.get("active"):
+            click.echo(f"{row['service']}: watching {w['version']} until "
+                       f"{_fmt_time(w['until'])}; reverts to {w['previous']} by itself if it "
+                       "fails")
 
 
 @cli.command(help="Show each service (or SERVICE): serving version, instances, their "
-                  "states and connections, and the last swap.")
+                  "states and connections, the last swap, the daemon's watch of it, and "
+                  "listeners on its ports that no instance owns. Exit 11 when a service "
+                  "has no running instance (DOWN).")
 @click.argument("service", required=False)
 @json_option
 @local_option

@@ -4,6 +4,7 @@ one function, so that both give the same answers. Each returns
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import deploy
@@ -47,19 +48,25 @@ def history(paths: deploy.Paths, service: str | None, limit: int) -> list[dict[s
 
 
 def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
-            emit: Emit | None = None) -> tuple[int, Any]:
+            emit: Emit | None = None, interrupted: Callable[[], bool] | None = None,
+            watched: bool = False) -> tuple[int, Any]:
+    """One command. `interrupted` is polled by a swap (the CLI's signals when
+    it swaps in-process); `watched`: the daemon watches after the swap."""
     if cmd == "ping":
         return Exit.OK, {"pong": True}
     if cmd == "status":
-        return Exit.OK, deploy.status(paths, args.get("service"))
+        rows = deploy.status(paths, args.get("service"))
+        return (Exit.DOWN if any(r["down"] for r in rows) else Exit.OK), rows
     if cmd == "history":
         return Exit.OK, history(paths, args.get("service"), args.get("limit", HISTORY_DEFAULT))
     if cmd == "swap" and args.get("dry_run"):
         return Exit.OK, deploy.plan(paths, args["service"], args["version"])
     if cmd == "swap":
-        return Exit.OK, deploy.swap(paths, args["service"], args["version"], emit).to_dict()
+        return Exit.OK, deploy.swap(paths, args["service"], args["version"], emit,
+                                    interrupted, watched).to_dict()
     if cmd == "rollback":
-        return Exit.OK, deploy.rollback(paths, args["service"], emit).to_dict()
+        return Exit.OK, deploy.rollback(paths, args["service"], emit, interrupted,
+                                        watched).to_dict()
     if cmd == "sysctl-check":
         _s, plan = sysctl_plan(paths)
         differ = [c for c in plan if c.differs]

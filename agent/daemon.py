@@ -205,6 +205,8 @@ class Daemon:
         self.workers = threading.BoundedSemaphore(MAX_WORKERS)
         self.running: set[threading.Thread] = set()
         self.server: ControlServer | None = None
+        self.watches: dict[str, threading.Event] = {}  # service -> its watch's stop
+        self.watch_lock = threading.Lock()
 
     # ---------------------------------------------------------------- start
 
@@ -314,6 +316,7 @@ class Daemon:
         real_swap = req.cmd in ("swap", "rollback") and not req.args.get("dry_run")
         if real_swap:
             name = req.args["service"]
+            self.stop_watch(name)  # a new swap supersedes the watch of the last one
             logger = SwapLogger(name, req.args.get("version", "previous"))
             on_metric = self.metrics.on_event(name)
 
@@ -323,9 +326,12 @@ class Daemon:
                 to_client(kind, d)
 
         try:
-            code, out = commands.execute(self.paths, req.cmd, req.args, emit)
+            code, out = commands.execute(self.paths, req.cmd, req.args, emit,
+                                         watched=real_swap)
             if real_swap:
                 self.metrics.on_result(out)
+                if (out.get("watch") or {}).get("seconds"):
+                    self.start_watch(name, out["watch"])
         except SwapFailed as e:
             res = e.details["result"].to_dict()  # type: ignore[attr-defined]
             self.metrics.on_result(res)
@@ -340,6 +346,91 @@ class Daemon:
             self._send(conn, protocol.error(err))
             return
         self._send(conn, protocol.result(out, int(code)))
+
+    # --------------------------------------------------------------- watches
+
+    def stop_watch(self, name: str) -> None:
+        with self.watch_lock:
+            ev = self.watches.pop(name, None)
+        if ev is not None:
+            ev.set()
+
+    def start_watch(self, name: str, w: dict[str, Any]) -> None:
+        """Watch `name`'s new version until w["until"]; revert by itself on failure."""
+        seconds = float(w["until"]) - time.time()
+        if seconds <= 0:
+            return
+        stop = threading.Event()
+        with self.watch_lock:
+            old = self.watches.pop(name, None)
+            if old is not None:
+                old.set()
+            self.watches[name] = stop
+        self.metrics.watching.labels(name).set(1)
+        log("watch", f"{name}: watching {w['version']} for {seconds:.0f}s; reverting to "
+                     f"{w['previous']} by itself if it fails", SERVICE=name,
+            VERSION=w["version"])
+        threading.Thread(target=self._watch, args=(name, w, seconds, stop), daemon=True,
+                         name=f"watch-{name}").start()
+
+    def _watch(self, name: str, w: dict[str, Any], seconds: float,
+               stop: threading.Event) -> None:
+        from . import watch as watching
+        from .instance import Host
+
+        try:
+            svc = deploy.load_service(self.paths.config_dir, name)
+            with deploy.Systemd() as sd:
+                ops = deploy.SystemdOps(svc, sd)
+                host = Host(svc, ops, deploy.SystemClock(), lambda k, d: None)
+                watcher = watching.Watcher(host, deploy.instance_ids(w["version"],
+                                                                     svc.replicas))
+                reason = watching.run(watcher, seconds, stop,
+                                      lambda why: None)
+            if reason and not stop.is_set():
+                self._auto_revert(name, w, reason)
+            elif not stop.is_set():
+                log("watch", f"{name}: {w['version']} stood its watch of {seconds:.0f}s",
+                    SERVICE=name, VERSION=w["version"])
+        except (ZddError, OSError) as e:
+            log("watch", f"{name}: the watch of {w['version']} ended: {e}", syslog.LOG_ERR,
+                SERVICE=name)
+        finally:
+            with self.watch_lock:
+                if self.watches.get(name) is stop:
+                    del self.watches[name]
+                    self.metrics.watching.labels(name).set(0)
+
+    def _auto_revert(self, name: str, w: dict[str, Any], reason: str) -> None:
+        why = f"automatic revert: {reason}; reverted to {w['previous']}"
+        log("auto_revert", f"{name}: {w['version']} failed during its watch: {reason}; "
+                           f"reverting to {w['previous']}", syslog.LOG_ERR, SERVICE=name,
+            VERSION=w["version"])
+        try:
+            res = deploy.swap(self.paths, name, w["previous"],
+                              SwapLogger(name, w["previous"]), auto_revert=why).to_dict()
+        except SwapFailed as e:
+            res = e.details["result"].to_dict()  # type: ignore[attr-defined]
+        except ZddError as e:  # e.g. a swap by hand holds the lock: it decides
+            log("auto_revert", f"{name}: automatic revert to {w['previous']} not done: {e}",
+                syslog.LOG_ERR, SERVICE=name)
+            return
+        self.metrics.on_result(res)
+        log("auto_revert", f"{name}: automatic revert to {w['previous']}: {res['result']}"
+                           f"{': ' + res['reason'] if res.get('reason') else ''}",
+            syslog.LOG_WARNING if res["result"] == "auto_reverted" else syslog.LOG_ERR,
+            SERVICE=name, VERSION=w["previous"])
+
+    def resume_watches(self) -> None:
+        """A daemon restarted within a watch goes on watching until its end."""
+        store = StateStore(self.paths.state_dir)
+        for name in store.names():
+            try:
+                w = store.load(name).watch
+            except StateError:
+                continue
+            if w and float(w.get("until", 0)) > time.time():
+                self.start_watch(name, w)
 
     # ------------------------------------------------------------ main loop
 
@@ -360,6 +451,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.reconcile()
         self.apply_sysctls()
+        self.resume_watches()
         if self.agent.metrics_listen:
             host, port = parse_listen(self.agent.metrics_listen, "metrics.listen")
             self.metrics.serve(host, port)

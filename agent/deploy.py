@@ -4,6 +4,7 @@ The decisions themselves are in swap.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 
@@ -372,11 +373,15 @@ def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
 
 def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
          interrupted: Callable[[], bool] | None = None,
-         watched: bool = False) -> SwapResult:
+         watched: bool = False, auto_revert: str | None = None) -> SwapResult:
     """Swap `name` to `version` under the service's lock. `interrupted` is
     polled by the swap (a --local CLI's SIGINT/SIGTERM); `watched` says
-    that the daemon will watch the new version afterwards (strategy.watch)."""
+    that the daemon will watch the new version afterwards (strategy.watch);
+    `auto_revert` is the watch's reason when it swaps back by itself (no
+    bake: the version it returns to served until the last swap)."""
     svc = load_service(paths.config_dir, name)
+    if auto_revert is not None:
+        svc = dataclasses.replace(svc, min_ready=0.0)
     preflight(svc, version)
     backlog = _backlog(paths)
     store = StateStore(paths.state_dir)
@@ -407,7 +412,10 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
                 _finish(store, state, res)
                 raise
             result.warnings[:0] = warnings
-            if result.result == "ok":
+            if auto_revert is not None and result.result == "ok":
+                result.result = "auto_reverted"
+                result.reason = auto_revert
+            if result.result in ("ok", "auto_reverted"):
                 disable_others(svc, sd, set(instance_ids(version, svc.replicas)))
                 result.watch = watch_note(svc, version, old, watched, time.time())
                 if watched and svc.watch > 0:
@@ -509,8 +517,16 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 inst["connections"] = counts.get(inst["instance"], 0)
             sock = units.socket_unit(svc.name)
             last = st.last
+            running = [i for i in instances if i["active"] in ("active", "reloading")]
+            watch_state = dict(st.watch) if st.watch else None
+            if watch_state is not None:
+                watch_state["active"] = float(watch_state.get("until", 0)) > time.time()
             out.append({
                 "service": svc.name,
+                # nothing runs: a service that is down must look down (exit 11)
+                "down": not running,
+                "strays": stray_listeners(svc, sd),
+                "watch": watch_state,
                 "serving": _serving_or_none(svc, sd, st),
                 "recorded_serving": st.serving,
                 "previous": st.previous,

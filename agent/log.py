@@ -26,6 +26,9 @@ MESSAGE_IDS = {
     "refused": "afc07b8c9db44f36c7a8b9cadbecfd07",
     "sysctl": "b0d18c9daec54047d8b9cadbecfd0e08",
     "request": "c1e29daebfd64158e9cadbecfd0e1f09",
+    # the daemon swapped a failing new version back by itself (strategy.watch)
+    "auto_revert": "d2f3aebfc0e7426990dbecfd0e1f2a0a",
+    "watch": "e3a4bfc0d1f84370a1ecfd0e1f2a3b0b",
 }
 
 _lock = threading.Lock()

@@ -47,6 +47,11 @@ class Metrics:
                                  ["service", "version"], registry=r)
         self.probe_failures = Counter("zdd_readiness_probe_failures",
                                       "Failed readiness probes", ["service"], registry=r)
+        self.auto_reverts = Counter("zdd_auto_reverts", "Swaps reverted by the daemon's "
+                                    "watch after the new version failed", ["service"],
+                                    registry=r)
+        self.watching = Gauge("zdd_watching", "1 while the daemon watches a service's new "
+                              "version after a swap", ["service"], registry=r)
         self.sysctl_drift = Gauge("zdd_sysctl_drift",
                                   "1 when a managed sysctl differs from the wanted value",
                                   ["key"], registry=r)
@@ -63,6 +68,8 @@ class Metrics:
     def on_result(self, r: dict[str, Any]) -> None:
         service = r["service"]
         self.swaps.labels(service, r["result"]).inc()
+        if r["result"] == "auto_reverted":
+            self.auto_reverts.labels(service).inc()
         if r["result"] != "unchanged":
             self.swap_seconds.labels(service).observe(r["seconds"])
         drain = r.get("drain")
