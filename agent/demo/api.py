@@ -152,15 +152,17 @@ class Api:
         finally:
             writer.close()
 
-    async def drain(self) -> None:
+    async def drain(self, keep_listener: float = 0.0) -> None:
         sd_notify("STOPPING=1")
         self.draining.set()
         self.drain_started = asyncio.get_running_loop().time()
         loop = asyncio.get_running_loop()
         # Stop accepting first, close the listener later (stop_accepting says why)
         stop_accepting(loop, [s.fileno() for server in self.servers for s in server.sockets],
-                       self.own_listeners)
-        await asyncio.sleep(0.1)
+                       self.own_listeners and not keep_listener)
+        # --keep-listener: what Envoy (#8031) and hypercorn before PR #128 do:
+        # no more accept(), but the listener stays open while work finishes
+        await asyncio.sleep(0.1 + keep_listener)
         for server in self.servers:
             server.close()  # this process's copy of the listener; the socket unit keeps it
         while self.open_conns:
@@ -195,12 +197,19 @@ async def main_async(args: argparse.Namespace) -> int:
     if not args.never_ready:
         sd_notify(f"READY=1\nSTATUS=serving {args.version}\nMAINPID={os.getpid()}")
     print(f"demo api {args.version} serving (pid {os.getpid()})", flush=True)
+    if args.exit_after is not None:  # a release that said READY=1, then crashes
+        try:
+            await asyncio.wait_for(stop.wait(), args.exit_after)
+        except asyncio.TimeoutError:
+            print(f"demo api {args.version}: crashing {args.exit_after:g}s after READY=1 as "
+                  "asked", file=sys.stderr, flush=True)
+            os._exit(1)
     await stop.wait()
     if args.abrupt:  # what a naive service does: every connection is reset
         print("Received SIGTERM; exiting at once (--abrupt).", flush=True)
         os._exit(0)
     print("Received SIGTERM; transition to drain mode.", flush=True)
-    await api.drain()
+    await api.drain(args.keep_listener)
     if ready_server is not None:
         ready_server.close()
     print("Drain complete. 0 active connections remaining.", flush=True)
@@ -215,6 +224,10 @@ def main() -> int:
     ap.add_argument("--never-ready", action="store_true", help="never report ready")
     ap.add_argument("--abrupt", action="store_true",
                     help="exit at once on SIGTERM, without draining (a naive service)")
+    ap.add_argument("--exit-after", type=float, metavar="SECONDS",
+                    help="send READY=1, then exit 1 this long after the start")
+    ap.add_argument("--keep-listener", type=float, default=0.0, metavar="SECONDS",
+                    help="at SIGTERM stop accepting but keep the listener open this long")
     ap.add_argument("--fail-instance", metavar="INSTANCE",
                     help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()
