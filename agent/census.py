@@ -23,6 +23,7 @@ from dataclasses import dataclass
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -66,12 +67,156 @@ def port_filter(ports: Iterable[int]) -> bytes:
     return out
 
 
-def _request(family: int, bytecode: bytes, seq: int, states: int) -> bytes:
-    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, states, b"\0" * 48)
+def _request(family: int, bytecode: bytes, seq: int, states: int, ext: int = 0) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY dump request (struct inet_diag_req_v2, with the
+    bytecode as its INET_DIAG_REQ_BYTECODE attribute). `ext` asks for extra
+    attributes: bit (INET_DIAG_x - 1), e.g. 1 << (INET_DIAG_INFO - 1) for
+    struct tcp_info."""
+    req = _REQ.pack(family, socket.IPPROTO_TCP, ext, states, b"\0" * 48)
     attr = _NLATTR.pack(4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode if bytecode else b""
     body = req + attr
     return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
                           seq, 0) + body
+
+
+def fd_inodes(pid: int) -> dict[str, int]:
+    """fd -> socket inode for one process (threads share the table); {} for a
+    process that is gone or not ours to read."""
+    base = f"/proc/{pid}/fd/"
+    try:
+        names = os.listdir(base)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    found: dict[str, int] = {}
+    readlink = os.readlink
+    for fd in names:
+        try:
+            target = readlink(base + fd)
+        except OSError:
+            continue  # closed since listdir
+        if target.startswith("socket:["):
+            found[fd] = int(target[8:-1])
+    return found
+
+
+@dataclass(frozen=True)
+class DiagMsg:
+    """One struct inet_diag_msg fully decoded (include/uapi/linux/inet_diag.h),
+    with its attributes (INET_DIAG_*: raw payloads, by type). `sockid` is the
+    raw 48-byte struct inet_diag_sockid, for an exact request about this
+    socket (SOCK_DESTROY, or SOCK_DIAG_BY_FAMILY without NLM_F_DUMP)."""
+
+    family: int
+    state: int
+    sport: int
+    dport: int
+    src: str  # local address text
+    dst: str  # peer address text ("0.0.0.0" / "::" for a listener)
+    ifindex: int
+    cookie: int  # idiag_cookie as one u64, as SO_COOKIE reports it
+    rqueue: int
+    wqueue: int
+    inode: int
+    sockid: bytes
+    attrs: dict[int, bytes]
+
+    @classmethod
+    def decode(cls, buf: bytes, off: int, length: int) -> DiagMsg:
+        """The message whose nlmsghdr starts at `off` (length from the header)."""
+        body = off + 16
+        fam, state = buf[body], buf[body + 1]
+        sport, dport = struct.unpack_from("!HH", buf, body + 4)
+        width = 4 if fam == socket.AF_INET else 16
+        src = socket.inet_ntop(fam, bytes(buf[body + 8:body + 8 + width]))
+        dst = socket.inet_ntop(fam, bytes(buf[body + 24:body + 24 + width]))
+        ifindex, lo, hi = struct.unpack_from("=III", buf, body + 40)
+        cookie = lo | hi << 32  # idiag_cookie[2]: low word first (sock_diag_save_cookie)
+        rqueue, wqueue, _uid, inode = struct.unpack_from("=IIII", buf, body + 56)
+        attrs: dict[int, bytes] = {}
+        a, end = body + 72, off + length
+        while a + 4 <= end:
+            alen, atype = _NLATTR.unpack_from(buf, a)
+            if alen < 4:
+                break
+            attrs[atype & 0x3FFF] = bytes(buf[a + 4:a + alen])
+            a += (alen + 3) & ~3
+        return cls(fam, state, sport, dport, src, dst, ifindex, cookie, rqueue, wqueue, inode,
+                   bytes(buf[body + 4:body + 52]), attrs)
+
+
+def sockid(family: int, src: str, sport: int, dst: str | None = None, dport: int = 0,
+           ifindex: int = 0, cookie: int | None = None) -> bytes:
+    """struct inet_diag_sockid for an exact request: ports in network order,
+    addresses in 16-byte fields (an IPv4 address in the first 4), cookie as
+    two u32, low word first; cookie None is INET_DIAG_NOCOOKIE (any)."""
+    def addr(text: str | None) -> bytes:
+        raw = socket.inet_pton(family, text) if text else b""
+        return raw.ljust(16, b"\0")
+    lo, hi = (0xFFFFFFFF, 0xFFFFFFFF) if cookie is None else (cookie & 0xFFFFFFFF, cookie >> 32)
+    return struct.pack("!HH", sport, dport) + addr(src) + addr(dst) + struct.pack(
+        "=III", ifindex, lo, hi)
+
+
+def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
+              inodes: set[int] | None = None,
+              nl: socket.socket | None = None) -> list[DiagMsg]:
+    """A full decode of a SOCK_DIAG_BY_FAMILY dump (sock_diag(7)): the TCP
+    sockets of `families` in the `states` bitmask (1 << TCP_x) whose local
+    port is in `ports` (all ports if empty), optionally only those whose
+    inode is in `inodes` (checked at its fixed offset before decoding).
+    One dump per family, on `nl` or a socket of its own. Raises OSError
+    with the kernel's errno on NLMSG_ERROR."""
+    ports = frozenset(ports)
+    bytecode = port_filter(ports) if ports else b""
+    out: list[DiagMsg] = []
+    own = nl is None
+    s = nl or socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+    try:
+        for seq, family in enumerate(families, 1):
+            s.send(_request(family, bytecode, seq, states, ext))
+            done = False
+            while not done:
+                buf = s.recv(1 << 20)
+                off = 0
+                while off + 16 <= len(buf):
+                    length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+                    if mtype == NLMSG_DONE:
+                        done = True
+                        break
+                    if mtype == NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", buf, off + 16)
+                        raise OSError(-err, f"sock_diag dump: {os.strerror(-err)}")
+                    if length < 16:
+                        raise OSError("sock_diag: malformed message")
+                    if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
+                            inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes):
+                        out.append(DiagMsg.decode(buf, off, length))
+                    off += (length + 3) & ~3
+    finally:
+        if own:
+            s.close()
+    return out
+
+
+def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: int) -> int:
+    """One exact (non-dump) request about one socket, with NLM_F_ACK:
+    SOCK_DIAG_BY_FAMILY (is it there?) or SOCK_DESTROY (sock_diag(7)). The
+    kernel finds it by the 4-tuple in `sid` (see `sockid`) and checks the
+    cookie (net/ipv4/inet_diag.c: inet_diag_find_one_icsk). Returns the
+    kernel's errno: 0 done/found, ENOENT no such socket; the reply of a
+    SOCK_DIAG_BY_FAMILY (before the ack) is skipped."""
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF, sid)
+    nl.send(_NLMSGHDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
+    while True:
+        buf = nl.recv(65536)
+        off = 0
+        while off + 16 <= len(buf):
+            length, rtype, _flags, rseq = _NLMSGHDR.unpack_from(buf, off)[:4]
+            if rtype == NLMSG_ERROR and rseq == seq:
+                return -struct.unpack_from("=i", buf, off + 16)[0]
+            if length < 16:
+                raise OSError("sock_diag: malformed reply")
+            off += (length + 3) & ~3
 
 
 @dataclass
@@ -217,22 +362,7 @@ class Census:
 
     @staticmethod
     def _fd_inodes(pid: int) -> dict[str, int]:
-        """fd -> socket inode for one process (threads share the table)."""
-        base = f"/proc/{pid}/fd/"
-        try:
-            names = os.listdir(base)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            return {}
-        found: dict[str, int] = {}
-        readlink = os.readlink
-        for fd in names:
-            try:
-                target = readlink(base + fd)
-            except OSError:
-                continue  # closed since listdir
-            if target.startswith("socket:["):
-                found[fd] = int(target[8:-1])
-        return found
+        return fd_inodes(pid)
 
     def _walk(self, pids: frozenset[int]) -> _Holding:
         listeners = self.listener_inodes()
@@ -261,19 +391,29 @@ class Census:
 
     def count_many(self, groups: Mapping[str, Iterable[int]]) -> dict[str, int]:
         """One netlink dump, counted per group of processes (e.g. per instance)."""
+        return {name: len(inodes) for name, inodes in self.inodes_many(groups).items()}
+
+    def inodes_many(self, groups: Mapping[str, Iterable[int]]) -> dict[str, frozenset[int]]:
+        """One netlink dump: the inodes of the ESTABLISHED sockets on our ports
+        that each group of processes holds, by group name. The same caching
+        rules as count_many (a group's fd walk is reused while it holds none of
+        our listeners; groups not asked about are forgotten). Two results
+        compared tell how many connections a group accepted in between:
+        `len(now[g] - before[g])` (socket inodes come from a counter,
+        get_next_ino in fs/inode.c, so a new connection has a new inode)."""
         established = self.established_inodes()
-        counts: dict[str, int] = {}
+        out: dict[str, frozenset[int]] = {}
         live: dict[frozenset[int], _Holding] = {}
         for name, pids in groups.items():
             key = frozenset(pids)
             if not key:
-                counts[name] = 0
+                out[name] = frozenset()
                 continue
             held = self._held.get(key)
             if held is None or self._still_listens(held):
                 held = self._walk(key)
             held.inodes &= established
             live[key] = held
-            counts[name] = len(held.inodes)
+            out[name] = frozenset(held.inodes)
         self._held = live  # forget groups that are gone
-        return counts
+        return out

@@ -124,3 +124,34 @@ def test_dual_stack_listener_of_a_program_binding_its_own() -> None:
     finally:
         for s in clients + accepted + [lst]:
             s.close()
+
+
+def test_inodes_many_tells_which_connections_are_new() -> None:
+    """inodes_many gives the socket inodes per group; the difference of two
+    results is what a group accepted in between (count_many is its length)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    port = lst.getsockname()[1]
+    clients: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+
+    def connect(n: int) -> None:
+        for _ in range(n):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            accepted.append(lst.accept()[0])
+    try:
+        census = Census.for_listen([("127.0.0.1", port)])
+        connect(2)
+        before = census.inodes_many({"me": [os.getpid()], "none": []})
+        assert before["none"] == frozenset()
+        connect(3)
+        accepted.pop(0).close()
+        after = census.inodes_many({"me": [os.getpid()]})
+        assert census.count_many({"me": [os.getpid()]}) == {"me": len(after["me"])}
+        new = after["me"] - before["me"]
+        assert new == {os.fstat(s.fileno()).st_ino for s in accepted[-3:]}
+        assert len(before["me"] - after["me"]) == 1  # the one closed
+    finally:
+        for s in clients + accepted + [lst]:
+            s.close()
