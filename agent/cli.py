@@ -537,13 +537,17 @@ def daemon(ctx: Ctx) -> None:
 
 @cli.command("check-config", help="Check a service config FILE (or, with --agent, an "
                                     "agent.yaml) without installing it: exit 0 when valid, 2 "
-                                    "with the reason. For Ansible's `validate:` and for CI.")
+                                    "with the reason. For Ansible's `validate:` and for CI. "
+                                    "A valid config that cannot work (a port probe of "
+                                    "gunicorn or uvicorn under socket: inherit) gets a "
+                                    "warning line on stderr; the exit stays 0.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="The service the file will be installed as (default: the file's "
                              "name without .yaml).")
 @click.option("--agent", "is_agent", is_flag=True, help="FILE is the agent's own agent.yaml.")
 def check_config(file: Path, name: str | None, is_agent: bool) -> None:
     from .config import load_agent_config, parse_service, read_yaml
+    from .servers import probe_blind
 
     try:
         if is_agent:
@@ -552,6 +556,9 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
         else:
             svc = parse_service(file, read_yaml(file), expected_name=name or file.stem)
             click.echo(f"{file}: a valid config of service {svc.name}")
+            blind = probe_blind(svc)  # valid, but every swap would roll back: warn, exit 0
+            if blind is not None:
+                click.echo(f"zdd-agent: warning: {blind.line()}", err=True)
     except ZddError as e:
         click.echo(f"zdd-agent: error: {e}", err=True)
         raise SystemExit(2) from None

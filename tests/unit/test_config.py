@@ -398,3 +398,36 @@ def test_oversized_config_is_refused_before_parsing(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD + "#" * (MAX_CONFIG_BYTES - len(GOOD.encode())))
     assert load_service(p.parent, "api").name == "api"  # exactly the limit is fine
 
+
+CHECK_CONFIG = [
+    # (name, command, ready, warned)
+    ("gunicorn with an http probe", "/opt/venv/bin/gunicorn app:app",
+     "{type: http, url: 'http://127.0.0.1:{instance_port}/ready'}", True),
+    ("gunicorn with notify", "/opt/venv/bin/gunicorn app:app", "{type: notify}", False),
+    ("uvicorn -m with a tcp probe", "/usr/bin/python3 -m uvicorn --fd 3 app:app",
+     "{type: tcp, url: '127.0.0.1:{instance_port}'}", True),
+    ("the demo api with an http probe", "/opt/api/{version}/bin/api",
+     "{type: http, url: 'http://127.0.0.1:{instance_port}/ready'}", False),
+]
+
+
+@pytest.mark.parametrize("name,command,ready,warned", CHECK_CONFIG,
+                         ids=[c[0] for c in CHECK_CONFIG])
+def test_check_config_warns_of_a_probe_the_server_cannot_answer(
+        tmp_path: Path, name: str, command: str, ready: str, warned: bool) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    p = write(tmp_path, f"name: api\ncommand: {command}\nlisten: [8080]\nready: {ready}\n")
+    r = CliRunner().invoke(cli, ["check-config", str(p)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{p}: a valid config of service api\n"
+    if not warned:
+        assert r.stderr == ""
+        return
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"zdd-agent: warning: {p}: ready.type: socket: inherit with "
+                           "ready.type "), line
+    assert "gunicorn #2104" in line and "fix: ready: {type: notify}" in line, line
+    assert "strategy.min_ready" in line, line
