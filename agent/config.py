@@ -145,7 +145,23 @@ PER_INSTANCE_HOOKS = ("post_start",)
 # long each admitted new instance must stay up beside the old ones before any
 # old one is signalled. strategy.watch (Nomad auto_revert): how long the daemon
 # keeps watching the new version after a swap and reverts by itself.
+#
+# Why 5 s (docs/proven-swap.md; bench/gunicorn_ready.py, sandboxed systemd
+# 252, 2 vCPUs): stock gunicorn 27 sends READY=1 from its arbiter before any
+# worker imports the app (gunicorn #2778), so a release whose app cannot import
+# is "active" and then exits. READY=1 -> exit, systemd's own timestamps, app
+# that raises at once: 1 worker 0.11/0.14/0.16 s (min/median/max of 12),
+# 4 workers 0.26/0.32/0.37 s. The app's import time adds to it: importing
+# matplotlib.pyplot (~0.6 s) first gave 0.90/1.06/1.59 s with 1 worker and
+# 2.6/3.0/3.3 s with 4 (on 2 cores). 3x the bare max would be 2 s, which a
+# 1 s import with 4 workers already outlasts; 5 s is 13x the bare max, 3x the
+# 1-worker slow-import max, 1.5x its 4-worker max, and costs 5 s per batch.
 DEFAULT_MIN_READY = 5.0
+# Why 60 s: health checks come every 2-10 s (DESIGN.md), so a load balancer's
+# first three checks of the new version span up to 30 s; a release that dies
+# "a few seconds" after READY=1 (above: up to 3.3 s; a lazy import or the
+# first real request) does so well inside 60 s. Later failures (leaks, OOM
+# after hours) are monitoring's, not a swap's.
 DEFAULT_WATCH = 60.0
 
 
