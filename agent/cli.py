@@ -424,8 +424,12 @@ def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
                   "--from and --to, and print a verdict with its evidence: requests sent and "
                   "failed, kernel reset and drop counters, p50/p99 latency in steady state and "
                   "during swaps, each swap's and drain's duration, the slowest phase. Exits 9 "
-                  "when a request failed, a connection was cut at the grace period or a swap "
-                  "did not succeed. Needs root. Load: http1/h2 with Node's http clients, grpc "
+                  "when a request failed, a connection was cut at the grace period, a swap "
+                  "did not succeed, the service stalled during swaps (--max-p99-ratio) or, "
+                  "with --version-header/--version-path, another version than the one swapped "
+                  "to answered after a swap. Warns when an old instance closed idle "
+                  "keep-alive connections after its drain signal. Needs root. Load: http1/h2 "
+                  "with Node's http clients, grpc "
                   "with grpc.health.v1 Check (the config's ready.grpc_service), ws with "
                   "echo clients on --path.")
 @click.option("--config", "config_file", required=True,
@@ -444,14 +448,26 @@ def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG of the run over time: requests/s, failures, latency, "
                    "connections per instance, the swaps' phases.")
+@click.option("--max-p99-ratio", type=click.FloatRange(1, 1000), default=5.0,
+              show_default=True,
+              help="Fail as a stall when p99 latency during swaps exceeds this many times "
+                   "the steady p99 AND is more than 50 ms above it.")
+@click.option("--version-header", metavar="NAME",
+              help="A response header that carries the serving version: after each swap, "
+                   "GET --path a few times and fail unless it says the version swapped to.")
+@click.option("--version-path", metavar="PATH",
+              help="A path whose GET answers the serving version (a JSON field \"version\", "
+                   "or the version named in the body): checked after each swap like "
+                   "--version-header.")
 @json_option
 def verify(config_file: Path, from_version: str, to_version: str, swaps: int, clients: int,
            duration: float | None, protocol: str, path: str | None, plot: Path | None,
+           max_p99_ratio: float, version_header: str | None, version_path: str | None,
            as_json: bool) -> None:
     from . import verify as v
 
     opts = v.Options(config_file, from_version, to_version, swaps, clients, duration,
-                     protocol, path, plot)
+                     protocol, path, plot, max_p99_ratio, version_header, version_path)
     report = v.run(opts, (lambda s: None) if as_json else click.echo)
     if as_json:
         _out(report)
@@ -608,13 +624,17 @@ def daemon(ctx: Ctx) -> None:
 
 @cli.command("check-config", help="Check a service config FILE (or, with --agent, an "
                                     "agent.yaml) without installing it: exit 0 when valid, 2 "
-                                    "with the reason. For Ansible's `validate:` and for CI.")
+                                    "with the reason. For Ansible's `validate:` and for CI. "
+                                    "A valid config that cannot work (a port probe of "
+                                    "gunicorn or uvicorn under socket: inherit) gets a "
+                                    "warning line on stderr; the exit stays 0.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="The service the file will be installed as (default: the file's "
                              "name without .yaml).")
 @click.option("--agent", "is_agent", is_flag=True, help="FILE is the agent's own agent.yaml.")
 def check_config(file: Path, name: str | None, is_agent: bool) -> None:
     from .config import load_agent_config, parse_service, read_yaml
+    from .servers import probe_blind
 
     try:
         if is_agent:
@@ -623,6 +643,9 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
         else:
             svc = parse_service(file, read_yaml(file), expected_name=name or file.stem)
             click.echo(f"{file}: a valid config of service {svc.name}")
+            blind = probe_blind(svc)  # valid, but every swap would roll back: warn, exit 0
+            if blind is not None:
+                click.echo(f"zdd-agent: warning: {blind.line()}", err=True)
     except ZddError as e:
         click.echo(f"zdd-agent: error: {e}", err=True)
         raise SystemExit(2) from None

@@ -13,7 +13,7 @@ import re
 import shlex
 import signal
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,20 @@ INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:-[0-9]{1,2})?")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+# A literal port in any URL-like string (scheme://[user@]host:port): every one
+# is checked against 1..65535, wherever in a config it appears.
+_URL_PORT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@\s]*@)?"
+                          r"(?:\[[0-9A-Fa-f:.]*\]|[^/\[\]:@\s?#]*):(\d+)(?=$|[/?#\s])")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Signals a service may ask to be drained with; SIGKILL/SIGSTOP cannot drain.
 DRAIN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 READY_TYPES = ("notify", "http", "grpc", "tcp", "exec")
 SOCKET_MODES = ("inherit", "reuseport")
 INSTANCE_PORT = "{instance_port}"
+# A config file larger than this is refused before YAML parses it: a service
+# config is a few hundred bytes, and yaml.safe_load of a huge or deeply nested
+# file would hold the root daemon for as long as it takes.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 DEFAULT_CONFIG_DIR = Path("/etc/zdd-agent/services")
 DEFAULT_AGENT_CONFIG = Path("/etc/zdd-agent/agent.yaml")
@@ -75,6 +83,8 @@ def parse_duration(value: object) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "0s"
     if seconds < 1:
         return f"{round(seconds * 1000)}ms"
     return f"{seconds:g}s"
@@ -123,15 +133,35 @@ class Hook:
     timeout: float = 60.0
 
 
-# post_start runs after each new batch is admitted and baked, before any old
-# instance gets its drain signal; it must succeed (e.g. a warm-up request).
+# post_start runs once per new instance, after it is admitted and baked
+# (strategy.min_ready) and before any old instance gets its drain signal; it
+# must succeed (e.g. a warm-up request). Its argv alone may use {instance_port}
+# and {version}: the swap engine substitutes them per new instance (ZDD_INSTANCE_PORT
+# and ZDD_VERSION in its environment too); config only validates them.
 HOOKS = ("pre_swap", "post_start", "post_swap", "on_rollback")
+PER_INSTANCE_HOOKS = ("post_start",)
 
 # strategy.min_ready (Kubernetes minReadySeconds, Nomad min_healthy_time): how
 # long each admitted new instance must stay up beside the old ones before any
 # old one is signalled. strategy.watch (Nomad auto_revert): how long the daemon
 # keeps watching the new version after a swap and reverts by itself.
+#
+# Why 5 s (docs/proven-swap.md; bench/gunicorn_ready.py, sandboxed systemd
+# 252, 2 vCPUs): stock gunicorn 27 sends READY=1 from its arbiter before any
+# worker imports the app (gunicorn #2778), so a release whose app cannot import
+# is "active" and then exits. READY=1 -> exit, systemd's own timestamps, app
+# that raises at once: 1 worker 0.11/0.14/0.16 s (min/median/max of 12),
+# 4 workers 0.26/0.32/0.37 s. The app's import time adds to it: importing
+# matplotlib.pyplot (~0.6 s) first gave 0.90/1.06/1.59 s with 1 worker and
+# 2.6/3.0/3.3 s with 4 (on 2 cores). 3x the bare max would be 2 s, which a
+# 1 s import with 4 workers already outlasts; 5 s is 13x the bare max, 3x the
+# 1-worker slow-import max, 1.5x its 4-worker max, and costs 5 s per batch.
 DEFAULT_MIN_READY = 5.0
+# Why 60 s: health checks come every 2-10 s (DESIGN.md), so a load balancer's
+# first three checks of the new version span up to 30 s; a release that dies
+# "a few seconds" after READY=1 (above: up to 3.3 s; a lazy import or the
+# first real request) does so well inside 60 s. Later failures (leaks, OOM
+# after hours) are monitoring's, not a swap's.
 DEFAULT_WATCH = 60.0
 
 
@@ -229,6 +259,14 @@ class _Checker:
             raise self.fail(key, f"must be a mapping, got {type(raw).__name__}")
         return raw
 
+    def url_ports(self, key: str, texts: Iterable[str]) -> None:
+        """Every literal port of a URL in these strings is a port (1..65535)."""
+        for text in texts:
+            for m in _URL_PORT_RE.finditer(text):
+                if not 1 <= int(m.group(1)) <= 65535:
+                    raise self.fail(key, f"port {m.group(1)} in {text!r} is out of range "
+                                         "(allowed: 1..65535)")
+
     def argv(self, key: str, raw: Any) -> tuple[str, ...]:
         if isinstance(raw, str):
             try:
@@ -246,6 +284,7 @@ class _Checker:
                 raise self.fail(key, f"argument {a!r} contains a control character")
         if not parts[0].startswith("/"):
             raise self.fail(key, f"executable {parts[0]!r} must be an absolute path")
+        self.url_ports(key, parts)
         return tuple(parts)
 
 
@@ -335,14 +374,57 @@ def _check_probe_url(chk: _Checker, rtype: str, url: str, listen: tuple[Listen, 
     if rest is None:
         raise chk.fail("url", f"{url!r} must start with {scheme}")
     hostport = rest.split("/", 1)[0]
-    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\{instance_port\}|\d{1,5})", hostport)
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\{instance_port\}|\d+)", hostport)
     if not m:
-        raise chk.fail("url", f"{url!r}: expected {scheme}HOST:PORT/... with PORT a number "
-                              f"or {INSTANCE_PORT}")
-    if m.group(2) != INSTANCE_PORT and int(m.group(2)) in {lst.port for lst in listen}:
-        raise chk.fail("url", f"{url!r} probes the shared listen port, where the old "
-                              f"instance may answer (use {INSTANCE_PORT}, a port of this "
-                              "instance alone)")
+        raise chk.fail("url", f"{url!r}: expected {scheme}HOST:{INSTANCE_PORT}/...")
+    if m.group(2) == INSTANCE_PORT:
+        return
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise chk.fail("url", f"port {m.group(2)} in {url!r} is out of range "
+                              f"(allowed: 1..65535, and here only {INSTANCE_PORT})")
+    # Readiness is per instance (DESIGN.md): during a swap the old instance
+    # still serves the service's ports (the shared listener, or its own
+    # SO_REUSEPORT socket, or any fixed port the program binds), so a probe
+    # there can pass for a new instance that is not ready at all.
+    shared = " (the shared listen port)" if port in {lst.port for lst in listen} else ""
+    raise chk.fail("url", f"{url!r} probes the fixed port {port}{shared}: during a swap the "
+                          "old instance may answer it, so a new instance that is not ready "
+                          f"would pass (allowed: {INSTANCE_PORT} as the port, e.g. "
+                          f"{scheme if rtype == 'http' else ''}127.0.0.1:{INSTANCE_PORT}"
+                          f"{'/ready' if rtype == 'http' else ''}: a port the agent picks for "
+                          "each instance alone and passes as ZDD_INSTANCE_PORT; for a program "
+                          "that cannot open a second port, ready.type notify or exec with "
+                          "strategy.min_ready)")
+
+
+def _parse_hooks(path: Path, raw: Mapping[str, Any], ready: Ready) -> tuple[tuple[str, Hook], ...]:
+    hchk = _Checker(path, raw, "hooks.")
+    hchk.reject_unknown(HOOKS)
+    hooks: list[tuple[str, Hook]] = []
+    for hname in HOOKS:
+        if hchk.get(hname) is None:
+            continue
+        one = _Checker(path, hchk.mapping(hname), f"hooks.{hname}.")
+        one.reject_unknown(("command", "timeout"))
+        if one.get("command") is None:
+            raise one.fail("command", "required (an argv, run without a shell)")
+        argv = one.argv("command", one.get("command"))
+        uses_port = any(INSTANCE_PORT in a for a in argv)
+        if uses_port and hname not in PER_INSTANCE_HOOKS:
+            raise one.fail("command", f"{INSTANCE_PORT} means nothing here: {hname} runs once "
+                                      "per swap, not per instance (allowed: "
+                                      f"{INSTANCE_PORT} in hooks.post_start only)")
+        if uses_port and not ready.needs_instance_port:
+            # deploy.SystemdOps.prepare picks a port only for a probe that uses it:
+            # without one the hook would get an empty port.
+            raise one.fail("command", f"uses {INSTANCE_PORT}, but the agent picks an instance "
+                                      "port only when ready.url or ready.command uses it "
+                                      f"(ready.type is {ready.type}; allowed: "
+                                      f"{INSTANCE_PORT} here with a probe on it, or no "
+                                      f"{INSTANCE_PORT})")
+        hooks.append((hname, Hook(argv, one.duration("timeout", 60.0, 1.0, 3600.0))))
+    return tuple(hooks)
 
 
 def parse_service(path: Path, data: Any, expected_name: str | None = None) -> ServiceConfig:
@@ -381,6 +463,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         text = str(value)
         if any(ord(c) < 32 for c in text):
             raise chk.fail(f"environment.{key}", "contains a control character")
+        chk.url_ports(f"environment.{key}", [text])
         env.append((key, text))
     ready = _parse_ready(path, chk.mapping("ready"), listen)
     dchk = _Checker(path, chk.mapping("drain"), "drain.")
@@ -388,22 +471,13 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     drain = Drain(grace_period=dchk.duration("grace_period", 30.0, 1.0, 3600.0),
                   signal=dchk.choice("signal", "SIGTERM", DRAIN_SIGNALS),
                   pre_stop_delay=dchk.duration("pre_stop_delay", 0.0, 0.0, 300.0))
-    hchk = _Checker(path, chk.mapping("hooks"), "hooks.")
-    hchk.reject_unknown(HOOKS)
-    hooks: list[tuple[str, Hook]] = []
-    for hname in HOOKS:
-        if hchk.get(hname) is None:
-            continue
-        one = _Checker(path, hchk.mapping(hname), f"hooks.{hname}.")
-        one.reject_unknown(("command", "timeout"))
-        if one.get("command") is None:
-            raise one.fail("command", "required (an argv, run without a shell)")
-        hooks.append((hname, Hook(one.argv("command", one.get("command")),
-                                  one.duration("timeout", 60.0, 1.0, 3600.0))))
+    hooks = _parse_hooks(path, chk.mapping("hooks"), ready)
     assert hasattr(signal, drain.signal)
     replicas = chk.integer("replicas", 1, 1, 64)
     schk = _Checker(path, chk.mapping("strategy"), "strategy.")
-    schk.reject_unknown(("max_surge", "max_unavailable"))
+    schk.reject_unknown(("max_surge", "max_unavailable", "min_ready", "watch"))
+    min_ready = schk.duration("min_ready", DEFAULT_MIN_READY, 0.0, 3600.0)
+    watch = schk.duration("watch", DEFAULT_WATCH, 0.0, 86400.0)
     from .rollout import resolve
 
     counts = []
@@ -418,8 +492,9 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                                            f"{replicas} replicas (allowed: at least one > 0)")
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
-                         ready=ready, drain=drain, hooks=tuple(hooks), replicas=replicas,
-                         max_surge=counts[0], max_unavailable=counts[1])
+                         ready=ready, drain=drain, hooks=hooks, replicas=replicas,
+                         max_surge=counts[0], max_unavailable=counts[1],
+                         min_ready=min_ready, watch=watch)
 
 
 # ------------------------------------------------------------------- loading
@@ -444,7 +519,13 @@ def read_yaml(path: Path) -> Any:
     check_not_writable_by_others(path.parent)
     check_not_writable_by_others(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB (allowed: "
+                              f"up to {MAX_CONFIG_BYTES} bytes; a service config is a few "
+                              "hundred)", file=str(path), key="")
+        text = data.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import psutil
 from . import deploy, units
 from .config import ServiceConfig, load_all
 from .errors import ZddError
+from .servers import probe_blind, read_head
 from .state import StateStore
 from .swap import Memory, fit_plan
 
@@ -197,17 +199,35 @@ def memory_findings(svc: ServiceConfig, olds: int, mem: Memory | None) -> list[F
                           f"{mem.available // mib} MiB available")]
 
 
+def config_findings(svc: ServiceConfig, version: str | None = None,
+                    head: Callable[[str], bytes | None] = read_head) -> list[Finding]:
+    """What the config asks that the program cannot do (no live process needed;
+    `version`, when known, lets a start script under {version} be read)."""
+    blind = probe_blind(svc, version, head)
+    if blind is None:
+        return []
+    return [Finding("warn", "probe-port", svc.name, symptom=blind.symptom, cause=blind.cause,
+                    verify=f"zdd-agent check-config {svc.path}; while a swap waits: "
+                           "ss -Hltnp (only the socket unit's ports listen)",
+                    fix=blind.fix)]
+
+
 def run(paths: deploy.Paths) -> list[Finding]:
     services = load_all(paths.config_dir)
     findings = kernel_findings(services) + sysctl_findings(paths)
+    done: set[str] = set()
     try:
         with deploy.Systemd() as sd:
             findings += systemd_findings(sd.version())
             store = StateStore(paths.state_dir)
             for svc in services:
                 findings += service_findings(svc, sd, store)
+                done.add(svc.name)
     except ZddError:
         findings += systemd_findings(None)
+    for svc in services:  # without systemd: from the config alone
+        if svc.name not in done:
+            findings += config_findings(svc)
     return findings
 
 
@@ -216,7 +236,12 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
     try:
         serving = deploy.serving_version(svc, sd, store.load(svc.name))
     except ZddError as e:
-        return [Finding("warn", "state", svc.name, cause=str(e))]
+        return config_findings(svc) + [Finding("warn", "state", svc.name, cause=str(e))]
+    return config_findings(svc, serving) + _serving_findings(svc, sd, serving)
+
+
+def _serving_findings(svc: ServiceConfig, sd: deploy.Systemd,
+                      serving: str | None) -> list[Finding]:
     if serving is None:
         return [Finding("ok", "serving", svc.name, cause="nothing serves yet: nothing to check "
                                                         "on a live process")]

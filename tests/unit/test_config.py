@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (load_agent_config, load_all, load_service, parse_duration,
-                          parse_service)
+from agent.config import (DEFAULT_MIN_READY, DEFAULT_WATCH, MAX_CONFIG_BYTES, load_agent_config,
+                          load_all, load_service, parse_duration, parse_service)
 from agent.errors import ConfigError, Exit
 
 GOOD = """\
@@ -118,6 +118,33 @@ BAD = [
     ("  url: http://127.0.0.1:{instance_port}/ready", "  url: ftp://x/ready", "ready.url",
      "must start with http://"),
     ("  signal: SIGTERM", "  signal: SIGKILL", "drain.signal", "SIGTERM"),
+    # the bake and the watch
+    ("socket: inherit", "socket: inherit\nstrategy: {min_ready: 2h}", "strategy.min_ready",
+     "allowed: 0s..3600s"),
+    ("socket: inherit", "socket: inherit\nstrategy: {min_ready: -1s}", "strategy.min_ready",
+     "allowed: 0s..3600s"),
+    ("socket: inherit", "socket: inherit\nstrategy: {watch: 2d}", "strategy.watch",
+     "allowed: 0s..86400s"),
+    ("socket: inherit", "socket: inherit\nstrategy: {watch: 25h}", "strategy.watch",
+     "allowed: 0s..86400s"),
+    # a probe another instance could answer
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:9000/ready",
+     "ready.url", "fixed port 9000: during a swap the old instance may answer it"),
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:9000/ready",
+     "ready.url", "allowed: {instance_port} as the port"),
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1/ready",
+     "ready.url", "expected http://HOST:{instance_port}/"),
+    # every literal port is a port
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:0/ready",
+     "ready.url", "port 0 in 'http://127.0.0.1:0/ready' is out of range (allowed: 1..65535"),
+    ("  url: http://127.0.0.1:{instance_port}/ready", "  url: http://127.0.0.1:99999/ready",
+     "ready.url", "port 99999"),
+    ("environment: {LOG_LEVEL: info, WORKERS: 2}",
+     "environment: {DB: 'postgres://u:p@db:99999/x'}", "environment.DB",
+     "port 99999 in 'postgres://u:p@db:99999/x' is out of range (allowed: 1..65535)"),
+    ("command: /opt/api/{version}/bin/api --workers 2 \"--label=a b\"",
+     "command: /opt/api/{version}/bin/api --upstream http://10.0.0.1:0/", "command",
+     "port 0 in 'http://10.0.0.1:0/' is out of range (allowed: 1..65535)"),
 ]
 
 
@@ -262,3 +289,145 @@ def test_replicas_and_strategy(tmp_path: Path) -> None:
                          ({"strategy": {"surge": 1}}, "strategy.surge: unknown key")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             parse_service(Path("x.yaml"), {**base, **extra})
+
+
+def test_min_ready_and_watch(tmp_path: Path) -> None:
+    base = {"name": "x", "command": "/bin/x", "listen": [8080]}
+    svc = parse_service(Path("x.yaml"), base)
+    assert (svc.min_ready, svc.watch) == (DEFAULT_MIN_READY, DEFAULT_WATCH)
+    svc = parse_service(Path("x.yaml"), {**base, "strategy": {"min_ready": "1500ms",
+                                                               "watch": "5m"}})
+    assert (svc.min_ready, svc.watch) == (1.5, 300.0)
+    svc = parse_service(Path("x.yaml"), {**base, "strategy": {"min_ready": 0, "watch": "0s"}})
+    assert (svc.min_ready, svc.watch) == (0.0, 0.0)  # admitted at the gate; nothing watches
+    assert parse_service(Path("x.yaml"), {**base, "strategy": {"watch": "24h"}}).watch == 86400
+
+
+PROBES = [
+    # (name, ready, words in the error or None when it parses)
+    ("http on the instance port", {"type": "http", "url": "http://127.0.0.1:{instance_port}/"},
+     None),
+    ("tcp bare on the instance port", {"type": "tcp", "url": "127.0.0.1:{instance_port}"}, None),
+    ("tcp with scheme", {"type": "tcp", "url": "tcp://[::1]:{instance_port}"}, None),
+    ("grpc on the instance port", {"type": "grpc", "url": "127.0.0.1:{instance_port}"}, None),
+    ("http on the listen port", {"type": "http", "url": "http://127.0.0.1:8080/ready"},
+     "fixed port 8080 (the shared listen port): during a swap the old instance may answer it"),
+    ("http on another fixed port", {"type": "http", "url": "http://127.0.0.1:9100/health"},
+     "fixed port 9100: during a swap"),
+    ("tcp on a fixed port", {"type": "tcp", "url": "127.0.0.1:9100"},
+     "e.g. 127.0.0.1:{instance_port}"),
+    ("grpc on a fixed port", {"type": "grpc", "url": "grpc://127.0.0.1:9100"},
+     "ready.type notify or exec with strategy.min_ready"),
+    ("tcp port 0", {"type": "tcp", "url": "127.0.0.1:0"}, "port 0 in '127.0.0.1:0'"),
+    ("http port 65536", {"type": "http", "url": "http://[::1]:65536/"}, "allowed: 1..65535"),
+    ("exec keeps its own ports", {"type": "exec", "command": "/bin/check 127.0.0.1:8080"},
+     None),
+    ("exec URL port out of range", {"type": "exec",
+                                    "command": ["/bin/curl", "http://127.0.0.1:70000/"]},
+     "ready.command: port 70000"),
+]
+
+
+@pytest.mark.parametrize("name,ready,words", PROBES, ids=[c[0] for c in PROBES])
+def test_probes_another_instance_could_answer_are_refused(name: str, ready: dict,
+                                                         words: str | None) -> None:
+    data = {"name": "x", "command": "/bin/x", "listen": ["127.0.0.1:8080"], "ready": ready}
+    if words is None:
+        assert parse_service(Path("x.yaml"), data).ready.type == ready["type"]
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_service(Path("x.yaml"), data)
+    assert str(e.value).startswith("x.yaml: ready."), e.value
+    assert words in str(e.value), e.value
+
+
+HTTP = {"type": "http", "url": "http://127.0.0.1:{instance_port}/ready"}
+POST_START = [
+    # (name, ready, hooks, words in the error or None when it parses)
+    ("warm-up on the instance port", HTTP,
+     {"post_start": {"command": "/bin/curl -sf http://127.0.0.1:{instance_port}/warm?v={version}",
+                     "timeout": "30s"}}, None),
+    ("exec probe on the instance port", {"type": "exec", "command": "/bin/chk {instance_port}"},
+     {"post_start": {"command": ["/bin/warm", "{instance_port}"]}}, None),
+    ("no placeholder with notify", {"type": "notify"},
+     {"post_start": {"command": "/bin/warm {version}"}}, None),
+    ("instance port without a probe on it", {"type": "notify"},
+     {"post_start": {"command": "/bin/warm {instance_port}"}},
+     "hooks.post_start.command: uses {instance_port}, but the agent picks an instance port "
+     "only when ready.url or ready.command uses it (ready.type is notify"),
+    ("instance port in a per-swap hook", HTTP,
+     {"pre_swap": {"command": "/bin/migrate {instance_port}"}},
+     "hooks.pre_swap.command: {instance_port} means nothing here"),
+    ("missing command", HTTP, {"post_start": {"timeout": "5s"}},
+     "hooks.post_start.command: required"),
+    ("timeout out of range", HTTP, {"post_start": {"command": "/bin/w", "timeout": "2h"}},
+     "hooks.post_start.timeout: '2h' is out of range (allowed: 1s..3600s)"),
+    ("URL port out of range", HTTP,
+     {"post_start": {"command": "/bin/curl http://127.0.0.1:0/warm"}},
+     "hooks.post_start.command: port 0"),
+]
+
+
+@pytest.mark.parametrize("name,ready,hooks,words", POST_START, ids=[c[0] for c in POST_START])
+def test_post_start_hook(name: str, ready: dict, hooks: dict, words: str | None) -> None:
+    data = {"name": "x", "command": "/bin/x", "listen": [8080], "ready": ready, "hooks": hooks}
+    if words is None:
+        svc = parse_service(Path("x.yaml"), data)
+        assert svc.hook("post_start") is not None
+        assert svc.hook("post_start").timeout == (30.0 if "timeout" in hooks["post_start"]
+                                                  else 60.0)
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_service(Path("x.yaml"), data)
+    assert str(e.value).startswith(f"x.yaml: {words.split(':')[0]}"), e.value
+    assert words in str(e.value), e.value
+
+
+def test_post_start_argv_keeps_placeholders_for_the_engine() -> None:
+    svc = parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [8080],
+                                         "ready": HTTP, "hooks": {"post_start": {
+                                             "command": "/bin/w {instance_port} {version}"}}})
+    assert svc.hook("post_start").command == ("/bin/w", "{instance_port}", "{version}")
+
+
+def test_oversized_config_is_refused_before_parsing(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD + "#" * MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match=rf"{p}: larger than 1024 KiB \(allowed: up to "
+                                          rf"{MAX_CONFIG_BYTES} bytes"):
+        load_service(p.parent, "api")
+    p = write(tmp_path, GOOD + "#" * (MAX_CONFIG_BYTES - len(GOOD.encode())))
+    assert load_service(p.parent, "api").name == "api"  # exactly the limit is fine
+
+
+CHECK_CONFIG = [
+    # (name, command, ready, warned)
+    ("gunicorn with an http probe", "/opt/venv/bin/gunicorn app:app",
+     "{type: http, url: 'http://127.0.0.1:{instance_port}/ready'}", True),
+    ("gunicorn with notify", "/opt/venv/bin/gunicorn app:app", "{type: notify}", False),
+    ("uvicorn -m with a tcp probe", "/usr/bin/python3 -m uvicorn --fd 3 app:app",
+     "{type: tcp, url: '127.0.0.1:{instance_port}'}", True),
+    ("the demo api with an http probe", "/opt/api/{version}/bin/api",
+     "{type: http, url: 'http://127.0.0.1:{instance_port}/ready'}", False),
+]
+
+
+@pytest.mark.parametrize("name,command,ready,warned", CHECK_CONFIG,
+                         ids=[c[0] for c in CHECK_CONFIG])
+def test_check_config_warns_of_a_probe_the_server_cannot_answer(
+        tmp_path: Path, name: str, command: str, ready: str, warned: bool) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    p = write(tmp_path, f"name: api\ncommand: {command}\nlisten: [8080]\nready: {ready}\n")
+    r = CliRunner().invoke(cli, ["check-config", str(p)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{p}: a valid config of service api\n"
+    if not warned:
+        assert r.stderr == ""
+        return
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"zdd-agent: warning: {p}: ready.type: socket: inherit with "
+                           "ready.type "), line
+    assert "gunicorn #2104" in line and "fix: ready: {type: notify}" in line, line
+    assert "strategy.min_ready" in line, line

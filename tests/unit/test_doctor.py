@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
-from agent import doctor
-from agent.config import Drain, Listen, ServiceConfig
+from agent import doctor, servers
+from agent.config import Drain, Listen, ServiceConfig, parse_service
 from agent.swap import Memory
 
 
@@ -91,3 +92,80 @@ def test_kernel_findings_depend_on_reuseport() -> None:
     assert inherit[0].level == "ok"
     if doctor.MIGRATE_REQ.exists() and doctor.MIGRATE_REQ.read_text().strip() != "1":
         assert doctor.kernel_findings([svc(socket="reuseport")])[0].level == "fail"
+
+
+def web(command: str, ready: dict | None = None, socket: str = "inherit") -> ServiceConfig:
+    return parse_service(Path("/etc/zdd-agent/services/web.yaml"), {
+        "name": "web", "command": command, "listen": ["127.0.0.1:8080"], "socket": socket,
+        "ready": ready or {"type": "http", "url": "http://127.0.0.1:{instance_port}/ready"}})
+
+
+TCP = {"type": "tcp", "url": "127.0.0.1:{instance_port}"}
+SCRIPTS = {  # what read_head returns per path, instead of files
+    "/opt/web/start": b"#!/bin/sh\nexec /opt/venv/bin/gunicorn -c /opt/web/conf.py app:app\n",
+    "/opt/web/v2/start": b"#!/bin/sh\nexec /opt/venv/bin/uvicorn --fd 3 app:app\n",
+    "/opt/web/serve.py": b"#!/opt/venv/bin/python\nfrom zdd_drain.uvicorn import run\n",
+    "/opt/web/elf": b"\x7fELF\x02\x01\x01 gunicorn",
+}
+PROBE_PORT = [
+    # (name, command, ready, socket, version, server flagged or None)
+    ("gunicorn from a virtualenv", "/opt/venv/bin/gunicorn -b 127.0.0.1:{instance_port} app:app",
+     None, "inherit", None, "gunicorn"),
+    ("uvicorn with --fd", "/opt/venv/bin/uvicorn --fd 3 app:app", TCP, "inherit", None,
+     "uvicorn"),
+    ("python -m gunicorn", "/usr/bin/python3 -m gunicorn app:app", None, "inherit", None,
+     "gunicorn"),
+    ("python -muvicorn.main", "/usr/bin/python3 -muvicorn.main app:app", None, "inherit", None,
+     "uvicorn"),
+    ("a start script that execs gunicorn", "/opt/web/start", None, "inherit", None, "gunicorn"),
+    ("a start script under {version}, version known", "/opt/web/{version}/start", None,
+     "inherit", "v2", "uvicorn"),
+    ("a start script under {version}, version unknown", "/opt/web/{version}/start", None,
+     "inherit", None, None),
+    ("the drain kit's uvicorn opens the instance port", "/opt/web/serve.py", None, "inherit",
+     None, None),
+    ("a binary that happens to contain the word", "/opt/web/elf", None, "inherit", None, None),
+    ("notify readiness", "/opt/venv/bin/gunicorn app:app", {"type": "notify"}, "inherit", None,
+     None),
+    ("exec readiness", "/opt/venv/bin/gunicorn app:app", {"type": "exec", "command": "/bin/c"},
+     "inherit", None, None),
+    ("reuseport binds what it is told", "/opt/venv/bin/gunicorn app:app", None, "reuseport",
+     None, None),
+    ("another server", "/opt/venv/bin/hypercorn app:app", None, "inherit", None, None),
+]
+
+
+@pytest.mark.parametrize("name,command,ready,socket,version,server", PROBE_PORT,
+                         ids=[c[0] for c in PROBE_PORT])
+def test_probe_port_a_server_cannot_open(name: str, command: str, ready: dict | None,
+                                         socket: str, version: str | None,
+                                         server: str | None) -> None:
+    found = doctor.config_findings(web(command, ready, socket), version, SCRIPTS.get)
+    if server is None:
+        assert found == []
+        return
+    [f] = found
+    assert (f.level, f.check, f.subject) == ("warn", "probe-port", "web")
+    assert f"{server}, given its listener by systemd, opens no other port" in f.cause
+    assert "rolls back" in f.symptom and f.verify
+    assert "ready: {type: notify}" in f.fix and "strategy.min_ready" in f.fix
+
+
+def test_the_examples_are_not_flagged() -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    configs = sorted(examples.glob("*/api.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        svc = parse_service(path, yaml.safe_load(path.read_text()))
+        assert doctor.config_findings(svc, "v1") == [], path
+
+
+def test_read_head_reads_a_real_script(tmp_path: Path) -> None:
+    script = tmp_path / "start"
+    script.write_text("#!/bin/sh\n" + "#\n" * 100 + "exec gunicorn app:app\n")
+    assert servers.server_in([str(script)]) == (
+        "gunicorn", f"the start script {script} mentions gunicorn in its first 4 KiB")
+    script.write_text("#!/bin/sh\n" + "#" * servers.SCRIPT_HEAD + "\nexec gunicorn app:app\n")
+    assert servers.server_in([str(script)]) is None  # past the first 4 KiB
+    assert servers.read_head(str(tmp_path / "missing")) is None
+    assert servers.read_head(str(tmp_path)) is None  # a directory
