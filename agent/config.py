@@ -415,14 +415,6 @@ def _parse_hooks(path: Path, raw: Mapping[str, Any], ready: Ready) -> tuple[tupl
             raise one.fail("command", f"{INSTANCE_PORT} means nothing here: {hname} runs once "
                                       "per swap, not per instance (allowed: "
                                       f"{INSTANCE_PORT} in hooks.post_start only)")
-        if uses_port and not ready.needs_instance_port:
-            # deploy.SystemdOps.prepare picks a port only for a probe that uses it:
-            # without one the hook would get an empty port.
-            raise one.fail("command", f"uses {INSTANCE_PORT}, but the agent picks an instance "
-                                      "port only when ready.url or ready.command uses it "
-                                      f"(ready.type is {ready.type}; allowed: "
-                                      f"{INSTANCE_PORT} here with a probe on it, or no "
-                                      f"{INSTANCE_PORT})")
         hooks.append((hname, Hook(argv, one.duration("timeout", 60.0, 1.0, 3600.0))))
     return tuple(hooks)
 

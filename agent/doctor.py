@@ -237,7 +237,35 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
         serving = deploy.serving_version(svc, sd, store.load(svc.name))
     except ZddError as e:
         return config_findings(svc) + [Finding("warn", "state", svc.name, cause=str(e))]
-    return config_findings(svc, serving) + _serving_findings(svc, sd, serving)
+    return (config_findings(svc, serving) + _serving_findings(svc, sd, serving)
+            + down_findings(svc, sd, store) + stray_findings(svc, deploy.stray_listeners(svc, sd)))
+
+
+def down_findings(svc: ServiceConfig, sd: deploy.Systemd, store: StateStore) -> list[Finding]:
+    """A service that served once and has no running instance now is down."""
+    if deploy.active_versions(svc, sd) or not store.load(svc.name).serving:
+        return []
+    last = store.load(svc.name).serving
+    unit = units.instance_unit(svc.name, last) if last else f"zdd-{svc.name}@*.service"
+    return [Finding("fail", "down", svc.name,
+                    symptom=f"no instance of {svc.name} runs: its port answers nothing (or "
+                            "only what a stray listener answers)",
+                    cause=f"{unit} is not running (crashed past its restarts, or stopped by "
+                          "hand)",
+                    verify=f"systemctl status {unit}; journalctl -u {unit} -n 50",
+                    fix=f"zdd-agent swap {svc.name} --version {last or 'VERSION'}")]
+
+
+def stray_findings(svc: ServiceConfig, strays: list[dict[str, Any]]) -> list[Finding]:
+    """Listeners on the service's ports that no instance the agent manages holds."""
+    return [Finding("warn", "stray-listener", svc.name,
+                    symptom=f"some new connections to {s['address']} reach a process "
+                            "outside zdd-agent, which no swap replaces or drains",
+                    cause=f"pid {s['pid']} ({s['comm']}) listens on {s['address']} outside "
+                          "zdd-agent (SO_REUSEPORT shares the port with it)",
+                    verify=f"ss -ltnp 'sport = :{s['address'].rpartition(':')[2]}'",
+                    fix=f"stop pid {s['pid']} (a forgotten process of an earlier deploy?)")
+            for s in strays]
 
 
 def _serving_findings(svc: ServiceConfig, sd: deploy.Systemd,

@@ -105,7 +105,7 @@ def run_drain(host: Host, olds: list[str],
     watch = None
     try:
         watch = ops.close_watch(olds)
-    except OSError as e:
+    except Exception as e:  # evidence never breaks a drain
         host.emit("warning", message=f"cannot follow how {label} closes its connections: {e}")
     t = clock.monotonic()
     for x in olds:
@@ -126,7 +126,11 @@ def run_drain(host: Host, olds: list[str],
         clock.sleep(STATE_POLL)
         host.interrupted()  # the signal is out: a request to stop is noted, the drain goes on
         if watch is not None:
-            watch.poll()
+            try:
+                watch.poll()
+            except Exception as e:
+                host.emit("warning", message=f"following the closes failed: {e}")
+                watch = None
         states = [ops.status(x) for x in olds]
         elapsed = clock.monotonic() - t
         if all(st.stopped for st in states):
@@ -166,9 +170,12 @@ def run_drain(host: Host, olds: list[str],
             break
     d.seconds = clock.monotonic() - t
     if watch is not None:
-        closes = watch.finish()
-        d.closes = closes.to_dict()
-        d.closed_idle = int(getattr(closes, "closed_idle", 0) or 0)
+        try:
+            closes = watch.finish()
+            d.closes = closes.to_dict()
+            d.closed_idle = int(getattr(closes, "closed_idle", 0) or 0)
+        except Exception as e:  # evidence never breaks a drain
+            d.closes = {"note": f"unknown: {e}"}
     if d.killed_at_grace:
         host.emit("killed", version=label, connections=d.connections_at_end, grace=grace,
                   held=d.held)

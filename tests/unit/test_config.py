@@ -351,10 +351,8 @@ POST_START = [
      {"post_start": {"command": ["/bin/warm", "{instance_port}"]}}, None),
     ("no placeholder with notify", {"type": "notify"},
      {"post_start": {"command": "/bin/warm {version}"}}, None),
-    ("instance port without a probe on it", {"type": "notify"},
-     {"post_start": {"command": "/bin/warm {instance_port}"}},
-     "hooks.post_start.command: uses {instance_port}, but the agent picks an instance port "
-     "only when ready.url or ready.command uses it (ready.type is notify"),
+    ("instance port without a probe on it (the hook alone gets one)", {"type": "notify"},
+     {"post_start": {"command": "/bin/warm {instance_port}"}}, None),
     ("instance port in a per-swap hook", HTTP,
      {"pre_swap": {"command": "/bin/migrate {instance_port}"}},
      "hooks.pre_swap.command: {instance_port} means nothing here"),
@@ -431,3 +429,12 @@ def test_check_config_warns_of_a_probe_the_server_cannot_answer(
                            "ready.type "), line
     assert "gunicorn #2104" in line and "fix: ready: {type: notify}" in line, line
     assert "strategy.min_ready" in line, line
+
+
+def test_a_post_start_hook_on_the_instance_port_gets_one_without_a_probe() -> None:
+    from agent.config import parse_service
+
+    svc = parse_service(Path("x.yaml"), {
+        "name": "x", "command": "/bin/x", "listen": "8080", "ready": {"type": "notify"},
+        "hooks": {"post_start": {"command": "/bin/warm {instance_port}"}}}, "x")
+    assert svc.needs_instance_port and not svc.ready.needs_instance_port

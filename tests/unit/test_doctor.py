@@ -169,3 +169,14 @@ def test_read_head_reads_a_real_script(tmp_path: Path) -> None:
     assert servers.server_in([str(script)]) is None  # past the first 4 KiB
     assert servers.read_head(str(tmp_path / "missing")) is None
     assert servers.read_head(str(tmp_path)) is None  # a directory
+
+
+def test_a_foreign_listener_is_a_finding_with_its_pid() -> None:
+    from agent.doctor import stray_findings
+
+    svc = ServiceConfig(name="api", command=("/x",), listen=(Listen("127.0.0.1", 8080),))
+    (f,) = stray_findings(svc, [{"address": "127.0.0.1:8080", "pid": 4321, "comm": "python3",
+                                 "inode": 1}])
+    assert f.level == "warn" and f.check == "stray-listener"
+    assert "pid 4321 (python3) listens on 127.0.0.1:8080 outside zdd-agent" in f.cause
+    assert stray_findings(svc, []) == []
