@@ -184,8 +184,10 @@ def test_the_serving_set_stays_true(host: DemoHost) -> None:
     # a forgotten process shares the port through SO_REUSEPORT: reported
     stray = host.sb.popen([sys.executable, "-c", STRAY], net_only=False,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    stray_pid = "0"
     try:
-        assert stray.stdout is not None and stray.stdout.readline().strip() == "listening"
+        assert stray.stdout is not None
+        stray_pid = stray.stdout.readline().split()[-1]  # "listening PID" (in the sandbox)
         code, st = host.zdd_json("status", "demo")
         assert [s["address"] for s in st[0]["strays"]] == ["127.0.0.1:8080"], st[0]
         code, r = host.zdd_json("swap", "demo", "--version", "v2")
@@ -194,8 +196,8 @@ def test_the_serving_set_stays_true(host: DemoHost) -> None:
         doc = host.zdd("doctor")
         assert "127.0.0.1:8080" in doc.stdout and "outside zdd-agent" in doc.stdout, doc.stdout
     finally:
-        stray.kill()
-        stray.wait()
+        host.sb.run(["kill", "-9", stray_pid], check=False)
+        stray.communicate(timeout=30)
     # v1 stopped by hand while v2 serves... then a swap back and forth: the
     # version that does not serve is never left enabled for the next boot
     host.sb.run(["systemctl", "stop", "zdd-demo@v2.service"])
@@ -213,11 +215,11 @@ def test_the_serving_set_stays_true(host: DemoHost) -> None:
 
 
 STRAY = """
-import socket, sys, time
+import os, socket, sys, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("127.0.0.1", 8080)); s.listen(16)
-print("listening", flush=True)
+print("listening", os.getpid(), flush=True)
 time.sleep(120)
 """
 
