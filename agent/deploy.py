@@ -523,8 +523,9 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 watch_state["active"] = float(watch_state.get("until", 0)) > time.time()
             out.append({
                 "service": svc.name,
-                # nothing runs: a service that is down must look down (exit 11)
-                "down": not running,
+                # deployed once and nothing runs now: down must look down (exit 11);
+                # a service configured but never deployed is not down, just not there yet
+                "down": not running and bool(st.serving or st.history),
                 "strays": stray_listeners(svc, sd),
                 "watch": watch_state,
                 "serving": _serving_or_none(svc, sd, st),

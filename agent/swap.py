@@ -370,9 +370,7 @@ class Swap:
             raise _Failure(f"{broken}, after {', '.join(victims)} got the drain signal",
                            self._bad, broken=True)
         self._record(ctx, "retire")
-        t = self.clock.monotonic()
-        retire(self.host, victims)
-        res.phases["retire"] = res.phases.get("retire", 0.0) + self.clock.monotonic() - t
+        self._phase(res, "retire", lambda: retire(self.host, victims))
         ctx.left = ctx.left[len(victims):]
         ctx.drained += victims
 

@@ -170,8 +170,9 @@ class Agent:
         startup = (int(t["ActiveEnterTimestampMonotonic"])
                    - int(t["ExecMainStartTimestampMonotonic"])) / 1e6
         drain = float((r.get("drain") or {}).get("seconds") or 0)
+        bake = float((r.get("bake") or {}).get("seconds") or 0)
         return {"swap": r, "seconds": float(r["seconds"]), "startup": startup, "drain": drain,
-                "overhead": float(r["seconds"]) - startup - drain}
+                "bake": bake, "overhead": float(r["seconds"]) - startup - drain - bake}
 
 
 class Gunicorn:
@@ -235,6 +236,7 @@ def drive(name: str, scenario: Any, swaps: int, clients: int,
     agent = [x for x in infos if x]
     if agent:
         row["overhead_ms"] = round(1000 * statistics.median(x["overhead"] for x in agent), 1)
+        row["bake_s"] = round(statistics.median(x["bake"] for x in agent), 2)
         row["startup_ms"] = round(1000 * statistics.median(x["startup"] for x in agent), 1)
         row["drain_ms"] = round(1000 * statistics.median(x["drain"] for x in agent), 1)
         row["swap_results"] = [x["swap"] for x in agent]
@@ -286,14 +288,15 @@ def plot_one_swap(path: Path, clients: int) -> None:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [f"{'':2} {'scenario':<30} {'requests':>9} {'failed':>7} {'per 1k repl.':>12} "
-           f"{'p99 steady':>10} {'p99 repl.':>9} {'ratio':>6} {'repl. s':>8} "
+           f"{'p99 steady':>10} {'p99 repl.':>9} {'ratio':>6} {'repl. s':>8} {'bake s':>6} "
            f"{'overhead ms':>11} {'daemon RSS':>10} {'CPU ms/swap':>11}"]
     for r in rows:
         out.append(
             f"{r['scenario']:<2} {r['label']:<30} {r['requests']:>9} {r['failed']:>7} "
             f"{r['failed_per_1000']:>12.0f} {r['p99_steady_ms']:>10.1f} "
             f"{r['p99_during_ms']:>9.1f} {r['p99_ratio'] or 0:>6.2f} "
-            f"{r['replace_seconds']:>8.2f} {r.get('overhead_ms', '-'):>11} "
+            f"{r['replace_seconds']:>8.2f} {r.get('bake_s', '-'):>6} "
+            f"{r.get('overhead_ms', '-'):>11} "
             f"{str(r['daemon_rss_mib']) + ' MiB' if 'daemon_rss_mib' in r else '-':>10} "
             f"{r.get('daemon_cpu_ms_per_swap', '-'):>11}")
     return out
@@ -322,8 +325,9 @@ def main() -> int:
         print(line)
     print("per 1k repl.: failed requests per 1,000 replacements; ratio: p99 during "
           "replacements / steady p99 (same run); repl. s: median wall time of one "
-          "replacement as the operator runs it (CLI included); overhead: swap time - the new "
-          "version's start-up (exec to READY=1) - drain, median")
+          "replacement as the operator runs it (CLI included, with zdd-agent's default bake, "
+          "strategy.min_ready); bake s: of it, the bake; overhead: swap time - the new "
+          "version's start-up (exec to READY=1) - bake - drain, median")
     if args.plot:
         plot_one_swap(args.plot, args.clients)
     if args.census:

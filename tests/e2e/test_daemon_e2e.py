@@ -109,7 +109,7 @@ def test_cli_goes_through_the_daemon_and_logs_structured_events(dhost: DemoHost)
     assert all(e["SERVICE"] == "demo" and e["PHASE"] == "drain" and "CONNECTIONS" in e
                for e in drains)
     phases = [e["PHASE"] for e in entries if e.get("MESSAGE_ID") == MESSAGE_IDS["phase"]]
-    assert phases[-4:] == ["start", "ready", "drain", "retire"]
+    assert phases[-5:] == ["start", "ready", "bake", "drain", "retire"]
     code, hist = dhost.zdd_json("history", "demo")
     assert [(h["from"], h["to"], h["result"]) for h in hist] == [(None, "v1", "ok"),
                                                                  ("v1", "v2", "ok")]
