@@ -42,6 +42,7 @@ _NLATTR = struct.Struct("=HH")
 # (network order), idiag_inode at +68.
 _SPORT = struct.Struct("!H")
 _INODE = struct.Struct("=I")
+_COOKIE = struct.Struct("=II")  # idiag_cookie at +44 of the message, low word first
 _MSG_MIN = 16 + 72
 
 
@@ -157,13 +158,20 @@ def sockid(family: int, src: str, sport: int, dst: str | None = None, dport: int
         "=III", ifindex, lo, hi)
 
 
+def msg_cookie(buf: bytes, off: int) -> int:
+    """idiag_cookie of the message whose nlmsghdr starts at `off`."""
+    lo, hi = _COOKIE.unpack_from(buf, off + 60)
+    return lo | hi << 32
+
+
 def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
-              inodes: set[int] | None = None,
+              inodes: set[int] | None = None, cookies: set[int] | None = None,
               nl: socket.socket | None = None) -> list[DiagMsg]:
     """A full decode of a SOCK_DIAG_BY_FAMILY dump (sock_diag(7)): the TCP
     sockets of `families` in the `states` bitmask (1 << TCP_x) whose local
     port is in `ports` (all ports if empty), optionally only those whose
-    inode is in `inodes` (checked at its fixed offset before decoding).
+    inode is in `inodes` or whose cookie is in `cookies` (checked at their
+    fixed offsets before decoding).
     One dump per family, on `nl` or a socket of its own. Raises OSError
     with the kernel's errno on NLMSG_ERROR."""
     ports = frozenset(ports)
@@ -189,7 +197,8 @@ def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), e
                     if length < 16:
                         raise OSError("sock_diag: malformed message")
                     if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
-                            inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes):
+                            inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes) \
+                            and (cookies is None or msg_cookie(buf, off) in cookies):
                         out.append(DiagMsg.decode(buf, off, length))
                     off += (length + 3) & ~3
     finally:
@@ -198,13 +207,15 @@ def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), e
     return out
 
 
-def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: int) -> int:
+def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: int,
+                  reply: list[DiagMsg] | None = None) -> int:
     """One exact (non-dump) request about one socket, with NLM_F_ACK:
     SOCK_DIAG_BY_FAMILY (is it there?) or SOCK_DESTROY (sock_diag(7)). The
     kernel finds it by the 4-tuple in `sid` (see `sockid`) and checks the
-    cookie (net/ipv4/inet_diag.c: inet_diag_find_one_icsk). Returns the
-    kernel's errno: 0 done/found, ENOENT no such socket; the reply of a
-    SOCK_DIAG_BY_FAMILY (before the ack) is skipped."""
+    cookie (net/ipv4/inet_diag.c: inet_diag_find_one_icsk); a timewait
+    socket is found too (it keeps the cookie). Returns the kernel's errno:
+    0 done/found, ENOENT no such socket. The reply of a SOCK_DIAG_BY_FAMILY
+    (sent before the ack) is appended to `reply` if given."""
     body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF, sid)
     nl.send(_NLMSGHDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
     while True:
@@ -216,6 +227,9 @@ def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: i
                 return -struct.unpack_from("=i", buf, off + 16)[0]
             if length < 16:
                 raise OSError("sock_diag: malformed reply")
+            if rtype == SOCK_DIAG_BY_FAMILY and rseq == seq and reply is not None \
+                    and length >= _MSG_MIN:
+                reply.append(DiagMsg.decode(buf, off, length))
             off += (length + 3) & ~3
 
 
