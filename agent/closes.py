@@ -63,8 +63,7 @@ of 20 runs and missed 3 (of about 38) in the other two; with one every
 20 ms, 0-8 of about 20-28 failures per run (median 1) stayed hidden among
 "answered": the peer acked our answer with a pure ACK, so its refused
 request was not its only kind of segment and no timewait socket was left
-to see. Never more failures reported than
-the clients saw.
+to see. Never more failures reported than the clients saw.
 
 Approximations: "after the signal" is after begin() (call it just before the
 signal); a 1-byte request is not told from a FIN; an answered connection
