@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 NETLINK_SOCK_DIAG = 4
@@ -164,19 +164,19 @@ def msg_cookie(buf: bytes, off: int) -> int:
     return lo | hi << 32
 
 
-def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
-              inodes: set[int] | None = None, cookies: set[int] | None = None,
-              nl: socket.socket | None = None) -> list[DiagMsg]:
-    """A full decode of a SOCK_DIAG_BY_FAMILY dump (sock_diag(7)): the TCP
-    sockets of `families` in the `states` bitmask (1 << TCP_x) whose local
-    port is in `ports` (all ports if empty), optionally only those whose
-    inode is in `inodes` or whose cookie is in `cookies` (checked at their
-    fixed offsets before decoding).
+def diag_raw(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
+             inodes: set[int] | None = None, cookies: set[int] | None = None,
+             nl: socket.socket | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """The messages of a SOCK_DIAG_BY_FAMILY dump (sock_diag(7)), undecoded:
+    (buffer, offset of the nlmsghdr, length) for each TCP socket of
+    `families` in the `states` bitmask (1 << TCP_x) whose local port is in
+    `ports` (all ports if empty), optionally only those whose inode is in
+    `inodes` or whose cookie is in `cookies` (read at their fixed offsets).
     One dump per family, on `nl` or a socket of its own. Raises OSError
-    with the kernel's errno on NLMSG_ERROR."""
+    with the kernel's errno on NLMSG_ERROR (a shared `nl` may then hold the
+    rest of that dump: discard it)."""
     ports = frozenset(ports)
     bytecode = port_filter(ports) if ports else b""
-    out: list[DiagMsg] = []
     own = nl is None
     s = nl or socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
     try:
@@ -199,23 +199,31 @@ def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), e
                     if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
                             inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes) \
                             and (cookies is None or msg_cookie(buf, off) in cookies):
-                        out.append(DiagMsg.decode(buf, off, length))
+                        yield buf, off, length
                     off += (length + 3) & ~3
     finally:
         if own:
             s.close()
-    return out
+
+
+def diag_dump(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
+              inodes: set[int] | None = None, cookies: set[int] | None = None,
+              nl: socket.socket | None = None) -> list[DiagMsg]:
+    """`diag_raw`, each message fully decoded (DiagMsg)."""
+    return [DiagMsg.decode(buf, off, length)
+            for buf, off, length in diag_raw(families, states, ports, ext, inodes, cookies, nl)]
 
 
 def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: int,
-                  reply: list[DiagMsg] | None = None) -> int:
+                  reply: list[bytes] | None = None) -> int:
     """One exact (non-dump) request about one socket, with NLM_F_ACK:
     SOCK_DIAG_BY_FAMILY (is it there?) or SOCK_DESTROY (sock_diag(7)). The
     kernel finds it by the 4-tuple in `sid` (see `sockid`) and checks the
     cookie (net/ipv4/inet_diag.c: inet_diag_find_one_icsk); a timewait
     socket is found too (it keeps the cookie). Returns the kernel's errno:
     0 done/found, ENOENT no such socket. The reply of a SOCK_DIAG_BY_FAMILY
-    (sent before the ack) is appended to `reply` if given."""
+    (sent before the ack) is appended to `reply` if given, as the raw
+    message from its nlmsghdr on (DiagMsg.decode(raw, 0, len(raw)))."""
     body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF, sid)
     nl.send(_NLMSGHDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
     while True:
@@ -229,7 +237,7 @@ def exact_request(nl: socket.socket, mtype: int, family: int, sid: bytes, seq: i
                 raise OSError("sock_diag: malformed reply")
             if rtype == SOCK_DIAG_BY_FAMILY and rseq == seq and reply is not None \
                     and length >= _MSG_MIN:
-                reply.append(DiagMsg.decode(buf, off, length))
+                reply.append(bytes(buf[off:off + length]))
             off += (length + 3) & ~3
 
 

@@ -189,7 +189,7 @@ def test_classify_rules() -> None:
     base = Counters(38, 18, 3, 4, 1, 1)
 
     def after(**d: int) -> Counters:
-        return Counters(*(getattr(base, k) + d.get(k, 0) for k in base.__dataclass_fields__))
+        return Counters(*(getattr(base, k) + d.get(k, 0) for k in base._fields))
 
     def never() -> bool:
         raise AssertionError("no TIME_WAIT lookup needed")
