@@ -173,10 +173,11 @@ def run_drain(host: Host, olds: list[str],
         try:
             closes = watch.finish()
             d.closes = closes.to_dict()
-            # closed while idle since the signal, including those whose client
-            # then wrote into the closed socket (refused: a failed request)
-            d.closed_idle = int(getattr(closes, "closed_idle", 0) or 0) + \
-                int(getattr(closes, "refused", 0) or 0)
+            # closed while idle since the signal, those whose client then
+            # wrote into the closed socket (refused: a failed request), and
+            # those closed with a request unanswered (a failed request too)
+            d.closed_idle = sum(int(getattr(closes, k, 0) or 0)
+                                for k in ("closed_idle", "refused", "unanswered"))
         except Exception as e:  # evidence never breaks a drain
             d.closes = {"note": f"unknown: {e}"}
     if d.killed_at_grace:
