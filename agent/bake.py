@@ -17,6 +17,7 @@ gets its drain signal and at every poll of a drain.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .instance import Host
@@ -27,6 +28,23 @@ ACCEPT_POLL = 0.5  # seconds between two connection censuses (they walk /proc/PI
 # instance that accepted none is judged idle: below it, too little traffic
 # flowed to tell (keep-alive clients stay where they are).
 MIN_TRAFFIC = 8
+# The census samples (every ACCEPT_POLL), so a short connection is seen only
+# if it is open at a poll, and the kernel's wakeups among processes sharing a
+# listener are far from fair (measured: 9/0/1/0 among four old instances).
+# A new instance that saw none is judged idle only when, had it taken a fair
+# share of what the others were seen to take, seeing none would have had a
+# chance below this; and only if its processes moved no socket or file bytes
+# either (/proc/PID/io rchar + wchar: an instance that serves reads requests).
+IDLE_CHANCE = 1e-4
+IDLE_IO_BYTES = 4096
+
+
+def needed_traffic(instances: int) -> int:
+    """New connections the others must be seen taking before none for one of
+    `instances` is evidence: (1 - 1/n)^T < IDLE_CHANCE."""
+    if instances < 2:
+        return 1 << 30
+    return max(MIN_TRAFFIC, math.ceil(math.log(IDLE_CHANCE) / math.log(1 - 1 / instances)))
 
 
 @dataclass(frozen=True)
@@ -72,12 +90,19 @@ class AcceptShare:
             self.last[x] = inodes
 
     def idle(self, news: list[str], olds: list[str]) -> tuple[list[str], int]:
-        """The new instances that accepted nothing while the old ones
-        accepted at least MIN_TRAFFIC; and what the old ones accepted."""
+        """The new instances seen accepting nothing while the others were
+        seen accepting enough for that to be evidence (needed_traffic); and
+        what the old ones accepted."""
         old_total = sum(self.accepted.get(x, 0) for x in olds)
-        if old_total < MIN_TRAFFIC:
+        others = sum(v for x, v in self.accepted.items() if x not in news)
+        if others < needed_traffic(len(self.accepted)):
             return [], old_total
         return [x for x in news if self.accepted.get(x, 0) == 0], old_total
+
+
+def _quiet(before: int | None, after: int | None) -> bool:
+    """No socket or file I/O between two readings (unknown counts as quiet)."""
+    return before is None or after is None or after - before < IDLE_IO_BYTES
 
 
 @dataclass
@@ -104,6 +129,7 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
     share = AcceptShare()
     counted = list(serving_olds) + list(admitted)
     next_census = t0
+    io0 = {x: ops.io_bytes(x) for x in group}
 
     def fail(x: str, reason: str) -> BakeOutcome:
         out.verdict, out.reason, out.failed = "failed", reason, x
@@ -144,6 +170,7 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
             host.sleep(min(BAKE_POLL, end - now))
         out.accepted = dict(share.accepted)
         idle, old_total = share.idle(group, serving_olds)
+        idle = [x for x in idle if _quiet(io0[x], ops.io_bytes(x))]
         if idle and svc.min_ready > 0:
             return fail(idle[0], f"{svc.name} {idle[0]} accepted no connection during the "
                                  f"{svc.min_ready:g}s bake while "

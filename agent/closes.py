@@ -431,14 +431,24 @@ class CloseWatch:
             if mtype == SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
                 cookie = msg_cookie(buf, off)
                 if cookie in self._base and cookie not in self._ended:
-                    self._ended[cookie] = self._ending(cookie, _info(buf, off, length), CLOSE)
+                    # idiag_rqueue (rcv_nxt - copied_seq): bytes the program never
+                    # read; tcp_close drops them without moving copied_seq and
+                    # answers with RST (TCPAbortOnClose): a request unanswered
+                    unread = struct.unpack_from("=I", buf, off + 16 + 56)[0]
+                    self._ended[cookie] = self._ending(cookie, _info(buf, off, length), CLOSE,
+                                                       unread)
             off += (length + 3) & ~3
 
-    def _ending(self, cookie: int, info: bytes | None, end_state: int) -> str:
+    def _ending(self, cookie: int, info: bytes | None, end_state: int,
+                end_unread: int = 0) -> str:
         base = self._base[cookie]
         after = Counters.from_info(info)
         if after is None:
             return "unknown"
+        if end_unread > 1 and end_state == CLOSE:
+            # closed with request bytes it never read (a peer's FIN alone
+            # leaves 1: it takes a sequence number and is never "read")
+            return "unanswered"
         seen: list[int | None] = []
 
         def timewait() -> int | None:

@@ -183,6 +183,18 @@ class SystemdOps:
     def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]:
         return self.census.inodes_many({x: self.pids(x) for x in instances})
 
+    def io_bytes(self, instance: str) -> int | None:
+        """Bytes its processes passed to read- and write-like calls, sockets
+        included (/proc/PID/io rchar + wchar, proc(5)); None when unreadable."""
+        total = 0
+        for pid in self.pids(instance):
+            try:
+                io = psutil.Process(pid).io_counters()
+            except (psutil.Error, AttributeError):
+                return None
+            total += int(getattr(io, "read_chars", 0)) + int(getattr(io, "write_chars", 0))
+        return total
+
     def close_watch(self, instances: list[str]) -> Any:
         """Follows how `instances` end their connections (closes.py), begun
         before their drain signal; None where the census knows none."""

@@ -76,6 +76,7 @@ class InstanceOps(Protocol):
     def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]: ...
     #   each instance's established connections (socket inodes): new ones were accepted
     def close_watch(self, instances: list[str]) -> Any: ...  # closes.CloseWatch or None
+    def io_bytes(self, instance: str) -> int | None: ...  # its processes' rchar + wchar
 
 
 class Clock(Protocol):

@@ -55,10 +55,11 @@ class SwapResult:
 
 
 def closed_idle_warning(service: str, n: int) -> str:
-    return (f"the old instance of {service} closed {n} idle keep-alive connection"
-            f"{'s' if n != 1 else ''} after its drain signal, with no request since: clients "
-            "writing their next request on them get a reset. Fix: answer the next request "
-            "with `Connection: close` (the drain kit does: docs/drain-kit.md)")
+    return (f"the old instance of {service} closed {n} connection{'s' if n != 1 else ''} "
+            "after its drain signal without answering on them (idle keep-alive connections, "
+            "or a request left unanswered): clients writing their next request on them get "
+            "a reset. Fix: answer the next request with `Connection: close` (the drain kit "
+            "does: docs/drain-kit.md)")
 
 
 def interrupted(old: str | None, new: str, signalled: bool) -> str:

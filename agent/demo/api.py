@@ -200,7 +200,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.exit_after is not None:  # a release that said READY=1, then crashes
         try:
             await asyncio.wait_for(stop.wait(), args.exit_after)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"demo api {args.version}: crashing {args.exit_after:g}s after READY=1 as "
                   "asked", file=sys.stderr, flush=True)
             os._exit(1)

@@ -45,7 +45,7 @@ def deploy(host: DemoHost, program: str, flags: tuple[str, ...], ready: str) -> 
 
 def test_uvicorn_keepalive_and_websockets_across_swaps(host: DemoHost) -> None:
     deploy(host, "asgi", ("--server", "uvicorn"), HTTP_READY)
-    seconds = 20
+    seconds = 40  # 3 swaps of ~8 s each (5 s of them the default bake), with pauses
     ws = client(host, "ws_client", "--url", "ws://127.0.0.1:8080", "--clients", "50",
                 "--hold", "5", "--pause", "0.1", "--seconds", str(seconds))
     wrk = host.load(32, seconds)
@@ -82,7 +82,7 @@ def test_gunicorn_ready_after_its_workers_and_swaps_under_load(host: DemoHost) -
     status = host.sb.run(["systemctl", "show", "-p", "StatusText", "--value",
                           "zdd-web@v1.service"], capture=True).stdout.strip()
     assert status == "serving with 2 worker(s)"
-    seconds = 15
+    seconds = 35
     keep = host.load(32, seconds)
     fresh = host.load(16, seconds, keepalive=False)
     time.sleep(1)

@@ -80,7 +80,7 @@ def test_http2_http1_and_websockets_across_swaps(host: DemoHost) -> None:
     host.zdd("sysctl", "apply", check=True)
     code, first = host.zdd_json("swap", "web", "--version", "v1")
     assert code == 0, (first["reason"], first["journal"])
-    seconds = 30
+    seconds = 45  # 3 swaps of ~8 s each (5 s of them the default bake), with pauses
     h2 = client(host, "http_client", "--url", "http://127.0.0.1:8080/", "--protocol", "h2",
                 "--connections", "8", "--streams", "4", "--seconds", str(seconds))
     ws = client(host, "ws_client", "--url", "ws://127.0.0.1:8080", "--clients", "8",
@@ -125,7 +125,7 @@ def test_grpc_unary_and_streams_across_swaps_in_reuseport_mode(host: DemoHost) -
     host.configure("rpc", text=GRPC_CONFIG)
     code, first = host.zdd_json("swap", "rpc", "--version", "v1")
     assert code == 0, (first["reason"], first["journal"])
-    seconds = 40
+    seconds = 50
     load = client(host, "grpc_client", "--target", "127.0.0.1:9090", "--clients", "8",
                   "--streams", "4", "--hold", "2", "--seconds", str(seconds))
     time.sleep(2)

@@ -381,7 +381,8 @@ def test_four_replicas_roll_with_surge_under_load_and_a_failing_batch_rolls_back
         k, f = keep.stop(), fresh.stop()
     print(f"4 replicas, 2 rolling swaps + 1 rolled back: {k.requests} + {f.requests} requests, "
           f"{k.failed} + {f.failed} failed; plans {[r['plan'] for r in results]}")
-    assert [r["result"] for r in results] == ["ok", "ok"], results
+    assert [r["result"] for r in results] == ["ok", "ok"], \
+        [(r["result"], r["reason"]) for r in results]
     assert all(r["plan"] == "+1 -1, +1 -1, +1 -1, +1 -1" for r in results)
     assert code == 4 and "v3-2 exited during start-up" in failed["reason"], failed
     # v1-1 had been replaced by v3-1 in batch 1; the rollback brought it back

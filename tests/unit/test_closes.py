@@ -383,3 +383,35 @@ def test_stock_uvicorn_like_drain_closed_idle_vs_client_failures() -> None:
         # see are among the answered
         assert seen <= stats["failed"] <= seen + closes["answered"]
         assert closes["closed_idle"] <= stats["noticed"]
+
+
+def test_answered_then_closed_with_the_next_request_unread() -> None:
+    """Stock uvicorn at SIGTERM: the request in flight is answered (keep-alive),
+    the client's next one arrives, and the program closes without reading it:
+    the kernel answers with RST (TCPAbortOnClose), a failed request."""
+    p = Pairs(N)
+    try:
+        w = watched(p)
+        for c, s in p.pairs:
+            c.sendall(REQUEST)
+            assert s.recv(1024) == REQUEST
+            s.sendall(OK)  # keep-alive: the client goes on
+            assert c.recv(1024).endswith(b"ok")
+            c.sendall(REQUEST)  # the next request, which the program never reads
+        time.sleep(0.05)
+        for _, s in p.pairs:
+            s.close()
+        failed = 0
+        for c, _ in p.pairs:
+            try:
+                failed += c.recv(1024) == b""
+            except ConnectionResetError:
+                failed += 1
+        settle(w, N, "unanswered")
+        r = w.finish()
+        print(f"\nanswered, then closed with a request unread: {r.to_dict()}; the clients "
+              f"saw {failed} failed")
+        assert failed == N
+        assert (r.unanswered, r.answered, r.closed_idle) == (N, 0, 0), r.to_dict()
+    finally:
+        p.close()

@@ -120,6 +120,13 @@ class FakeHost:
     def close_watch(self, instances: list[str]) -> None:
         return None
 
+    def io_bytes(self, instance: str) -> int | None:
+        """Bytes moved: an instance that accepts serves, one that does not is quiet."""
+        if instance not in self.started:
+            return 0
+        return int((self.clock.now - self.started[instance]) * 10_000) \
+            if self.scripts[instance].accepts else 0
+
     def probe(self, version: str) -> tuple[bool, str]:
         self.probes.append(self.clock.now - self.started[version])
         ok = self.scripts[version].probe(self.clock.now - self.started[version])
@@ -680,10 +687,33 @@ def test_restart_by_systemd_during_the_bake_fails_it() -> None:
 
 def test_an_instance_that_never_accepts_while_the_old_does_fails_the_bake() -> None:
     scripts = {"v1": Script(), "v2": Script(accepts=False)}
-    host, res, _ = swap_with(scripts, baked(6.0), "v1", "v2")
+    host, res, _ = swap_with(scripts, baked(10.0), "v1", "v2")
     assert isinstance(res, SwapFailed)
-    assert "accepted no connection during the 6s bake" in res.details["result"].reason
+    assert "accepted no connection during the 10s bake" in res.details["result"].reason
     assert ("stop", "v1") not in host.calls
+
+
+def test_too_little_traffic_or_io_activity_is_no_evidence_of_idleness() -> None:
+    from agent.bake import AcceptShare, needed_traffic
+
+    # too short a bake: the old one was seen taking too few to tell
+    host, res, _ = swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(3.0),
+                             "v1", "v2")
+    assert res.result == "ok" and res.bake["accepted"]["v2"] == 0
+    # seen accepting nothing, but its processes move bytes: it serves
+    def busy(h: FakeHost) -> None:
+        h.io_bytes = lambda x: int(h.clock.now * 10_000)  # type: ignore[method-assign]
+    host, res, _ = swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(10.0),
+                             "v1", "v2", setup=busy)
+    assert res.result == "ok"
+    # the threshold: a fair share would have been seen with chance > 1 - 1e-4
+    assert [needed_traffic(n) for n in (2, 5, 9)] == [14, 42, 79]
+    share = AcceptShare()
+    share.observe({"a": frozenset(), "b": frozenset(), "n": frozenset()})
+    share.observe({"a": frozenset(range(12)), "b": frozenset(range(100, 111)),
+                   "n": frozenset()})
+    assert share.idle(["n"], ["a", "b"]) == (["n"], 23)
+    assert share.idle(["n", "a"], ["b"]) == ([], 11)  # 11 seen elsewhere: too few
 
 
 def test_ready_claim_without_a_listener_is_not_admission() -> None:
