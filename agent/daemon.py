@@ -35,7 +35,7 @@ from typing import Any
 
 from . import commands, deploy, protocol
 from .config import AgentConfig, load_agent_config, load_all
-from .errors import SwapFailed, ZddError
+from .errors import LockedError, SwapFailed, ZddError
 from .log import SwapLogger, log
 from .metrics import Metrics, parse_listen
 from .sd import listen_fds
@@ -210,10 +210,11 @@ class Daemon:
 
     # ---------------------------------------------------------------- start
 
-    def reconcile(self) -> None:
-        """Finish or revert the swaps that a dead agent left behind."""
+    def reconcile(self, only: str | None = None) -> None:
+        """Finish or revert the swaps that a dead agent (or a swap that ended
+        in an error, `only` that service) left behind."""
         store = StateStore(self.paths.state_dir)
-        for name in store.names():
+        for name in [only] if only else store.names():
             try:
                 state = store.load(name)
             except StateError as e:  # kept aside by load(): report, go on
@@ -232,10 +233,18 @@ class Daemon:
                                              SwapLogger(name, state.intent["to"]))
                 if res is not None:
                     self.metrics.on_result(res.to_dict())
-            except ZddError as e:
+            except (ZddError, OSError) as e:
                 log("recover", f"{name}: cannot recover the interrupted swap: {e}",
                     syslog.LOG_ERR, SERVICE=name)
 
+    def recover_later(self, name: str, delay: float = 2.0) -> None:
+        """A swap that ended in an error leaves its intent: recover it now,
+        not at the next restart (a few seconds later: systemd may have been
+        re-executing)."""
+        def run() -> None:
+            time.sleep(delay)
+            self.reconcile(only=name)
+        threading.Thread(target=run, name=f"recover-{name}", daemon=True).start()
     def apply_sysctls(self) -> None:
         try:
             _code, out = commands.execute(self.paths, "sysctl-apply", {})
@@ -338,10 +347,14 @@ class Daemon:
             self._send(conn, protocol.error(e, {"result": res}))
             return
         except ZddError as e:
+            if real_swap and not isinstance(e, LockedError):
+                self.recover_later(name)  # nothing to do unless it left an intent
             self._send(conn, protocol.error(e))
             return
         except Exception as e:  # a bug: answer, log, keep serving
             log("daemon", f"{req.cmd} failed: {type(e).__name__}: {e}", syslog.LOG_ERR)
+            if real_swap:
+                self.recover_later(name)
             err = ZddError(f"internal error in {req.cmd}: {type(e).__name__}: {e}")
             self._send(conn, protocol.error(err))
             return

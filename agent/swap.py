@@ -482,10 +482,11 @@ class Swap:
             self._record(ctx, "rollback")
             discard(self.host, news)
             if action in ("revert", "restore") and old is not None:
-                stopped = [x for x in olds if self.ops.status(x).stopped]
-                if stopped:
-                    restore(self.host, old, stopped)
-                    for x in stopped:
+                # stopped, or still draining: a start job queues behind the stop
+                down = [x for x in olds if not self.ops.status(x).up]
+                if down:
+                    restore(self.host, old, down)
+                    for x in down:
                         self.ops.enable(x)
             self._hook(res, "on_rollback", old, new)
             signalled = phase in ("drain", "retire")

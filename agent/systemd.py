@@ -92,10 +92,29 @@ class Systemd:
             self._units.clear()
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """fn(*args); a Manager method given by name is retried once on a new
+        connection: systemd closes its private socket's connections when it
+        re-executes (daemon-reexec, a package upgrade), and a swap in flight
+        must not fail for that. Manager calls are idempotent (jobs in mode
+        "replace", enable/disable, reads)."""
+        for attempt in (1, 2):
+            call = getattr(self._manager.Manager, fn) if isinstance(fn, str) else fn
+            try:
+                return call(*args)
+            except Exception as e:
+                if attempt == 1 and isinstance(fn, str) and self._reconnect():
+                    continue
+                msg = _s(getattr(e, "args", [e])[0]) if e.args else e
+                raise SystemdError(f"{what}: {msg}") from e
+
+    def _reconnect(self) -> bool:
+        """A fresh connection to the manager; False when there is none to be had."""
         try:
-            return fn(*args)
-        except Exception as e:
-            raise SystemdError(f"{what}: {_s(getattr(e, 'args', [e])[0]) if e.args else e}") from e
+            self.__exit__(None, None, None)
+            self.__enter__()
+            return True
+        except Exception:
+            return False
 
     # ------------------------------------------------------------ unit files
 
@@ -127,14 +146,14 @@ class Systemd:
     # --------------------------------------------------------------- manager
 
     def reload(self) -> None:
-        self._call("daemon-reload", self._manager.Manager.Reload)
+        self._call("daemon-reload", "Reload")
 
     def start(self, unit: str) -> None:
-        self._call(f"cannot start {unit}", self._manager.Manager.StartUnit,
+        self._call(f"cannot start {unit}", "StartUnit",
                    unit.encode(), b"replace")
 
     def restart(self, unit: str) -> None:
-        self._call(f"cannot restart {unit}", self._manager.Manager.RestartUnit,
+        self._call(f"cannot restart {unit}", "RestartUnit",
                    unit.encode(), b"replace")
 
     def stop(self, unit: str) -> None:
@@ -143,7 +162,7 @@ class Systemd:
             self._manager.Manager.GetUnit(unit.encode())
         except Exception:
             return  # NoSuchUnit: never loaded (e.g. its drop-in was never written)
-        self._call(f"cannot stop {unit}", self._manager.Manager.StopUnit,
+        self._call(f"cannot stop {unit}", "StopUnit",
                    unit.encode(), b"replace")
 
     def wait_stopped(self, unit: str, timeout: float) -> bool:
@@ -163,11 +182,11 @@ class Systemd:
             pass  # not loaded or not failed: nothing to reset
 
     def enable(self, unit: str) -> None:
-        self._call(f"cannot enable {unit}", self._manager.Manager.EnableUnitFiles,
+        self._call(f"cannot enable {unit}", "EnableUnitFiles",
                    [unit.encode()], False, True)
 
     def disable(self, unit: str) -> None:
-        self._call(f"cannot disable {unit}", self._manager.Manager.DisableUnitFiles,
+        self._call(f"cannot disable {unit}", "DisableUnitFiles",
                    [unit.encode()], False)
 
     def is_enabled(self, unit: str) -> str:
@@ -182,7 +201,7 @@ class Systemd:
         once per connection (a unit's interfaces do not change)."""
         from pystemd.systemd1 import Unit
 
-        path = self._call(f"cannot load {unit}", self._manager.Manager.LoadUnit, unit.encode())
+        path = self._call(f"cannot load {unit}", "LoadUnit", unit.encode())
         u = self._units.get(unit)
         if u is None or u.path != path:
             u = Unit(unit.encode(), bus=self._bus)
@@ -212,7 +231,7 @@ class Systemd:
 
     def _job_type(self, unit: str) -> str:
         for _id, name, jtype, _state, _job, _unit in self._call(
-                "cannot list jobs", self._manager.Manager.ListJobs):
+                "cannot list jobs", "ListJobs"):
             if _s(name) == unit:
                 return _s(jtype)
         return ""
@@ -245,7 +264,7 @@ class Systemd:
 
     def list_units(self, pattern: str) -> list[str]:
         """Loaded units matching a glob, e.g. 'zdd-api@*.service'."""
-        units = self._call("cannot list units", self._manager.Manager.ListUnitsByPatterns,
+        units = self._call("cannot list units", "ListUnitsByPatterns",
                            [], [pattern.encode()])
         return sorted(_s(u[0]) for u in units)
 

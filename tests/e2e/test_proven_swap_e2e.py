@@ -5,9 +5,12 @@ Each test counts failed requests and checks what the agent said."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -260,3 +263,122 @@ def test_stock_uvicorn_idle_closes_are_reported(host: DemoHost) -> None:
     assert res.failed <= sum(idle), (res, idle)
     human = host.zdd("history", "web")
     assert human.returncode == 0
+
+
+def _demo(host: DemoHost, min_ready: str, grace: str = "10s") -> None:
+    host.configure(text=textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        listen: ["127.0.0.1:8080"]
+        ready: {{type: notify, deadline: 20s}}
+        drain: {{grace_period: {grace}}}
+        strategy: {{min_ready: {min_ready}}}
+        """))
+    host.zdd("sysctl", "apply", check=True)
+    code, first = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, first
+
+
+def _swap_then_interrupt(host: DemoHost, at: str) -> tuple[int, str]:
+    """`swap --local` to v2; SIGINT to the CLI once its progress shows `at`."""
+    proc = host.sb.popen(["sh", "-c", 'echo "$$"; exec "$0" "$@"', *host.agent, "swap", "demo",
+                          "--version", "v2", "--local"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    pid = proc.stdout.readline().strip()  # the CLI's PID inside the sandbox
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.strip() == at:
+            host.sb.run(["kill", "-INT", pid])
+            break
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, "".join(seen) + err + out
+
+
+def test_interrupting_a_local_swap_rolls_back_before_the_signal_and_finishes_after(
+        host: DemoHost) -> None:
+    _demo(host, min_ready="4s")
+    load = host.load(32, seconds=60)
+    try:
+        time.sleep(1)
+        code, text = _swap_then_interrupt(host, "phase bake")
+        assert code == int(Exit.ROLLED_BACK), text
+        assert "interrupted before v1 was signalled: rolled back" in text, text
+        assert host.get()["version"] == "v1"
+        # a request held across the drain keeps v1 draining for ~3 s
+        slow = host.sb.popen(["curl", "-s", "--max-time", "20",
+                              "http://127.0.0.1:8080/slow?ms=3000"], net_only=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        code2, text2 = _swap_then_interrupt(host, "phase drain")
+        body, _ = slow.communicate(timeout=30)
+        time.sleep(0.5)
+    finally:
+        res = load.stop(timeout=60)
+    print(f"Ctrl-C in the bake: exit {code}; Ctrl-C in the drain: exit {code2}; "
+          f"{res.requests} keep-alive requests, {res.failed} failed")
+    assert code2 == 0, text2
+    assert "interrupted after v1 was signalled: finishing the swap to v2" in text2, text2
+    assert "swapped demo v1 -> v2" in text2
+    assert host.get()["version"] == "v2" and b"v1" in body  # the held request was answered
+    code, st = host.zdd_json("status", "demo")
+    assert [i["version"] for i in st[0]["instances"]] == ["v2"], st
+    assert res.requests > 1000 and res.failed == 0, res
+
+
+def test_systemd_reexecuting_during_a_swap_does_not_break_it(host: DemoHost) -> None:
+    _demo(host, min_ready="4s")
+    state = host.sb.path("/var/lib/zdd-agent/services/demo.json")
+    load = host.load(32, seconds=40)
+    out: dict = {}
+    try:
+        swap = threading.Thread(target=lambda: out.update(
+            zip(("code", "r"), host.zdd_json("swap", "demo", "--version", "v2"))))
+        swap.start()
+
+        def in_bake() -> bool:
+            try:
+                intent = json.loads(state.read_text()).get("intent") or {}
+            except (OSError, ValueError):
+                return False
+            return intent.get("phase") == "ready" and intent.get("to") == "v2"
+
+        wait_for(in_bake, 30, "the bake", step=0.01)
+        time.sleep(1.5)  # into the bake
+        host.sb.run(["systemctl", "daemon-reexec"])
+        swap.join(timeout=60)
+    finally:
+        res = load.stop(timeout=60)
+    print(f"daemon-reexec during the bake: {out['r']['result']}; {res.requests} requests, "
+          f"{res.failed} failed")
+    assert out["code"] == 0 and out["r"]["result"] == "ok", out
+    assert host.get()["version"] == "v2"
+    assert res.requests > 1000 and res.failed == 0, res
+
+
+def test_verify_fails_a_gunicorn_release_that_cannot_import(tmp_path: Path) -> None:
+    """What verify printed PASS for before: now every swap to v2 is rolled back
+    and the verdict says so (exit 9)."""
+    apps = Path("/srv/zdd-verify-apps") / tmp_path.name
+    for version, app in (("v1", GOOD_APP), ("v2", BROKEN_APP)):
+        (apps / version).mkdir(parents=True, exist_ok=True)
+        (apps / version / "app.py").write_text(app)
+    cfg = tmp_path / "gun.yaml"
+    cfg.write_text(gunicorn_config().replace(APPS, str(apps)))
+    cfg.chmod(0o644)
+    tmp_path.chmod(0o755)
+    try:
+        agent = str(Path(sys.prefix) / "bin" / "zdd-agent")
+        r = subprocess.run([agent, "verify", "--config", str(cfg), "--from", "v1", "--to",
+                            "v2", "--swaps", "2", "--json"], capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        shutil.rmtree(apps, ignore_errors=True)
+    report = json.loads(r.stdout)
+    print(f"verify, gunicorn v2 cannot import: exit {r.returncode}, {report['verdict']}: "
+          f"{report['reasons']}")
+    assert r.returncode == int(Exit.NOT_ZERO_DOWNTIME), r.stderr[-2000:]
+    assert report["verdict"] == "fail"
+    assert any("did not succeed" in x and "rolled_back" in x for x in report["reasons"])
+    assert report["requests"]["failed"] == 0

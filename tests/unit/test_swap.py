@@ -339,6 +339,10 @@ from agent.swap import plan_recovery  # noqa: E402
     ("ready", False, False, True, "restore"),
     ("start", False, False, False, "abandon"),
     ("ready", False, True, False, "finish"),
+    # a drain whose new version is down: start the old one again, never "finish"
+    ("drain", False, False, True, "restore"),
+    ("drain", True, False, True, "restore"),
+    ("retire", False, False, True, "restore"),
 ])
 def test_plan_recovery(phase: str, old_serving: bool, new_active: bool, had_old: bool,
                        action: str) -> None:
@@ -899,3 +903,13 @@ def test_rollback_keeps_replicas_minus_max_unavailable_ready(n: int, surge: int,
             # the end: every old instance serves, no new one does
             assert all(host.status(x).active == "active" for x in olds), (i, how)
             assert not any(host.status(x).active == "active" for x in news), (i, how)
+
+
+def test_recover_an_interrupted_drain_whose_new_version_died_restores_the_old() -> None:
+    scripts = {"v1": Script(drain_seconds=0.3), "v2": Script(ready_after=None,
+                                                             exits_after=0.0)}
+    host, res, _ = recover(scripts, ("v1", "v2"), "v1", "v2", "drain", stopping=("v1",))
+    host.clock.sleep(1.0)
+    assert res.result == "failed" and "(restore)" in res.reason
+    assert ("start", "v1") in host.calls and ("enable", "v1") in host.calls
+    assert ("enable", "v2") not in host.calls

@@ -52,3 +52,30 @@ def test_a_failing_probe_past_the_threshold_reverts() -> None:
     reason, reverted, took = watch(Script(probe=lambda t: t < 10.0), ready)
     assert reverted and "failed 3 readiness checks in a row after the swap" in reason
     assert 12.0 <= took <= 17.0
+
+
+def test_an_automatic_revert_is_counted_in_the_metrics_and_kept_as_serving() -> None:
+    from agent.metrics import Metrics
+    from agent.state import ServiceState
+
+    m = Metrics()
+    m.on_result({"service": "api", "result": "auto_reverted", "seconds": 1.2, "drain": None})
+    m.on_result({"service": "api", "result": "ok", "seconds": 1.0, "drain": None})
+    assert m.registry.get_sample_value("zdd_auto_reverts_total", {"service": "api"}) == 1
+    assert m.registry.get_sample_value("zdd_swaps_total",
+                                       {"service": "api", "result": "auto_reverted"}) == 1
+    st = ServiceState("api", serving="v2", previous="v1")
+    st.record({"result": "auto_reverted", "from_version": "v2", "to_version": "v1",
+               "started_at": 10.0, "seconds": 1.0})
+    assert (st.serving, st.previous) == ("v1", "v2")
+
+
+def test_the_result_says_who_watches() -> None:
+    from agent.deploy import watch_note
+
+    svc = service()
+    w = watch_note(svc, "v2", "v1", watched=True, now=100.0)
+    assert w == {"seconds": svc.watch, "until": 100.0 + svc.watch, "version": "v2",
+                 "previous": "v1", "by": "daemon"}
+    assert "--local" in watch_note(svc, "v2", "v1", watched=False, now=0)["note"]
+    assert "first deploy" in watch_note(svc, "v1", None, watched=True, now=0)["note"]
