@@ -445,8 +445,9 @@ def watch_note(svc: ServiceConfig, version: str, old: str | None, watched: bool,
         return {"seconds": 0, "note": "a first deploy: there is no previous version to "
                                       "revert to"}
     if not watched:
-        return {"seconds": 0, "note": f"swapped without the daemon (--local): nothing "
-                                      f"watches {version} and nothing reverts it by itself"}
+        return {"seconds": 0, "note": f"swapped in-process (--local, or no daemon running): "
+                                      f"nothing watches {version} and nothing reverts it by "
+                                      "itself"}
     return {"seconds": svc.watch, "until": now + svc.watch, "version": version,
             "previous": old, "by": "daemon"}
 
