@@ -351,28 +351,14 @@ class Census:
         """inode -> "peer-ip:port" for some established sockets (a full decode:
         for listing the few long-lived connections left in a drain)."""
         out: dict[int, str] = {}
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
-            for family in self.families:
-                self._seq += 1
-                s.send(_request(family, self._bytecode, self._seq, 1 << TCP_ESTABLISHED))
-                done = False
-                while not done:
-                    buf = s.recv(1 << 20)
-                    off = 0
-                    while off + 16 <= len(buf):
-                        length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
-                        if mtype in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
-                            done = True
-                            break
-                        ino = _INODE.unpack_from(buf, off + 84)[0]
-                        if ino in inodes:
-                            fam = buf[off + 16]
-                            dport = _SPORT.unpack_from(buf, off + 22)[0]
-                            raw = buf[off + 40:off + 40 + (4 if fam == socket.AF_INET else 16)]
-                            ip = socket.inet_ntop(fam, raw)
-                            out[ino] = f"[{ip}]:{dport}" if fam == socket.AF_INET6 \
-                                else f"{ip}:{dport}"
-                        off += (length + 3) & ~3
+        for buf, off, _length in diag_raw(self.families, 1 << TCP_ESTABLISHED, self.ports,
+                                          inodes=inodes):
+            ino = _INODE.unpack_from(buf, off + 84)[0]
+            fam = buf[off + 16]
+            dport = _SPORT.unpack_from(buf, off + 22)[0]
+            ip = socket.inet_ntop(fam, buf[off + 40:off + 40 + (4 if fam == socket.AF_INET
+                                                                 else 16)])
+            out[ino] = f"[{ip}]:{dport}" if fam == socket.AF_INET6 else f"{ip}:{dport}"
         return out
 
     def held_peers(self, pids: Iterable[int]) -> list[str]:

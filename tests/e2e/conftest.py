@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,3 +39,15 @@ def host() -> Iterator[DemoHost]:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def site() -> Iterator[Path]:
+    """Releases where an operator keeps them: not under /tmp, which the
+    sandbox replaces with its own."""
+    root = Path("/srv") / f"zdd-verify-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)

@@ -6,7 +6,6 @@ Each test counts failed requests and checks what the agent said."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_daemon_e2e import journal, wait_for
+from test_verify_e2e import verify
 
 from agent.demo.run import RELEASES, DemoHost, swap_many
 from agent.errors import Exit
@@ -34,6 +34,21 @@ def app(environ, start_response):
     return [body]
 """
 BROKEN_APP = "import a_module_this_release_forgot_to_ship  # ImportError at import\n"
+
+
+def demo_yaml(socket: str = "inherit", grace: str = "10s", min_ready: str = "1s",
+              watch: str | None = None) -> str:
+    """The demo API's config with the settings these tests vary."""
+    strategy = f"min_ready: {min_ready}" + (f", watch: {watch}" if watch else "")
+    return textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        socket: {socket}
+        listen: ["127.0.0.1:8080"]
+        ready: {{type: notify, deadline: 20s}}
+        drain: {{grace_period: {grace}}}
+        strategy: {{{strategy}}}
+        """)
 
 
 def gunicorn_config(grace: str = "10s") -> str:
@@ -82,14 +97,7 @@ def test_stock_gunicorn_whose_app_cannot_import_is_rolled_back(host: DemoHost) -
 def test_a_release_that_crashes_after_the_swap_is_reverted_by_the_daemon(
         host: DemoHost) -> None:
     host.release("v3", "--exit-after", "6")
-    host.configure(text=textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 10s}}
-        strategy: {{min_ready: 2s, watch: 30s}}
-        """))
+    host.configure(text=demo_yaml(min_ready="2s", watch="30s"))
     r = host.zdd("install")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: host.sb.run(["systemctl", "is-active", "zdd-agent.service"],
@@ -133,15 +141,7 @@ def test_a_listener_kept_open_while_draining_gets_no_new_connections(host: DemoH
     its listener open 4 s (Envoy #8031): the agent closes it (SOCK_DESTROY)."""
     for v in ("v1", "v2"):
         host.release(v, "--keep-listener", "4")
-    host.configure(text=textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        socket: reuseport
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 10s}}
-        strategy: {{min_ready: 1s}}
-        """))
+    host.configure(text=demo_yaml(socket="reuseport"))
     host.zdd("sysctl", "apply", check=True)
     code, first = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, first
@@ -164,15 +164,7 @@ def test_a_listener_kept_open_while_draining_gets_no_new_connections(host: DemoH
 
 
 def test_the_serving_set_stays_true(host: DemoHost) -> None:
-    host.configure(text=textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        socket: reuseport
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 5s}}
-        strategy: {{min_ready: 1s}}
-        """))
+    host.configure(text=demo_yaml(socket="reuseport", grace="5s"))
     host.zdd("sysctl", "apply", check=True)
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
@@ -266,14 +258,7 @@ def test_stock_uvicorn_idle_closes_are_reported(host: DemoHost) -> None:
 
 
 def _demo(host: DemoHost, min_ready: str, grace: str = "10s") -> None:
-    host.configure(text=textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: {grace}}}
-        strategy: {{min_ready: {min_ready}}}
-        """))
+    host.configure(text=demo_yaml(grace=grace, min_ready=min_ready))
     host.zdd("sysctl", "apply", check=True)
     code, first = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, first
@@ -357,28 +342,19 @@ def test_systemd_reexecuting_during_a_swap_does_not_break_it(host: DemoHost) -> 
     assert res.requests > 1000 and res.failed == 0, res
 
 
-def test_verify_fails_a_gunicorn_release_that_cannot_import(tmp_path: Path) -> None:
+def test_verify_fails_a_gunicorn_release_that_cannot_import(site: Path) -> None:
     """What verify printed PASS for before: now every swap to v2 is rolled back
     and the verdict says so (exit 9)."""
-    apps = Path("/srv/zdd-verify-apps") / tmp_path.name
     for version, app in (("v1", GOOD_APP), ("v2", BROKEN_APP)):
-        (apps / version).mkdir(parents=True, exist_ok=True)
-        (apps / version / "app.py").write_text(app)
-    cfg = tmp_path / "gun.yaml"
-    cfg.write_text(gunicorn_config().replace(APPS, str(apps)))
+        (site / version).mkdir()
+        (site / version / "app.py").write_text(app)
+    cfg = site / "gun.yaml"
+    cfg.write_text(gunicorn_config().replace(APPS, str(site)))
     cfg.chmod(0o644)
-    tmp_path.chmod(0o755)
-    try:
-        agent = str(Path(sys.prefix) / "bin" / "zdd-agent")
-        r = subprocess.run([agent, "verify", "--config", str(cfg), "--from", "v1", "--to",
-                            "v2", "--swaps", "2", "--json"], capture_output=True, text=True,
-                           timeout=600)
-    finally:
-        shutil.rmtree(apps, ignore_errors=True)
-    report = json.loads(r.stdout)
-    print(f"verify, gunicorn v2 cannot import: exit {r.returncode}, {report['verdict']}: "
+    code, report = verify(cfg, "--swaps", "2")
+    print(f"verify, gunicorn v2 cannot import: exit {code}, {report['verdict']}: "
           f"{report['reasons']}")
-    assert r.returncode == int(Exit.NOT_ZERO_DOWNTIME), r.stderr[-2000:]
+    assert code == int(Exit.NOT_ZERO_DOWNTIME), report
     assert report["verdict"] == "fail"
     assert any("did not succeed" in x and "rolled_back" in x for x in report["reasons"])
     assert report["requests"]["failed"] == 0

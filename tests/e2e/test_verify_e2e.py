@@ -4,11 +4,8 @@ make only the operator's side: releases in a host directory and a config."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,18 +24,6 @@ listen: ["127.0.0.1:{port}"]
 drain:
   grace_period: 5s
 """
-
-
-@pytest.fixture
-def site() -> Iterator[Path]:
-    """Releases where an operator keeps them: not under /tmp, which the
-    sandbox replaces with its own."""
-    root = Path("/srv") / f"zdd-verify-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root)
 
 
 def verify(config: Path, *args: str) -> tuple[int, dict]:

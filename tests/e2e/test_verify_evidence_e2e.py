@@ -3,21 +3,16 @@ version that answers after each swap (--version-path, --version-header)."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_verify_e2e import verify
 
 from agent.demo.release import make_release
 
 pytestmark = pytest.mark.e2e
 
-AGENT = str(Path(sys.prefix) / "bin" / "zdd-agent")
 CONFIG = """\
 name: svc
 command: {root}/releases/{{version}}/bin/api
@@ -27,32 +22,11 @@ drain: {{grace_period: 5s}}
 """
 
 
-@pytest.fixture
-def site() -> Iterator[Path]:
-    """Releases and config outside /tmp, which the sandbox replaces."""
-    root = Path("/srv") / f"zdd-verify-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root)
-
-
 def write_config(site: Path) -> Path:
     path = site / "service.yaml"
     path.write_text(CONFIG.format(root=site))
     path.chmod(0o644)
     return path
-
-
-def verify(config: Path, *args: str) -> tuple[int, dict]:
-    r = subprocess.run([AGENT, "verify", "--config", str(config), "--from", "v1", "--to", "v2",
-                        *args, "--json"], capture_output=True, text=True, timeout=600)
-    try:
-        return r.returncode, json.loads(r.stdout)
-    except ValueError:
-        raise AssertionError(f"verify exited {r.returncode}: {r.stdout[-2000:]} "
-                             f"{r.stderr[-3000:]}") from None
 
 
 def test_the_version_swapped_to_answers(site: Path) -> None:
