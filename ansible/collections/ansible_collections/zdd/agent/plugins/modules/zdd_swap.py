@@ -98,9 +98,13 @@ plan:
 swap:
   description:
     - The agent's swap result (C(zdd-agent swap --json)), also when the swap
-      failed and was rolled back. Keys include C(result) (ok or rolled_back),
-      C(reason), C(seconds), C(phases), C(drain) (connections at start and
-      end, seconds, cut at grace), C(tcp) (kernel counter deltas) and
+      failed. Keys include C(result) (ok; rolled_back, exit 4, before any old
+      instance was signalled; failed, exit 10, after: the old version was
+      restarted), C(reason), C(seconds), C(phases), C(evidence) (what admitted
+      each new instance), C(bake) (its seconds and each instance's new
+      connections), C(drain) (connections at start and end, seconds, cut at
+      grace, how the old instance closed them), C(warnings), C(watch) (the
+      daemon's watch of the new version), C(tcp) (kernel counter deltas) and
       C(journal) (the new version's last log lines when it failed).
   returned: when a swap ran
   type: dict
