@@ -99,8 +99,8 @@ swap:
   description:
     - The agent's swap result (C(zdd-agent swap --json)), also when the swap
       failed. Keys include C(result) (ok; rolled_back, exit 4, before any old
-      instance was signalled; failed, exit 10, after: the old version was
-      restarted), C(reason), C(seconds), C(phases), C(evidence) (what admitted
+      instance was signalled; failed, exit 10, after it, when the old version
+      was restarted), C(reason), C(seconds), C(phases), C(evidence) (what admitted
       each new instance), C(bake) (its seconds and each instance's new
       connections), C(drain) (connections at start and end, seconds, cut at
       grace, how the old instance closed them), C(warnings), C(watch) (the
