@@ -93,6 +93,10 @@ class SwapLogger:
         elif kind == "drained":
             log("drain", f"Drain complete. {d['connections']} active connections remaining.",
                 SERVICE=svc, VERSION=d["version"], PHASE="drain", CONNECTIONS=d["connections"])
+        elif kind in ("warning", "stray"):
+            log("phase", f"{svc}: swap to {self.version}: warning: "
+                         f"{d.get('message') or d}", syslog.LOG_WARNING, SERVICE=svc,
+                VERSION=self.version)
         elif kind == "recover":
             log("recover", f"{svc}: found a swap to {d['version']} interrupted in "
                            f"{d['phase']}; action: {d['action']}", syslog.LOG_WARNING,
