@@ -73,6 +73,35 @@ def check_admitted(host: Host, admitted: dict[str, Baseline]) -> tuple[str, str]
     return None
 
 
+STUCK_SECONDS = 5.0  # an accept queue that holds connections and never shrinks this long
+
+
+class AcceptQueue:
+    """Whether anybody accepts: a listener's accept queue that holds
+    connections at every look for STUCK_SECONDS and never shrinks is served
+    by nobody (a program that said READY=1 and never calls accept(), once the
+    old instance no longer takes the connections). A busy server's queue
+    shrinks between looks."""
+
+    def __init__(self, poll: float) -> None:
+        self.needed = max(2, round(STUCK_SECONDS / poll))
+        self.seen: list[int] = []
+
+    def observe(self, queued: int | None) -> bool:
+        """True once stuck."""
+        if queued is None:
+            return False
+        if queued == 0 or (self.seen and queued < self.seen[-1]):
+            self.seen = [queued] if queued else []
+            return False
+        self.seen.append(queued)
+        return len(self.seen) >= self.needed
+
+    def describe(self) -> str:
+        return (f"{self.seen[-1]} connections wait in the accept queue and none was accepted "
+                f"for {STUCK_SECONDS:g}s")
+
+
 class AcceptShare:
     """New connections each instance accepted, from successive censuses of
     its established sockets (inodes are not reused soon: a new one is new)."""
@@ -157,7 +186,7 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
             if now >= next_census or now >= end:
                 next_census = now + ACCEPT_POLL
                 for x in group:
-                    missing = ops.missing_listeners(x)
+                    missing = ops.missing_listeners(x)  # None: unknown this time
                     if missing:
                         return fail(x, f"{svc.name} {x} no longer holds a LISTEN socket on "
                                        f"{', '.join(missing)}")

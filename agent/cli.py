@@ -177,6 +177,13 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
             return call(CONTROL_SOCKET, cmd, args, emit)
         except DaemonUnavailable as e:
             click.echo(f"zdd-agent: {e}; acting in-process", err=True)
+        except KeyboardInterrupt:
+            if cmd in ("swap", "rollback") and not args.get("dry_run"):
+                click.echo(f"\ninterrupted: the daemon goes on with the {cmd} of "
+                           f"{args['service']} (it rolls back or finishes, never stops "
+                           f"half-way); see `zdd-agent status {args['service']}` and "
+                           "`zdd-agent history`", err=True)
+            raise SystemExit(130) from None
     try:
         with _stop_requests(cmd in ("swap", "rollback") and not args.get("dry_run")) as asked:
             code, out = commands.execute(ctx.paths, cmd, args, emit, asked)

@@ -349,6 +349,14 @@ def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...])
         if command is None:
             raise chk.fail("command", "required for type exec (an argv; exit 0 = ready)")
         argv = chk.argv("command", command)
+        shared = {lst.port for lst in listen}
+        for a in argv:
+            for m in re.finditer(r":([0-9]{1,5})(?![0-9])", a):
+                if int(m.group(1)) in shared:
+                    raise chk.fail("command", f"{a!r} names the shared listen port "
+                                              f"{m.group(1)}, where the old instance may "
+                                              f"answer during a swap (use {INSTANCE_PORT}, "
+                                              "a port of this instance alone)")
     elif command is not None:
         raise chk.fail("command", f"only for type exec, not {rtype}")
     period = chk.duration("period", 2.0, 1.0, 60.0)
@@ -479,9 +487,20 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
             counts.append(resolve(raw_value, replicas, up))
         except ValueError as e:
             raise schk.fail(key, f"{e} (allowed: a count 0..{replicas} or 0%..100%)") from None
+        if counts[-1] > replicas:
+            raise schk.fail(key, f"{raw_value!r} is out of range for {replicas} replicas "
+                                 f"(allowed: a count 0..{replicas} or 0%..100%)")
     if counts == [0, 0]:
         raise schk.fail("max_unavailable", f"max_surge and max_unavailable are both 0 for "
                                            f"{replicas} replicas (allowed: at least one > 0)")
+    if socket_mode == "reuseport" and counts[1] >= replicas:
+        # no socket unit holds the port: with every instance stopped first,
+        # nothing listens and connections are refused (inherit queues them)
+        raise schk.fail("max_unavailable", f"{counts[1]} of {replicas} replicas may be stopped "
+                                           "at once, and with socket: reuseport nothing then "
+                                           "listens: connections are refused (allowed: "
+                                           f"0..{replicas - 1} with reuseport, or socket: "
+                                           "inherit, whose socket unit keeps the queue)")
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,

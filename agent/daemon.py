@@ -405,9 +405,9 @@ class Daemon:
             elif not stop.is_set():
                 log("watch", f"{name}: {w['version']} stood its watch of {seconds:.0f}s",
                     SERVICE=name, VERSION=w["version"])
-        except (ZddError, OSError) as e:
-            log("watch", f"{name}: the watch of {w['version']} ended: {e}", syslog.LOG_ERR,
-                SERVICE=name)
+        except Exception as e:  # a watch that fails must say so, never die silently
+            log("watch", f"{name}: the watch of {w['version']} ended: {type(e).__name__}: {e}",
+                syslog.LOG_ERR, SERVICE=name)
         finally:
             with self.watch_lock:
                 if self.watches.get(name) is stop:

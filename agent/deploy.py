@@ -103,6 +103,14 @@ class SystemdOps:
         if self.sd.write_unit_files({path: dropin}):
             self.sd.reload()
 
+    def port_of(self, instance: str) -> int | None:
+        """The private port given to the instance: from this swap's prepare(),
+        else from its drop-in (the daemon's watch, after the swap)."""
+        if instance not in self.ports:
+            text = self.sd.read_unit_file(units.dropin_path(self.svc.name, instance))
+            self.ports[instance] = units.dropin_port(text)
+        return self.ports[instance]
+
     def start(self, version: str) -> None:
         self.sd.start(self.unit(version))
 
@@ -115,7 +123,7 @@ class SystemdOps:
                               st.main_pid)
 
     def probe(self, version: str) -> tuple[bool, str]:
-        port = self.ports.get(version)
+        port = self.port_of(version)
         env = {"ZDD_SERVICE": self.svc.name, "ZDD_VERSION": version,
                "ZDD_MAIN_PID": str(self.sd.state(self.unit(version)).main_pid)}
         if port is not None:
@@ -162,7 +170,7 @@ class SystemdOps:
             return None
         argv = list(h.command)
         if instance is not None:
-            port = self.ports.get(instance)
+            port = self.port_of(instance)
             env = {**env, "ZDD_VERSION": env.get("ZDD_TO_VERSION", "")}
             if port is not None:
                 env["ZDD_INSTANCE_PORT"] = str(port)
@@ -171,23 +179,48 @@ class SystemdOps:
         r = probe_exec(argv, h.timeout, env)
         return r.ok, r.detail
 
-    def missing_listeners(self, instance: str) -> list[str]:
-        pids = self.pids(instance)
+    def missing_listeners(self, instance: str) -> list[str] | None:
+        """None when it cannot be told (systemd cannot list its processes)."""
+        try:
+            pids = self.pids(instance)
+        except SystemdError:
+            return None
         if not pids:
             return [str(lst) for lst in self.svc.listen]
         return self.mode.missing_listeners(pids)
 
     def close_listeners(self, instance: str) -> int:
-        return self.mode.close_listeners(self.pids(instance))
+        try:
+            pids = self.pids(instance)
+        except SystemdError as e:
+            raise OSError(str(e)) from e
+        return self.mode.close_listeners(pids)
 
     def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]:
-        return self.census.inodes_many({x: self.pids(x) for x in instances})
+        try:
+            groups = {x: self.pids(x) for x in instances}
+        except SystemdError as e:
+            raise OSError(str(e)) from e
+        return self.census.inodes_many(groups)
+
+    def accept_queue(self, instances: list[str]) -> int | None:
+        """Connections waiting in the accept queue of the listeners that
+        `instances` serve; None when it cannot be told."""
+        try:
+            pids = [p for x in instances for p in self.pids(x)]
+            return self.mode.accept_queue(pids)
+        except (SystemdError, OSError):
+            return None
 
     def io_bytes(self, instance: str) -> int | None:
         """Bytes its processes passed to read- and write-like calls, sockets
         included (/proc/PID/io rchar + wchar, proc(5)); None when unreadable."""
         total = 0
-        for pid in self.pids(instance):
+        try:
+            pids = self.pids(instance)
+        except SystemdError:
+            return None
+        for pid in pids:
             try:
                 io = psutil.Process(pid).io_counters()
             except (psutil.Error, AttributeError):
@@ -207,13 +240,22 @@ class SystemdOps:
         return watch
 
 
+def _processes_or_none(sd: Systemd, unit: str) -> list[int]:
+    """The unit's processes, or none where systemd cannot list them (counts
+    and sizes are then left out, never invented)."""
+    try:
+        return sd.processes(unit)
+    except SystemdError:
+        return []
+
+
 def instance_memory(sd: Systemd, unit_names: list[str]) -> Memory | None:
     sizes, source = [], "cgroup"
     for unit in unit_names:
         size = sd.memory_current(unit)
         if size is None:
             source, size = "rss", 0
-            for pid in sd.processes(unit):
+            for pid in _processes_or_none(sd, unit):
                 try:
                     size += psutil.Process(pid).memory_info().rss
                 except psutil.Error:
@@ -476,7 +518,10 @@ def stray_listeners(svc: ServiceConfig, sd: Systemd) -> list[dict[str, Any]]:
 
     known: set[int] = set()
     for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-        known.update(sd.processes(unit))
+        try:
+            known.update(sd.processes(unit))
+        except SystemdError:
+            return []  # an instance's processes unknown: nothing can be called foreign
     try:
         return listeners.strays([(lst.host, lst.port) for lst in svc.listen], known)
     except OSError:
@@ -518,7 +563,7 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 enabled = sd.is_enabled(unit)
                 if us.active == "inactive" and enabled != "enabled":
                     continue  # retired: systemd keeps it loaded until it collects it
-                groups[instance] = sd.processes(unit)
+                groups[instance] = _processes_or_none(sd, unit)
                 instances.append({"instance": instance,
                                   "version": instance_version(svc, sd, instance),
                                   "unit": unit, "active": us.active,
@@ -571,7 +616,7 @@ def watch(paths: Paths, name: str, interval: float, seconds: float,
             groups = {}
             for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
                 instance = units.version_of(svc.name, unit)
-                pids = sd.processes(unit) if instance is not None else []
+                pids = _processes_or_none(sd, unit) if instance is not None else []
                 if instance is not None and pids:
                     groups[instance] = pids
             out({"t": round(t, 3), "connections": census.count_many(groups)})

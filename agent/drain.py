@@ -79,8 +79,11 @@ def _add(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
-def _count(host: Host, pids: list[int], d: DrainResult) -> int | None:
-    """The census, or None (unknown) when it fails: never a reason to stop a drain."""
+def _count(host: Host, pids: list[int] | None, d: DrainResult) -> int | None:
+    """The census, or None (unknown) when it fails or the processes are not
+    known: never a reason to stop a drain."""
+    if pids is None:
+        return None
     try:
         return host.ops.connections(pids)
     except OSError as e:
@@ -99,8 +102,12 @@ def run_drain(host: Host, olds: list[str],
     svc, ops, clock = host.svc, host.ops, host.clock
     grace = svc.drain.grace_period
     label = ", ".join(olds)
-    pids = sorted({p for x in olds for p in ops.pids(x)})
     d = DrainResult()
+    try:
+        pids: list[int] | None = sorted({p for x in olds for p in ops.pids(x)})
+    except Exception as e:  # the census is evidence: unknown, the drain goes on
+        pids = None
+        d.census_errors.append(str(e))
     d.connections_at_start = _count(host, pids, d)
     watch = None
     try:
@@ -113,7 +120,7 @@ def run_drain(host: Host, olds: list[str],
     for x in olds:
         try:
             d.listeners_closed += ops.close_listeners(x)
-        except OSError as e:
+        except Exception as e:
             host.emit("warning", message=f"cannot close the listeners of {x}: {e}; new "
                                          "connections may still reach it while it drains")
     host.emit("drain", version=label, connections=d.connections_at_start, elapsed=0.0,
@@ -156,7 +163,7 @@ def run_drain(host: Host, olds: list[str],
         if last and 0 < last <= LIST_BELOW and elapsed - listed_at >= 1.0 and elapsed < grace:
             listed_at = elapsed
             try:
-                held = d.held = ops.peers(pids)
+                held = d.held = ops.peers(pids or [])
             except OSError:
                 held = None
         elif last == 0:

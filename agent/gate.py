@@ -102,7 +102,7 @@ def run_gate(host: Host, group: list[str], extra_deadline: float = 0.0) -> GateO
                     return fail(x, f"{svc.name} {x} exited during start-up ({st.describe()})")
                 if gate.expired(now, extra_deadline):
                     if x in claimed:
-                        missing = ops.missing_listeners(x)
+                        missing = ops.missing_listeners(x) or ["(processes unknown)"]
                         return fail(x, f"{svc.name} {x} said it was ready ({claimed[x]}) but "
                                        f"its processes hold no LISTEN socket on "
                                        f"{', '.join(missing)} after the deadline of "
@@ -131,8 +131,8 @@ def run_gate(host: Host, group: list[str], extra_deadline: float = 0.0) -> GateO
                                           f"{detail}")
                 if x in claimed and st.active == "active":
                     # the claim, then the kernel's word: its own LISTEN sockets
-                    missing = ops.missing_listeners(x)
-                    if not missing:
+                    missing = ops.missing_listeners(x)  # None: unknown, look again
+                    if missing == []:
                         pending.remove(x)
                         out.evidence.append(f"{x}: {claimed[x]}; holds its listeners")
             if not pending:

@@ -69,14 +69,16 @@ class InstanceOps(Protocol):
                  instance: str | None = None) -> tuple[bool, str] | None: ...
     def memory(self, olds: list[str]) -> Any: ...  # swap.Memory; None: not measurable
     # Evidence from the kernel (the socket mode decides what applies):
-    def missing_listeners(self, instance: str) -> list[str]: ...  # listen addresses it
-    #   does not hold a LISTEN socket for ([] = holds every one)
+    def missing_listeners(self, instance: str) -> list[str] | None: ...  # listen addresses
+    #   it does not hold a LISTEN socket for ([] = holds every one; None = unknown)
     def close_listeners(self, instance: str) -> int: ...  # its own listeners closed by
     #   the kernel (SOCK_DESTROY) at its drain signal; 0 where they are shared
     def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]: ...
     #   each instance's established connections (socket inodes): new ones were accepted
     def close_watch(self, instances: list[str]) -> Any: ...  # closes.CloseWatch or None
     def io_bytes(self, instance: str) -> int | None: ...  # its processes' rchar + wchar
+    def accept_queue(self, instances: list[str]) -> int | None: ...  # connections waiting
+    #   on the listeners they serve (None: unknown)
 
 
 class Clock(Protocol):

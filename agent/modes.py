@@ -41,6 +41,13 @@ class SocketMode:
     def close_listeners(self, pids: list[int]) -> int:
         return 0
 
+    def accept_queue(self, pids: list[int]) -> int:
+        """Connections waiting to be accepted on the listeners that serve
+        `pids` (idiag_rqueue of LISTEN sockets, sock_diag(7))."""
+        from . import listeners
+
+        return sum(s.queued for s in listeners.listening(self.svc.ports))
+
 
 class Inherit(SocketMode):
     name = "inherit"
@@ -61,6 +68,15 @@ class ReusePort(SocketMode):
         holders = listeners.held_by(pids, socks)
         mine = [s for s in socks if s.inode in holders]
         return listeners.destroy(mine) if mine else 0
+
+
+    def accept_queue(self, pids: list[int]) -> int:
+        """Only the listeners these processes hold: each instance has its own."""
+        from . import listeners
+
+        socks = listeners.listening(self.svc.ports)
+        holders = listeners.held_by(pids, socks)
+        return sum(s.queued for s in socks if s.inode in holders)
 
 
 MODES: dict[str, type[SocketMode]] = {"inherit": Inherit, "reuseport": ReusePort}

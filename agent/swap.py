@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from . import results, rollout
-from .bake import Baseline, check_admitted, run_bake
+from .bake import AcceptQueue, Baseline, check_admitted, run_bake
 from .config import ServiceConfig
 from .drain import DRAIN_POLL, STATE_POLL, DrainResult, run_drain
 from .errors import SwapBroken, SwapFailed
@@ -133,6 +133,7 @@ class _Rollout:
     drained: list[str] = field(default_factory=list)  # olds drained and retired
     hooked: set[str] = field(default_factory=set)  # post_start passed
     left: list[str] = field(default_factory=list)  # olds not yet retired
+    queue: AcceptQueue = field(default_factory=lambda: AcceptQueue(DRAIN_POLL))
     batch: int = 0
     stage: str = STAGES[0]
 
@@ -224,6 +225,7 @@ class Swap:
         while True:
             try:
                 self._rollout(res, ctx)
+                self._settle(ctx)
                 break
             except _Failure as f:
                 self._fail(res, ctx, f.reason, f.instance, f.broken, t0, before)  # raises
@@ -261,6 +263,22 @@ class Swap:
                                                  ctx.group())
             ctx.batch += 1
             ctx.stage = STAGES[0]
+
+    def _settle(self, ctx: _Rollout) -> None:
+        """The old instances are gone: is anybody accepting now? An accept
+        queue that is empty at a look says yes at once; one that holds
+        connections and never shrinks for STUCK_SECONDS says the new version
+        does not serve, and the old one comes back."""
+        if not ctx.signalled or not ctx.admitted:
+            return
+        while True:
+            reason = self._check(ctx)
+            if reason:
+                raise _Failure(f"{reason}, after {', '.join(ctx.signalled)} drained",
+                               self._bad, broken=True)
+            if not ctx.queue.seen:  # nothing waiting at the last look
+                return
+            self.clock.sleep(DRAIN_POLL)
 
     def _stage_stop_first(self, res: SwapResult, ctx: _Rollout, b: Batch,
                           group: list[str]) -> None:
@@ -331,8 +349,14 @@ class Swap:
         raise SwapFailed(res.reason, result=res)
 
     def _check(self, ctx: _Rollout) -> str | None:
-        """The new instances an old one relies on: still up as admitted?"""
+        """The new instances an old one relies on: still up as admitted, and
+        is anybody accepting what the listeners queue?"""
         bad = check_admitted(self.host, ctx.admitted)
+        if bad is None and ctx.admitted and ctx.signalled:
+            if ctx.queue.observe(self.ops.accept_queue(sorted(ctx.admitted))):
+                admitted = sorted(ctx.admitted)
+                bad = (admitted[0], f"{self.svc.name} {', '.join(admitted)} do not accept: "
+                                    f"{ctx.queue.describe()}")
         if bad is None:
             return None
         self._bad = bad[0]
@@ -341,6 +365,8 @@ class Swap:
     def _drain_group(self, res: SwapResult, ctx: _Rollout, count: int) -> None:
         """Signal, drain and retire the next `count` old instances (in parallel)."""
         victims = ctx.left[:count]
+        if not victims:  # fewer old instances ran than replicas (one crashed, stopped)
+            return
         self._record(ctx, "drain")
         fresh = [x for x in victims if x not in ctx.signalled]
         delay = self.svc.drain.pre_stop_delay

@@ -237,14 +237,20 @@ class Systemd:
         return ""
 
     def processes(self, unit: str) -> list[int]:
-        u = self._unit(unit)
-        if _s(u.Unit.ActiveState) in ("inactive", "failed"):
-            return []
-        try:
-            procs = u.Service.GetProcesses()
-        except Exception:
-            return []
-        return sorted({int(pid) for _cg, pid, _cmd in procs})
+        """The PIDs in the unit's cgroup ([] when it is not running).
+        SystemdError when systemd cannot tell: an instance whose processes
+        cannot be listed is not an instance without processes."""
+        last: Exception | None = None
+        for attempt in range(3):
+            u = self._unit(unit)
+            if _s(u.Unit.ActiveState) in ("inactive", "failed"):
+                return []
+            try:
+                return sorted({int(pid) for _cg, pid, _cmd in u.Service.GetProcesses()})
+            except Exception as e:
+                last = e
+                time.sleep(0.02 * (attempt + 1))
+        raise SystemdError(f"cannot list the processes of {unit}: {last}")
 
     def memory_current(self, unit: str) -> int | None:
         """The unit's cgroup memory (page cache included, as the OOM killer

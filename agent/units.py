@@ -167,6 +167,14 @@ def dropin_path(name: str, instance: str) -> str:
     return f"{instance_unit(name, instance)}.d/{DROPIN_NAME}"
 
 
+def dropin_port(text: str | None) -> int | None:
+    """The instance's private port, from its drop-in ("ZDD_INSTANCE_PORT=...")."""
+    import re
+
+    m = re.search(r'"ZDD_INSTANCE_PORT=([0-9]{1,5})"', text or "")
+    return int(m.group(1)) if m else None
+
+
 def dropin_version(text: str | None) -> str | None:
     """The version an instance runs, from its drop-in ("ZDD_VERSION=...")."""
     import re

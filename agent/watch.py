@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bake import Baseline, check_admitted
+from .bake import AcceptQueue, Baseline, check_admitted
 from .instance import Host
 
 WATCH_POLL = 0.5  # seconds between two looks at systemd's state
@@ -31,6 +31,7 @@ class Watcher:
     baseline: dict[str, Baseline] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     next_probe: float = 0.0
+    queue: AcceptQueue = field(default_factory=lambda: AcceptQueue(WATCH_POLL))
 
     def begin(self) -> None:
         for x in self.instances:
@@ -42,6 +43,14 @@ class Watcher:
         bad = check_admitted(self.host, self.baseline)
         if bad:
             return bad[1]
+        for x in self.instances:
+            missing = self.host.ops.missing_listeners(x)  # None: unknown this time
+            if missing:
+                return (f"{self.host.svc.name} {x} no longer holds a LISTEN socket on "
+                        f"{', '.join(missing)} after the swap")
+        if self.queue.observe(self.host.ops.accept_queue(self.instances)):
+            return (f"{self.host.svc.name} {', '.join(self.instances)} do not accept after the "
+                    f"swap: {self.queue.describe()}")
         svc, now = self.host.svc, self.host.clock.monotonic()
         if svc.ready.type == "notify" or now < self.next_probe:
             return None

@@ -320,7 +320,9 @@ PROBES = [
      "ready.type notify or exec with strategy.min_ready"),
     ("tcp port 0", {"type": "tcp", "url": "127.0.0.1:0"}, "port 0 in '127.0.0.1:0'"),
     ("http port 65536", {"type": "http", "url": "http://[::1]:65536/"}, "allowed: 1..65535"),
-    ("exec keeps its own ports", {"type": "exec", "command": "/bin/check 127.0.0.1:8080"},
+    ("exec on the shared port", {"type": "exec", "command": "/bin/check 127.0.0.1:8080"},
+     "names the shared listen port 8080"),
+    ("exec on another port of its own", {"type": "exec", "command": "/bin/check 127.0.0.1:9090"},
      None),
     ("exec URL port out of range", {"type": "exec",
                                     "command": ["/bin/curl", "http://127.0.0.1:70000/"]},
@@ -438,3 +440,34 @@ def test_a_post_start_hook_on_the_instance_port_gets_one_without_a_probe() -> No
         "name": "x", "command": "/bin/x", "listen": "8080", "ready": {"type": "notify"},
         "hooks": {"post_start": {"command": "/bin/warm {instance_port}"}}}, "x")
     assert svc.needs_instance_port and not svc.ready.needs_instance_port
+
+
+@pytest.mark.parametrize("strategy,socket,words", [
+    ({"max_surge": 5}, "inherit", "strategy.max_surge: 5 is out of range for 3 replicas"),
+    ({"max_unavailable": 4}, "inherit", "strategy.max_unavailable: 4 is out of range"),
+    ({"max_surge": 0, "max_unavailable": 3}, "reuseport",
+     "3 of 3 replicas may be stopped at once, and with socket: reuseport nothing then listens"),
+])
+def test_strategy_counts_beyond_what_the_replicas_allow_are_refused(
+        strategy: dict, socket: str, words: str) -> None:
+    from agent.config import parse_service
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": "8080",
+                                       "socket": socket, "replicas": 3,
+                                       "strategy": strategy}, "x")
+    assert words in str(e.value), e.value
+
+
+
+def test_an_exec_probe_on_the_shared_port_is_refused() -> None:
+    from agent.config import parse_service
+    from agent.errors import ConfigError
+
+    data = {"name": "x", "command": "/bin/x", "listen": ["127.0.0.1:8080"],
+            "ready": {"type": "exec", "command": "/usr/bin/curl -fsS http://127.0.0.1:8080/"}}
+    with pytest.raises(ConfigError, match="names the shared listen port 8080"):
+        parse_service(Path("x.yaml"), data, "x")
+    data["ready"]["command"] = "/usr/bin/curl -fsS http://127.0.0.1:{instance_port}/ready"
+    assert parse_service(Path("x.yaml"), data, "x").ready.needs_instance_port

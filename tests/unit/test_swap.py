@@ -120,6 +120,14 @@ class FakeHost:
     def close_watch(self, instances: list[str]) -> None:
         return None
 
+    def accept_queue(self, instances: list[str]) -> int | None:
+        """Connections pile up when none of `instances` accepts (0.25 s a
+        connection since the first look)."""
+        if any(self.scripts[x].accepts for x in instances):
+            return 0
+        self.stuck_since = getattr(self, "stuck_since", self.clock.now)
+        return 1 + int((self.clock.now - self.stuck_since) * 4)
+
     def io_bytes(self, instance: str) -> int | None:
         """Bytes moved: an instance that accepts serves, one that does not is quiet."""
         if instance not in self.started:
@@ -700,16 +708,22 @@ def test_an_instance_that_never_accepts_while_the_old_does_fails_the_bake() -> N
 def test_too_little_traffic_or_io_activity_is_no_evidence_of_idleness() -> None:
     from agent.bake import AcceptShare, needed_traffic
 
-    # too short a bake: the old one was seen taking too few to tell
+    # too short a bake: the old one was seen taking too few to tell, so the
+    # bake passes it; what catches it is the accept queue once v1 is gone
     host, res, _ = swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(3.0),
                              "v1", "v2")
+    assert isinstance(res, SwapBroken) and "do not accept" in res.details["result"].reason
+    assert res.details["result"].bake["accepted"]["v2"] == 0
+
+    # the census never saw its connections (they are short), but its processes
+    # move bytes: it serves
+    def unseen(h: FakeHost) -> None:
+        orig = h.connection_sets
+        h.connection_sets = lambda xs: {x: (frozenset() if x == "v2" else s)  # type: ignore
+                                        for x, s in orig(xs).items()}
+    host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(10.0), "v1", "v2",
+                             setup=unseen)
     assert res.result == "ok" and res.bake["accepted"]["v2"] == 0
-    # seen accepting nothing, but its processes move bytes: it serves
-    def busy(h: FakeHost) -> None:
-        h.io_bytes = lambda x: int(h.clock.now * 10_000)  # type: ignore[method-assign]
-    host, res, _ = swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(10.0),
-                             "v1", "v2", setup=busy)
-    assert res.result == "ok"
     # the threshold: a fair share would have been seen with chance > 1 - 1e-4
     assert [needed_traffic(n) for n in (2, 5, 9)] == [14, 42, 79]
     share = AcceptShare()
@@ -913,3 +927,38 @@ def test_recover_an_interrupted_drain_whose_new_version_died_restores_the_old() 
     assert res.result == "failed" and "(restore)" in res.reason
     assert ("start", "v1") in host.calls and ("enable", "v1") in host.calls
     assert ("enable", "v2") not in host.calls
+
+
+def test_a_missing_old_replica_does_not_stop_the_swap() -> None:
+    clock = FakeClock()
+    olds, news = ["v1-1", "v1-3"], ["v2-1", "v2-2", "v2-3"]  # v1-2 was stopped by hand
+    host = FakeHost(clock, 5.0, {x: Script(drain_seconds=0.3) for x in olds + news + ["v1-2"]},
+                    running=tuple(olds))
+    res = Swap(replicated(3, 1, 0), host, clock).run("v1", "v2")
+    assert res.result == "ok"
+    assert [x for what, x in host.calls if what == "enable"] == news
+    assert {x for what, x in host.calls if what == "disable"} == set(olds)
+
+
+def test_a_new_version_that_never_accepts_is_caught_once_the_old_one_is_gone() -> None:
+    """READY=1, its listener held, and no accept(): with keep-alive clients
+    the bake cannot tell; once the old instance drained, the accept queue
+    fills and never shrinks: the old version comes back (failed, exit 10)."""
+    scripts = {"v1": Script(drain_seconds=0.6), "v2": Script(accepts=False)}
+    host, res, events = swap_with(scripts, baked(2.0), "v1", "v2")
+    assert isinstance(res, SwapBroken), res
+    r = res.details["result"]
+    assert "do not accept" in r.reason and "none was accepted for 5s" in r.reason
+    assert "v1 restarted and serving again" in r.reason
+    restart = host.calls.index(("start", "v1"))
+    assert ("enable", "v1") in host.calls[restart:]
+
+
+def test_accept_queue_stuck_only_when_it_never_shrinks() -> None:
+    from agent.bake import AcceptQueue
+
+    q = AcceptQueue(0.5)  # 10 looks make 5 s
+    assert not any(q.observe(n) for n in [3, 5, 2, 6, 0, 4, 4, 9, 3, None, 5, 1] * 3)
+    q = AcceptQueue(0.5)
+    assert not any(q.observe(n) for n in [9] * 9)
+    assert q.observe(10)  # the tenth look, never shrinking
