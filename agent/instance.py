@@ -116,9 +116,6 @@ class Host:
     def emit(self, kind: str, **data: Any) -> None:
         self._emit(kind, data)
 
-    def unit(self, instance: str) -> str:
-        return f"zdd-{self.svc.name}@{instance}.service"
-
     def sleep(self, seconds: float) -> None:
         """Sleep; raise Interrupted if the operator asked to stop."""
         self.clock.sleep(seconds)
