@@ -82,22 +82,8 @@ def _bind_keep(paths: Sequence[str]) -> list[tuple[int, str]]:
     return held
 
 
-def cgroup_dir(root: Path) -> Path | None:
-    """The sandbox's own cgroup in the name=systemd hierarchy (cgroup v1/hybrid),
-    or None where there is none. Without it every sandbox's systemd roots its
-    units at the same host cgroup, so two sandboxes running the same unit
-    names share (and fight over) one cgroup per unit: GetProcesses then fails
-    with EIO, seen as an instance without processes."""
-    base = Path("/sys/fs/cgroup/systemd")
-    return base / f"zdd-sandbox-{root.name}" if (base / "cgroup.procs").exists() else None
-
-
 def _boot(root: Path, keep: Sequence[str]) -> None:  # pragma: no cover - runs as PID 1
     """Namespace side: prepare mounts, bring lo up, exec systemd."""
-    cg = cgroup_dir(root)
-    if cg is not None:  # systemd takes the cgroup it starts in as its root
-        cg.mkdir(exist_ok=True)
-        (cg / "cgroup.procs").write_text("0")
     _run(["mount", "--make-rprivate", "/"])
     for name in ("etc", "var"):
         upper, work = root / "upper" / name, root / "work" / name
@@ -248,17 +234,6 @@ class Sandbox:
 
     def close(self) -> None:
         self.shutdown()
-        cg = cgroup_dir(self.root)
-        deadline = time.monotonic() + 5
-        while cg is not None and cg.is_dir() and time.monotonic() < deadline:
-            # empty once the killed processes are reaped: remove it, deepest first
-            for path in sorted((p for p in cg.rglob("*") if p.is_dir()),
-                               key=lambda p: len(p.parts), reverse=True) + [cg]:
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
-            time.sleep(0.05)
         # The overlays were private to the dead mount namespace: only files remain.
         shutil.rmtree(self.root, ignore_errors=True)
 

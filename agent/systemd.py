@@ -238,19 +238,23 @@ class Systemd:
 
     def processes(self, unit: str) -> list[int]:
         """The PIDs in the unit's cgroup ([] when it is not running).
-        SystemdError when systemd cannot tell: an instance whose processes
-        cannot be listed is not an instance without processes."""
-        last: Exception | None = None
-        for attempt in range(3):
-            u = self._unit(unit)
-            if _s(u.Unit.ActiveState) in ("inactive", "failed"):
-                return []
-            try:
-                return sorted({int(pid) for _cg, pid, _cmd in u.Service.GetProcesses()})
-            except Exception as e:
-                last = e
-                time.sleep(0.02 * (attempt + 1))
-        raise SystemdError(f"cannot list the processes of {unit}: {last}")
+
+        systemd's GetProcesses fails (EIO) when the cgroup also holds
+        processes outside this PID namespace (cgroup.procs lists them as 0:
+        seen with several sandboxed systemds sharing one cgroup hierarchy);
+        the cgroup's own cgroup.procs is read then, without those.
+        SystemdError when neither tells: an instance whose processes cannot
+        be listed is not an instance without processes."""
+        u = self._unit(unit)
+        if _s(u.Unit.ActiveState) in ("inactive", "failed"):
+            return []
+        try:
+            return sorted({int(pid) for _cg, pid, _cmd in u.Service.GetProcesses()})
+        except Exception as e:
+            pids = _cgroup_pids(_s(u.Service.ControlGroup))
+            if pids is None:
+                raise SystemdError(f"cannot list the processes of {unit}: {e}") from e
+            return pids
 
     def memory_current(self, unit: str) -> int | None:
         """The unit's cgroup memory (page cache included, as the OOM killer
@@ -274,6 +278,20 @@ class Systemd:
                            [], [pattern.encode()])
         return sorted(_s(u[0]) for u in units)
 
+
+
+def _cgroup_pids(path: str) -> list[int] | None:
+    """The processes in a cgroup of systemd's hierarchy (v2, or v1 name=systemd),
+    those of other PID namespaces (0) left out; None if it cannot be read."""
+    if not path:
+        return None
+    for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"):
+        try:
+            with open(f"{base}{path}/cgroup.procs") as f:
+                return sorted({int(x) for x in f.read().split() if int(x)})
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def journal_tail(unit: str, lines: int = 20) -> list[str]:

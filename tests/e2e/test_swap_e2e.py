@@ -64,7 +64,8 @@ def test_swaps_with_http_readiness_under_load(host: DemoHost) -> None:
     finally:
         res = load.stop()
     print(f"5 swaps, http readiness: {res.requests} requests {res.failed} failed")
-    assert [r["result"] for r in results] == ["ok"] * len(SWAPS), results
+    assert [r["result"] for r in results] == ["ok"] * len(SWAPS), \
+        [(r["result"], r["reason"]) for r in results]
     assert all(r["readiness_checks"] >= 1 for r in results)
     assert res.requests > 1000 and res.failed == 0, res
 
@@ -288,7 +289,8 @@ def test_reuseport_mode_swaps_under_load(host: DemoHost) -> None:
     results, k, f = swaps_under_mixed_load(host, SWAPS)
     print(f"reuseport, 5 swaps: {k.requests} + {f.requests} requests, "
           f"{k.failed} + {f.failed} failed")
-    assert [r["result"] for r in results] == ["ok"] * len(SWAPS), results
+    assert [r["result"] for r in results] == ["ok"] * len(SWAPS), \
+        [(r["result"], r["reason"]) for r in results]
     assert all(r["drain"]["connections_at_start"] > 0 for r in results)
     assert k.failed == 0 and f.failed == 0, (k, f)
     code, st = host.zdd_json("status", "demo")
