@@ -126,11 +126,7 @@ class ControlServer:
         self.sel.register(self.sock, selectors.EVENT_READ)
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
-            for key, _ in self.sel.select(timeout=0.5):
-                if key.fileobj is self.sock:
-                    self._accept()
-                else:
-                    self._read(self.clients[key.fd])
+            self.handle(self.sel.select(timeout=0.5))
             now = time.monotonic()
             for c in [c for c in self.clients.values() if c.deadline < now]:
                 self._refuse(c, "request not received within "
@@ -138,6 +134,19 @@ class ControlServer:
         self.sel.unregister(self.sock)
         for c in list(self.clients.values()):
             self._drop(c)
+
+    def handle(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """One select round. A client evicted by _accept earlier in the same
+        round is gone from `clients`: its event is stale and skipped (a
+        KeyError here once killed the control thread, and the watchdog then
+        the daemon: any local user could do it)."""
+        for key, _ in events:
+            if key.fileobj is self.sock:
+                self._accept()
+                continue
+            c = self.clients.get(key.fd)
+            if c is not None and c.conn is key.fileobj:
+                self._read(c)
 
     def _accept(self) -> None:
         for _ in range(64):
