@@ -461,7 +461,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise chk.fail(f"environment.{key}", f"{value!r} must be a string or a number")
         text = str(value)
-        if any(ord(c) < 32 for c in text):
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
             raise chk.fail(f"environment.{key}", "contains a control character")
         chk.url_ports(f"environment.{key}", [text])
         env.append((key, text))
@@ -629,7 +629,19 @@ def load_agent_config(path: Path) -> AgentConfig:
         elif not re.fullmatch(r"[0-9]+(?:[ \t]+[0-9]+)*", str(value).strip()):
             raise chk.fail(f"sysctl.{key}", f"{value!r} must be numbers separated by spaces")
         else:
-            overrides.append((key, " ".join(str(value).split())))
+            words = [int(w) for w in str(value).split()]
+            want = len(DEFAULTS[key].split())  # e.g. "10240 65535" for a port range
+            if len(words) != want:
+                raise chk.fail(f"sysctl.{key}", f"{value!r} must be {want} number"
+                                                f"{'s' if want > 1 else ''} (like "
+                                                f"{DEFAULTS[key]!r})")
+            if any(w > 2**31 - 1 for w in words) or (
+                    want == 2 and not 1 <= words[0] <= words[1] <= 65535):
+                raise chk.fail(f"sysctl.{key}", f"{value!r} is out of range (allowed: like "
+                                                f"{DEFAULTS[key]!r}"
+                                                + (", LOW <= HIGH in 1..65535)" if want == 2
+                                                   else ", 0..2147483647)"))
+            overrides.append((key, " ".join(str(w) for w in words)))
     return AgentConfig(path=path, sysctl=tuple(overrides), admin_group=group,
                        metrics_listen=None if metrics_listen is None else str(metrics_listen),
                        host_ready_listen=None if host_ready is None else str(host_ready))

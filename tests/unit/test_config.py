@@ -471,3 +471,34 @@ def test_an_exec_probe_on_the_shared_port_is_refused() -> None:
         parse_service(Path("x.yaml"), data, "x")
     data["ready"]["command"] = "/usr/bin/curl -fsS http://127.0.0.1:{instance_port}/ready"
     assert parse_service(Path("x.yaml"), data, "x").ready.needs_instance_port
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("net.core.somaxconn", "1 2", "must be 1 number (like '65535')"),
+    ("net.ipv4.ip_local_port_range", "10240", "must be 2 numbers (like '10240 65535')"),
+    ("net.ipv4.ip_local_port_range", "60000 1024", "LOW <= HIGH in 1..65535"),
+    ("net.core.somaxconn", 99999999999, "0..2147483647"),
+])
+def test_agent_sysctl_overrides_have_the_kernel_shape(tmp_path: Path, key: str, value: object,
+                                                      words: str) -> None:
+    import yaml
+
+    from agent.config import load_agent_config
+    from agent.errors import ConfigError
+
+    tmp_path.chmod(0o755)
+    f = tmp_path / "agent.yaml"
+    f.write_text(yaml.safe_dump({"sysctl": {key: value}}))
+    f.chmod(0o644)
+    with pytest.raises(ConfigError) as e:
+        load_agent_config(f)
+    assert f"sysctl.{key}" in str(e.value) and words in str(e.value), e.value
+
+
+def test_a_del_character_in_an_environment_value_is_one_clear_error() -> None:
+    from agent.config import parse_service
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="environment.X: contains a control character"):
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": "8080",
+                                       "environment": {"X": "a\x7fb"}}, "x")
