@@ -7,9 +7,11 @@ and must show, on evidence, that it stays up and serves:
   cannot import the app, fails here, while the old version still serves);
 - its readiness probe (http/tcp/grpc/exec) still passing;
 - its own LISTEN sockets still held (`missing_listeners`);
-- where traffic flows, it takes its share of new connections: when the old
-  instances accept new connections during the whole bake and a new one
-  accepts none, it does not serve (a program that stopped calling accept()).
+- where traffic flows, it takes its share of new connections: when the
+  census saw the old instances accept new connections during the whole bake
+  and a new one none, the agent opens connections itself (trial.py) and
+  fails the new instance when it accepts none of them while the others do:
+  it does not serve (a program that stopped calling accept()).
 
 The same up-check (`check_admitted`) runs again before each old instance
 gets its drain signal and at every poll of a drain.
@@ -19,32 +21,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .instance import Host
 
 BAKE_POLL = 0.25  # seconds between two looks at systemd's state
 ACCEPT_POLL = 0.5  # seconds between two connection censuses (they walk /proc/PID/fd)
-# New connections the old instances must accept during a bake before a new
-# instance that accepted none is judged idle: below it, too little traffic
-# flowed to tell (keep-alive clients stay where they are).
-MIN_TRAFFIC = 8
 # The census samples (every ACCEPT_POLL), so a short connection is seen only
-# if it is open at a poll, and the kernel's wakeups among processes sharing a
-# listener are far from fair (measured: 9/0/1/0 among four old instances).
-# A new instance that saw none is judged idle only when, had it taken a fair
-# share of what the others were seen to take, seeing none would have had a
-# chance below this; and only if its processes moved no socket or file bytes
-# either (/proc/PID/io rchar + wchar: an instance that serves reads requests).
-IDLE_CHANCE = 1e-4
-IDLE_IO_BYTES = 4096
+# if it is open at a poll: a fast new instance (no keep-alive clients yet) can
+# be seen taking none while a busy old one is seen taking dozens (CI: 0 against
+# 117 for an instance that served), and the kernel's wakeups among processes
+# sharing a listener are far from fair (measured: 9/0/1/0 among four old
+# instances). So the census only raises the suspicion: traffic flows (the
+# others were seen taking a new connection) and a new instance was seen taking
+# none. The verdict comes from connections the agent opens itself (trial.py),
+# as many as make a fair share show with a chance above 1 - TRIAL_CHANCE.
+TRIAL_CHANCE = 1e-6
+MIN_TRAFFIC = 8  # never fewer connections in a trial
 
 
-def needed_traffic(instances: int) -> int:
-    """New connections the others must be seen taking before none for one of
-    `instances` is evidence: (1 - 1/n)^T < IDLE_CHANCE."""
+def needed_traffic(instances: int, chance: float = TRIAL_CHANCE) -> int:
+    """Connections to open before none taken by one of `instances` is
+    evidence that it does not accept: (1 - 1/n)^T < chance."""
     if instances < 2:
         return 1 << 30
-    return max(MIN_TRAFFIC, math.ceil(math.log(IDLE_CHANCE) / math.log(1 - 1 / instances)))
+    return max(MIN_TRAFFIC, math.ceil(math.log(chance) / math.log(1 - 1 / instances)))
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ def check_admitted(host: Host, admitted: dict[str, Baseline]) -> tuple[str, str]
 
 
 STUCK_SECONDS = 5.0  # an accept queue that holds connections and never shrinks this long
+# During the bake, where each instance has its own listener (reuseport), the
+# connections the kernel hashes to a new instance that does not accept wait
+# in its queue: judged sooner, since clients are waiting.
+BAKE_STUCK_SECONDS = 2.0
 
 
 class AcceptQueue:
@@ -83,8 +88,9 @@ class AcceptQueue:
     old instance no longer takes the connections). A busy server's queue
     shrinks between looks."""
 
-    def __init__(self, poll: float) -> None:
-        self.needed = max(2, round(STUCK_SECONDS / poll))
+    def __init__(self, poll: float, seconds: float = STUCK_SECONDS) -> None:
+        self.seconds = seconds
+        self.needed = max(2, round(seconds / poll) + 1)  # looks that span `seconds`
         self.seen: list[int] = []
 
     def observe(self, queued: int | None) -> bool:
@@ -99,7 +105,7 @@ class AcceptQueue:
 
     def describe(self) -> str:
         return (f"{self.seen[-1]} connections wait in the accept queue and none was accepted "
-                f"for {STUCK_SECONDS:g}s")
+                f"for {self.seconds:g}s")
 
 
 class AcceptShare:
@@ -120,18 +126,13 @@ class AcceptShare:
 
     def idle(self, news: list[str], olds: list[str]) -> tuple[list[str], int]:
         """The new instances seen accepting nothing while the others were
-        seen accepting enough for that to be evidence (needed_traffic); and
-        what the old ones accepted."""
+        seen accepting something (traffic flows); and what the old ones
+        accepted. A suspicion, not a verdict (the census samples)."""
         old_total = sum(self.accepted.get(x, 0) for x in olds)
         others = sum(v for x, v in self.accepted.items() if x not in news)
-        if others < needed_traffic(len(self.accepted)):
+        if others == 0:
             return [], old_total
         return [x for x in news if self.accepted.get(x, 0) == 0], old_total
-
-
-def _quiet(before: int | None, after: int | None) -> bool:
-    """No socket or file I/O between two readings (unknown counts as quiet)."""
-    return before is None or after is None or after - before < IDLE_IO_BYTES
 
 
 @dataclass
@@ -141,6 +142,7 @@ class BakeOutcome:
     failed: str | None = None
     seconds: float = 0.0
     accepted: dict[str, int] = field(default_factory=dict)  # new connections per instance
+    trial: dict[str, Any] | None = None  # trial.TrialResult.as_dict(), when one ran
     evidence: list[str] = field(default_factory=list)
 
 
@@ -156,9 +158,11 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
     next_probe = {x: t0 + svc.ready.period for x in group}
     failures = {x: 0 for x in group}
     share = AcceptShare()
+    # own listeners: a new instance's queue is its own (modes.ReusePort)
+    queues = ({x: AcceptQueue(ACCEPT_POLL, BAKE_STUCK_SECONDS) for x in group}
+              if svc.socket == "reuseport" else {})
     counted = list(serving_olds) + list(admitted)
     next_census = t0
-    io0 = {x: ops.io_bytes(x) for x in group}
 
     def fail(x: str, reason: str) -> BakeOutcome:
         out.verdict, out.reason, out.failed = "failed", reason, x
@@ -190,6 +194,10 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                     if missing:
                         return fail(x, f"{svc.name} {x} no longer holds a LISTEN socket on "
                                        f"{', '.join(missing)}")
+                    if x in queues and queues[x].observe(ops.accept_queue([x])):
+                        return fail(x, f"{svc.name} {x} does not accept: on its own "
+                                       f"listener {queues[x].describe()}, "
+                                       f"{now - t0:.1f}s into the bake")
                 try:
                     share.observe(ops.connection_sets(counted))
                 except OSError as e:  # the census is evidence, not a reason to fail
@@ -198,17 +206,25 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                 break
             host.sleep(min(BAKE_POLL, end - now))
         out.accepted = dict(share.accepted)
-        idle, old_total = share.idle(group, serving_olds)
-        idle = [x for x in idle if _quiet(io0[x], ops.io_bytes(x))]
-        if idle and svc.min_ready > 0:
-            return fail(idle[0], f"{svc.name} {idle[0]} accepted no connection during the "
-                                 f"{svc.min_ready:g}s bake while "
-                                 f"{', '.join(serving_olds)} accepted {old_total}: it does "
-                                 "not serve (is it calling accept()?)")
+        suspects, old_total = share.idle(group, serving_olds)
+        if suspects and svc.min_ready > 0:
+            bad = _trial(host, out, suspects, counted)
+            if bad:
+                t = out.trial or {}
+                return fail(bad, f"{svc.name} {bad} accepted none of the {t.get('opened')} "
+                                 f"connections the agent opened to {t.get('target')} (the "
+                                 f"others accepted {sum(t.get('accepted', {}).values())}, "
+                                 f"{t.get('unaccepted')} were never accepted), and the census "
+                                 f"saw it take none in the {svc.min_ready:g}s bake while "
+                                 f"{', '.join(serving_olds)} took {old_total}: it does not "
+                                 "serve (is it calling accept()?)")
         for x in group:
             st = ops.status(x)
-            took = (f", accepted {share.accepted[x]} new connections"
+            took = (f", seen taking {share.accepted[x]} new connections"
                     if x in share.accepted and svc.min_ready > 0 else "")
+            if out.trial is not None:
+                took += (f", accepted {out.trial['accepted'].get(x, 0)} of the "
+                         f"{out.trial['opened']} connections the agent opened")
             out.evidence.append(f"{x}: up {clock.monotonic() - t0:.1f}s beside "
                                 f"{', '.join(serving_olds) or 'nothing'} (main PID "
                                 f"{st.main_pid}, {st.restarts} restarts){took}")
@@ -216,3 +232,27 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
     finally:
         out.seconds = clock.monotonic() - t0
         out.accepted = dict(share.accepted)
+
+
+def _trial(host: Host, out: BakeOutcome, suspects: list[str], counted: list[str]) -> str | None:
+    """The first suspect that accepted none of the agent's own connections
+    while the others accepted some; None when every suspect took its share
+    or nothing can be told (reported as a warning: unknown is no verdict)."""
+    want = needed_traffic(len(counted))
+    try:
+        trial = host.ops.accept_trial(counted, want)
+    except OSError as e:
+        host.emit("warning", message=f"the census saw {', '.join(suspects)} accept no "
+                                     f"connection, and the agent could not check: {e}")
+        return None
+    out.trial = trial.as_dict()
+    host.emit("accept_trial", **out.trial)
+    if trial.opened < want:
+        host.emit("warning", message=f"the census saw {', '.join(suspects)} accept no "
+                                     f"connection; the agent opened only {trial.opened} of "
+                                     f"its {want} connections in time: not judged")
+        return None
+    for x in suspects:
+        if trial.accepted.get(x, 0) == 0 and trial.elsewhere(x) > 0:
+            return x
+    return None

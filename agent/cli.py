@@ -107,6 +107,11 @@ class Progress:
             self.line(f"  warning: {d.get('message') or d}")
         elif kind == "hook":
             self.line(f"  hook {d['hook']}: {'ok' if d['ok'] else 'failed'} {d['detail']}")
+        elif kind == "accept_trial":
+            took = ", ".join(f"{x} {n}" for x, n in sorted(d["accepted"].items())) or "none"
+            self.line(f"  the census saw a new instance take no connection: the agent opened "
+                      f"{d['opened']} to {d['target']}; accepted by {took}"
+                      + (f", {d['unaccepted']} never accepted" if d["unaccepted"] else ""))
         elif kind == "pre_stop":
             self.line(f"  holding {d['version']} {d['delay']:g}s before its drain signal")
 

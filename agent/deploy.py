@@ -212,21 +212,19 @@ class SystemdOps:
         except (SystemdError, OSError):
             return None
 
-    def io_bytes(self, instance: str) -> int | None:
-        """Bytes its processes passed to read- and write-like calls, sockets
-        included (/proc/PID/io rchar + wchar, proc(5)); None when unreadable."""
-        total = 0
-        try:
-            pids = self.pids(instance)
-        except SystemdError:
-            return None
-        for pid in pids:
+    def accept_trial(self, instances: list[str], count: int) -> Any:
+        """trial.TrialResult for `count` connections the agent opens to the
+        first listen address; None when it cannot be told (the error is
+        the caller's to report: OSError)."""
+        from .trial import accept_trial
+
+        def groups() -> dict[str, list[int]]:
             try:
-                io = psutil.Process(pid).io_counters()
-            except (psutil.Error, AttributeError):
-                return None
-            total += int(getattr(io, "read_chars", 0)) + int(getattr(io, "write_chars", 0))
-        return total
+                return {x: self.pids(x) for x in instances}
+            except SystemdError as e:
+                raise OSError(str(e)) from e
+
+        return accept_trial(self.census, groups, self.svc.listen[0], count)
 
     def close_watch(self, instances: list[str]) -> Any:
         """Follows how `instances` end their connections (closes.py), begun

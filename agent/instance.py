@@ -76,7 +76,8 @@ class InstanceOps(Protocol):
     def connection_sets(self, instances: list[str]) -> dict[str, frozenset[int]]: ...
     #   each instance's established connections (socket inodes): new ones were accepted
     def close_watch(self, instances: list[str]) -> Any: ...  # closes.CloseWatch or None
-    def io_bytes(self, instance: str) -> int | None: ...  # its processes' rchar + wchar
+    def accept_trial(self, instances: list[str], count: int) -> Any: ...  # trial.TrialResult:
+    #   which instances accept connections the agent opens itself; OSError: unknown
     def accept_queue(self, instances: list[str]) -> int | None: ...  # connections waiting
     #   on the listeners they serve (None: unknown)
 

@@ -49,9 +49,12 @@ class SwapResult:
             d["drain"]["connections_drained"] = self.drain.drained
         return d
 
-    def add_bake(self, seconds: float, accepted: dict[str, int]) -> None:
+    def add_bake(self, seconds: float, accepted: dict[str, int],
+                 trial: dict[str, Any] | None = None) -> None:
         self.bake["seconds"] = round(self.bake.get("seconds", 0.0) + seconds, 3)
         self.bake.setdefault("accepted", {}).update(accepted)
+        if trial is not None:
+            self.bake.setdefault("trials", []).append(trial)
 
 
 def closed_idle_warning(service: str, n: int) -> str:

@@ -313,7 +313,7 @@ class Swap:
         if self.svc.min_ready > 0:
             self.emit("phase", phase="bake", seconds=self.svc.min_ready)
         out = run_bake(self.host, group, ctx.admitted, ctx.serving_olds())
-        res.add_bake(out.seconds, out.accepted)
+        res.add_bake(out.seconds, out.accepted, out.trial)
         res.phases["bake"] = res.phases.get("bake", 0.0) + out.seconds
         if out.verdict != "ready":
             raise _Failure(out.reason, out.failed, broken=out.failed in ctx.relied)

@@ -188,6 +188,8 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     for s in socks:
         s.setblocking(False)
+        if args.never_accept:  # holds the listener, never calls accept()
+            continue
         api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))
     ready_server = None
     probe = instance_address()
@@ -228,6 +230,8 @@ def main() -> int:
                     help="send READY=1, then exit 1 this long after the start")
     ap.add_argument("--keep-listener", type=float, default=0.0, metavar="SECONDS",
                     help="at SIGTERM stop accepting but keep the listener open this long")
+    ap.add_argument("--never-accept", action="store_true",
+                    help="hold the listeners and say READY=1, but never accept() on them")
     ap.add_argument("--fail-instance", metavar="INSTANCE",
                     help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()

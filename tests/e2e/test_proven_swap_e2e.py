@@ -163,6 +163,42 @@ def test_a_listener_kept_open_while_draining_gets_no_new_connections(host: DemoH
     assert res.max_us < 2_000_000, res  # nothing waited in the old queue for its 4 s
 
 
+@pytest.mark.parametrize("socket", ["inherit", "reuseport"])
+def test_a_release_that_listens_but_never_accepts_is_rolled_back(host: DemoHost,
+                                                                  socket: str) -> None:
+    """READY=1, the listener held, no accept(): under keep-alive and fresh
+    load the bake fails it before v1 gets its signal. inherit: the census
+    sees v1 take connections and v2 none, then v2 takes none of the
+    connections the agent opens itself; reuseport: v2's own listener queues
+    what the kernel hashes to it and never shrinks."""
+    host.release("v1")
+    host.release("v2", "--never-accept")
+    host.configure(text=demo_yaml(socket=socket, min_ready="5s"))
+    host.zdd("sysctl", "apply", check=True)
+    code, first = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, first
+    keep = host.load(16, seconds=30)
+    fresh = host.load(16, seconds=30, keepalive=False)
+    try:
+        time.sleep(1)
+        code, r = host.zdd_json("swap", "demo", "--version", "v2")
+        time.sleep(1)
+    finally:
+        k, f = keep.stop(timeout=60), fresh.stop(timeout=60)
+    print(f"{socket}, v2 never accepts: {k.requests} + {f.requests} requests, "
+          f"{k.failed} + {f.failed} failed, max latency {f.max_us / 1000:.0f} ms; "
+          f"{r['result']}: {r['reason']}; bake {r['bake']}")
+    assert code == Exit.ROLLED_BACK and r["result"] == "rolled_back", r
+    if socket == "inherit":
+        assert "v2 accepted none of the 20 connections the agent opened" in r["reason"]
+        trial = r["bake"]["trials"][0]
+        assert trial["opened"] == 20 and trial["accepted"] == {"v1": 20}, trial
+    else:
+        assert "v2 does not accept: on its own listener" in r["reason"], r["reason"]
+    assert k.failed == 0 and f.failed == 0 and f.requests > 1000, (k, f)
+    assert host.get()["version"] == "v1"
+
+
 def test_the_serving_set_stays_true(host: DemoHost) -> None:
     host.configure(text=demo_yaml(socket="reuseport", grace="5s"))
     host.zdd("sysctl", "apply", check=True)

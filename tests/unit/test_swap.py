@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,8 @@ class FakeHost:
         self.counter_reads = 0
         self.hooks: dict[str, bool] = {}
         self.mem: Memory | None = None
+        self.trials: list = []
+        self.trial_error: OSError | None = None
 
     def _log(self, what: str, version: str) -> None:
         self.calls.append((what, version))
@@ -128,12 +131,24 @@ class FakeHost:
         self.stuck_since = getattr(self, "stuck_since", self.clock.now)
         return 1 + int((self.clock.now - self.stuck_since) * 4)
 
-    def io_bytes(self, instance: str) -> int | None:
-        """Bytes moved: an instance that accepts serves, one that does not is quiet."""
-        if instance not in self.started:
-            return 0
-        return int((self.clock.now - self.started[instance]) * 10_000) \
-            if self.scripts[instance].accepts else 0
+    def accept_trial(self, instances: list[str], count: int) -> Any:
+        """The agent's own connections go round-robin to the running
+        instances that accept; none taken stay unaccepted."""
+        from agent.trial import TrialResult
+
+        if self.trial_error is not None:
+            raise self.trial_error
+        takers = [x for x in instances if x in self.started and x not in self.stopped
+                  and self.scripts[x].accepts]
+        res = TrialResult(target="127.0.0.1:8080", opened=count)
+        for i in range(count):
+            if takers:
+                x = takers[i % len(takers)]
+                res.accepted[x] = res.accepted.get(x, 0) + 1
+            else:
+                res.unaccepted += 1
+        self.trials.append(res)
+        return res
 
     def probe(self, version: str) -> tuple[bool, str]:
         self.probes.append(self.clock.now - self.started[version])
@@ -701,22 +716,27 @@ def test_an_instance_that_never_accepts_while_the_old_does_fails_the_bake() -> N
     scripts = {"v1": Script(), "v2": Script(accepts=False)}
     host, res, _ = swap_with(scripts, baked(10.0), "v1", "v2")
     assert isinstance(res, SwapFailed)
-    assert "accepted no connection during the 10s bake" in res.details["result"].reason
+    reason = res.details["result"].reason
+    assert "v2 accepted none of the 20 connections the agent opened" in reason, reason
+    assert "the others accepted 20" in reason and "saw it take none in the 10s bake" in reason
+    assert res.details["result"].bake["trials"][0]["accepted"] == {"v1": 20}
     assert ("stop", "v1") not in host.calls
 
 
-def test_too_little_traffic_or_io_activity_is_no_evidence_of_idleness() -> None:
+def test_the_census_raises_a_suspicion_the_agents_own_connections_decide() -> None:
     from agent.bake import AcceptShare, needed_traffic
 
-    # too short a bake: the old one was seen taking too few to tell, so the
-    # bake passes it; what catches it is the accept queue once v1 is gone
+    # no traffic seen at all: no suspicion, no trial, the bake passes it;
+    # what catches it is the accept queue once v1 is gone
+    def quiet(h: FakeHost) -> None:
+        h.connection_sets = lambda xs: {x: frozenset() for x in xs}  # type: ignore
     host, res, _ = swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(3.0),
-                             "v1", "v2")
+                             "v1", "v2", setup=quiet)
     assert isinstance(res, SwapBroken) and "do not accept" in res.details["result"].reason
-    assert res.details["result"].bake["accepted"]["v2"] == 0
+    assert res.details["result"].bake["accepted"]["v2"] == 0 and host.trials == []
 
-    # the census never saw its connections (they are short), but its processes
-    # move bytes: it serves
+    # the census never saw its connections (they are short: a fast instance),
+    # but it accepts the agent's own connections: it serves
     def unseen(h: FakeHost) -> None:
         orig = h.connection_sets
         h.connection_sets = lambda xs: {x: (frozenset() if x == "v2" else s)  # type: ignore
@@ -724,14 +744,27 @@ def test_too_little_traffic_or_io_activity_is_no_evidence_of_idleness() -> None:
     host, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(10.0), "v1", "v2",
                              setup=unseen)
     assert res.result == "ok" and res.bake["accepted"]["v2"] == 0
-    # the threshold: a fair share would have been seen with chance > 1 - 1e-4
-    assert [needed_traffic(n) for n in (2, 5, 9)] == [14, 42, 79]
+    assert res.bake["trials"][0]["accepted"] == {"v1": 10, "v2": 10}
+    assert "accepted 10 of the 20 connections the agent opened" in " ".join(res.evidence)
+
+    # the agent cannot connect: unknown is no verdict, and it is said
+    def unreachable(h: FakeHost) -> None:
+        unseen(h)
+        h.trial_error = ConnectionRefusedError(111, "Connection refused")
+    host, res, events = swap_with({"v1": Script(), "v2": Script()}, baked(10.0), "v1", "v2",
+                                  setup=unreachable)
+    assert res.result == "ok" and "trials" not in res.bake
+    assert any(k == "warning" and "could not check" in d["message"] for k, d in events)
+
+    # the trial's size: a fair share would have shown with chance > 1 - 1e-6
+    assert [needed_traffic(n) for n in (2, 5, 9)] == [20, 62, 118]
+    assert needed_traffic(2, 0.5) == 8  # never fewer than MIN_TRAFFIC
     share = AcceptShare()
     share.observe({"a": frozenset(), "b": frozenset(), "n": frozenset()})
-    share.observe({"a": frozenset(range(12)), "b": frozenset(range(100, 111)),
-                   "n": frozenset()})
-    assert share.idle(["n"], ["a", "b"]) == (["n"], 23)
-    assert share.idle(["n", "a"], ["b"]) == ([], 11)  # 11 seen elsewhere: too few
+    share.observe({"a": frozenset(range(12)), "b": frozenset(), "n": frozenset()})
+    assert share.idle(["n"], ["a", "b"]) == (["n"], 12)
+    assert share.idle(["n", "b"], ["a"]) == (["n", "b"], 12)
+    assert share.idle(["n", "a"], ["b"]) == ([], 0)  # nothing seen elsewhere: no suspicion
 
 
 def test_ready_claim_without_a_listener_is_not_admission() -> None:
@@ -945,7 +978,10 @@ def test_a_new_version_that_never_accepts_is_caught_once_the_old_one_is_gone() -
     the bake cannot tell; once the old instance drained, the accept queue
     fills and never shrinks: the old version comes back (failed, exit 10)."""
     scripts = {"v1": Script(drain_seconds=0.6), "v2": Script(accepts=False)}
-    host, res, events = swap_with(scripts, baked(2.0), "v1", "v2")
+
+    def keepalive_only(h: FakeHost) -> None:  # no new connection seen during the bake
+        h.connection_sets = lambda xs: {x: frozenset() for x in xs}  # type: ignore
+    host, res, events = swap_with(scripts, baked(2.0), "v1", "v2", setup=keepalive_only)
     assert isinstance(res, SwapBroken), res
     r = res.details["result"]
     assert "do not accept" in r.reason and "none was accepted for 5s" in r.reason
@@ -957,8 +993,21 @@ def test_a_new_version_that_never_accepts_is_caught_once_the_old_one_is_gone() -
 def test_accept_queue_stuck_only_when_it_never_shrinks() -> None:
     from agent.bake import AcceptQueue
 
-    q = AcceptQueue(0.5)  # 10 looks make 5 s
+    q = AcceptQueue(0.5)  # 11 looks span 5 s
     assert not any(q.observe(n) for n in [3, 5, 2, 6, 0, 4, 4, 9, 3, None, 5, 1] * 3)
     q = AcceptQueue(0.5)
-    assert not any(q.observe(n) for n in [9] * 9)
-    assert q.observe(10)  # the tenth look, never shrinking
+    assert not any(q.observe(n) for n in [9] * 10)
+    assert q.observe(10)  # the eleventh look, 5 s after the first, never shrinking
+
+
+def test_own_listener_that_holds_connections_fails_the_bake_within_seconds() -> None:
+    # socket: reuseport: the kernel hashes connections to the new instance's
+    # own listener; if it never accepts they wait there, so the bake does
+    # not wait for its end (nor for the census) to fail it
+    scripts = {"v1": Script(), "v2": Script(accepts=False)}
+    host, res, _ = swap_with(scripts, baked(10.0, socket="reuseport"), "v1", "v2")
+    assert isinstance(res, SwapFailed) and not isinstance(res, SwapBroken)
+    r = res.details["result"]
+    assert r.result == "rolled_back" and "v2 does not accept: on its own listener" in r.reason
+    assert "none was accepted for 2s" in r.reason and r.bake["seconds"] < 3.0, r.bake
+    assert host.trials == [] and ("stop", "v1") not in host.calls

@@ -1,0 +1,123 @@
+"""The accept trial against real loopback sockets and real processes (no
+mocks): which process accepts a connection is the kernel's answer."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.census import Census
+from agent.config import Listen
+from agent.trial import accept_trial, connect_address
+
+# A server process: takes a listening socket (an inherited fd, or its own
+# SO_REUSEPORT one on the port in argv), accepts and holds every connection,
+# or never accepts ("idle"). It prints "up" once it listens.
+SERVER = r"""
+import socket, sys, time
+mode, port = sys.argv[1], int(sys.argv[2])
+if port:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(64)
+else:
+    s = socket.socket(fileno=int(sys.argv[3]))
+print("up", flush=True)
+held = []
+if mode == "idle":
+    time.sleep(60)
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"""
+
+
+def server(mode: str, port: int = 0, inherit: socket.socket | None = None) -> subprocess.Popen:
+    fd = inherit.fileno() if inherit is not None else -1
+    p = subprocess.Popen([sys.executable, "-c", SERVER, mode, str(port), str(fd)],
+                         stdout=subprocess.PIPE, text=True,
+                         pass_fds=(fd,) if inherit is not None else ())
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    return p
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+        assert p.stdout is not None
+        p.stdout.close()
+
+
+def trial(port: int, groups: dict[str, subprocess.Popen], count: int = 20):
+    census = Census([port], [socket.AF_INET])
+    return accept_trial(census, lambda: {x: [p.pid] for x, p in groups.items()},
+                        Listen("127.0.0.1", port), count)
+
+
+def test_a_shared_listener_one_accepting_one_not(procs) -> None:
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 0))
+    shared.listen(64)
+    port = shared.getsockname()[1]
+    works, idle = server("accept", inherit=shared), server("idle", inherit=shared)
+    procs += [works, idle]
+    shared.close()
+    res = trial(port, {"works": works, "idle": idle})
+    assert res.opened == 20 and res.unaccepted == 0
+    assert res.accepted == {"works": 20}
+    assert res.elsewhere("idle") == 20 and res.target == f"127.0.0.1:{port}"
+
+
+def test_two_reuseport_listeners_both_accepting_share_the_connections(procs) -> None:
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    a, b = server("accept", port), server("accept", port)
+    procs += [a, b]
+    probe.close()
+    res = trial(port, {"a": a, "b": b}, count=40)
+    # the kernel hashes each connection's 4-tuple to a listener
+    assert res.unaccepted == 0 and sum(res.accepted.values()) == 40
+    assert res.accepted.get("a", 0) > 0 and res.accepted.get("b", 0) > 0, res
+
+
+def test_a_reuseport_listener_that_never_accepts_keeps_its_share_queued(procs) -> None:
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    works, idle = server("accept", port), server("idle", port)
+    procs += [works, idle]
+    probe.close()
+    t0 = time.monotonic()
+    res = trial(port, {"works": works, "idle": idle})
+    took = time.monotonic() - t0
+    assert res.opened == 20 and "idle" not in res.accepted
+    assert res.unaccepted > 0 and res.accepted["works"] == 20 - res.unaccepted
+    print(f"\nreuseport, one listener never accepts: {res.as_dict()} in {took:.2f}s")
+
+
+def test_nothing_listening_is_an_error_not_a_verdict() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(ConnectionRefusedError):
+        trial(port, {})
+
+
+def test_wildcard_addresses_are_reached_on_loopback() -> None:
+    assert connect_address(Listen(None, 80)) == (socket.AF_INET, ("127.0.0.1", 80))
+    assert connect_address(Listen("0.0.0.0", 80)) == (socket.AF_INET, ("127.0.0.1", 80))
+    assert connect_address(Listen("::", 80)) == (socket.AF_INET6, ("::1", 80))
+    assert connect_address(Listen("10.1.2.3", 80)) == (socket.AF_INET, ("10.1.2.3", 80))
