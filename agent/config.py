@@ -7,6 +7,7 @@ can fix it without reading code. Nothing here changes the host.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -511,12 +512,22 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
 # ------------------------------------------------------------------- loading
 
 
-def check_not_writable_by_others(path: Path) -> None:
-    """Root must not act on config that someone else can change."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found", file=str(path), key="") from None
+# os.open(2) flags of a config read. O_NOFOLLOW: a symbolic link as the last
+# component fails with ELOOP instead of being followed, so the file whose
+# owner and mode were checked is the file that is read (open(2)). O_NONBLOCK:
+# opening a FIFO for reading returns at once instead of waiting for a writer
+# (fifo(7)); fstat then refuses anything but a regular file.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
+    """Root must not act on config that someone else can change.
+
+    `st` is fstat(2) of the open descriptor of `path` (the file or its
+    directory), so the decision is about what is read, not about a name.
+    Allowed: owner root or the effective uid, no write bit for group or
+    others. Raises ConfigError naming `path`, the mode or owner and the fix.
+    """
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: writable by group or others "
                           f"(mode {stat.S_IMODE(st.st_mode):04o}; allowed: 0644 or stricter, "
@@ -526,18 +537,67 @@ def check_not_writable_by_others(path: Path) -> None:
                           f"(allowed: owner root; chown root {path})", file=str(path), key="")
 
 
-def read_yaml(path: Path) -> Any:
-    check_not_writable_by_others(path.parent)
-    check_not_writable_by_others(path)
+def _open_nofollow(path: Path, flags: int, dir_fd: int | None = None) -> int:
+    """os.open of `path` (relative to `dir_fd` when given) without following a
+    symbolic link as its last component; a descriptor, or ConfigError."""
     try:
-        with path.open("rb") as f:
+        return os.open(path.name if dir_fd is not None else path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found", file=str(path), key="") from None
+    except OSError as e:
+        # ELOOP, or ENOTDIR with O_DIRECTORY (open(2)); the name only words the message
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+            fix = ("name the real directory instead" if flags & os.O_DIRECTORY
+                   else "put the real file in its place (copy it)")
+            raise ConfigError(f"{path}: a symbolic link, refused: config is read without "
+                              f"following links, so that what was checked is what is read; "
+                              f"{fix}", file=str(path), key="") from None
+        raise ConfigError(f"{path}: cannot open: {e.strerror}", file=str(path), key="") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path` (a service config or agent.yaml), read
+    without a window to swap what is read for something else.
+
+    The directory `path.parent` is opened first (O_DIRECTORY|O_NOFOLLOW),
+    checked through fstat (owner root or the euid, not writable by group or
+    others), and the file is opened relative to that descriptor (openat(2)),
+    so the checked directory is the one read from. The file is opened with
+    O_NOFOLLOW|O_NONBLOCK and must be a regular file with the same owner and
+    mode rules; at most MAX_CONFIG_BYTES are read from that descriptor.
+
+    Symbolic links: O_NOFOLLOW applies to the last component only. A config
+    file that is a link, or a config directory that is a link, is refused
+    (ConfigError naming the path and the fix); links among the directory's
+    ancestors (/etc itself, say) are followed, as they are owned by root
+    like /etc. Raises ConfigError, one line naming `path`, for every refusal
+    and for a file that is not UTF-8 or not valid YAML.
+    """
+    dir_fd = _open_nofollow(path.parent, _OPEN_FLAGS | os.O_DIRECTORY)
+    try:
+        check_not_writable_by_others(path.parent, os.fstat(dir_fd))
+        fd = _open_nofollow(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file (allowed: a YAML file)",
+                              file=str(path), key="")
+        check_not_writable_by_others(path, st)
+        with open(fd, "rb", closefd=False) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB (allowed: "
-                              f"up to {MAX_CONFIG_BYTES} bytes; a service config is a few "
-                              "hundred)", file=str(path), key="")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}", file=str(path), key="") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB (allowed: "
+                          f"up to {MAX_CONFIG_BYTES} bytes; a service config is a few "
+                          "hundred)", file=str(path), key="")
+    try:
         text = data.decode()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
     try:
         return yaml.safe_load(text)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
 
 from agent.config import (DEFAULT_MIN_READY, DEFAULT_WATCH, MAX_CONFIG_BYTES, load_agent_config,
-                          load_all, load_service, parse_duration, parse_service)
+                          load_all, load_service, parse_duration, parse_service, read_yaml)
 from agent.errors import ConfigError, Exit
 
 GOOD = """\
@@ -198,6 +199,75 @@ def test_writable_by_others_is_refused(tmp_path: Path, target: str) -> None:
     os.chmod(victim, 0o664 if target == "file" else 0o775)
     with pytest.raises(ConfigError, match=rf"{victim}: writable by group or others"):
         load_service(p.parent, "api")
+
+
+def test_config_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    p = write(tmp_path, GOOD)
+    os.chown(p, 65534, -1)
+    with pytest.raises(ConfigError, match=rf"{p}: owned by uid 65534, not by root"):
+        load_service(p.parent, "api")
+
+
+def test_symlinked_config_file_is_refused(tmp_path: Path) -> None:
+    real = write(tmp_path, GOOD, name="real")
+    link = real.parent / "api.yaml"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError) as e:
+        load_service(link.parent, "api")
+    assert str(e.value) == (f"{link}: a symbolic link, refused: config is read without "
+                            "following links, so that what was checked is what is read; put "
+                            "the real file in its place (copy it)")
+
+
+def test_symlinked_config_dir_is_refused_but_ancestors_are_followed(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    (tmp_path / "link").symlink_to(p.parent)
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'link'}: a symbolic link, refused: "
+                                          ".* name the real directory instead"):
+        load_service(tmp_path / "link", "api")
+    # O_NOFOLLOW is about the last component: a link higher up is followed
+    (tmp_path / "up").symlink_to(tmp_path)
+    assert load_service(tmp_path / "up" / "services", "api").name == "api"
+
+
+def test_a_fifo_or_a_directory_is_refused_without_blocking(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    p.unlink()
+    os.mkfifo(p, 0o644)  # no writer: a blocking open(2) would wait forever
+    outcome: list[Exception] = []
+    t = threading.Thread(target=lambda: outcome.append(_raised(load_service, p.parent, "api")),
+                         daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "opening a FIFO blocked"
+    assert re.fullmatch(rf"{p}: not a regular file \(allowed: a YAML file\)", str(outcome[0]))
+    p.unlink()
+    p.mkdir(mode=0o755)
+    with pytest.raises(ConfigError, match=rf"{p}: not a regular file"):
+        load_service(p.parent, "api")
+
+
+def _raised(fn: object, *args: object) -> Exception:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except Exception as e:  # handed back to the test thread to assert on
+        return e
+    raise AssertionError("no error")
+
+
+def test_checks_are_on_the_descriptor_that_is_read(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner and mode come from fstat of the open descriptor, never from a
+    second lookup by name (a window in which the file could be swapped)."""
+    p = write(tmp_path, GOOD)
+    looked_up: list[object] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: looked_up.append(a) or real_stat(*a, **k))
+    monkeypatch.setattr(os, "lstat", lambda *a, **k: looked_up.append(a) or real_stat(*a, **k))
+    assert read_yaml(p)["name"] == "api"
+    assert looked_up == []
 
 
 def test_bad_service_name_on_command_line(tmp_path: Path) -> None:
