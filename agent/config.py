@@ -44,6 +44,15 @@ INSTANCE_PORT = "{instance_port}"
 # file would hold the root daemon for as long as it takes.
 MAX_CONFIG_BYTES = 1024 * 1024
 
+# YAML nesting deeper than this is refused: a service config nests four deep
+# (hooks.post_start.command), and PyYAML composes nodes recursively, so a file
+# of 5,000 "[" ended in RecursionError instead of a ConfigError.
+MAX_YAML_DEPTH = 32
+# An integer in a config is a port, a count or a sysctl value; bigger ones
+# (YAML's hex, octal and base-60 forms reach thousands of digits without
+# Python's 4,300-digit limit on int(str)) are refused before they exist.
+MAX_YAML_INT = 2**63 - 1
+
 DEFAULT_CONFIG_DIR = Path("/etc/zdd-agent/services")
 DEFAULT_AGENT_CONFIG = Path("/etc/zdd-agent/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/zdd-agent")
@@ -555,6 +564,65 @@ def _open_nofollow(path: Path, flags: int, dir_fd: int | None = None) -> int:
         raise ConfigError(f"{path}: cannot open: {e.strerror}", file=str(path), key="") from None
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader for config files, with bounds.
+
+    - Aliases (*name) are refused: PyYAML shares an aliased node, so a
+      "billion laughs" file of a few hundred bytes loads at once into lists
+      that every walk over them (a repr in an error message, json.dumps)
+      expands to 10^9 items; `&a [*a]` makes a list that contains itself.
+      No documented config uses anchors.
+    - Nesting deeper than MAX_YAML_DEPTH is refused.
+    - Integers beyond +-MAX_YAML_INT, and integer text over 100 characters, are
+      refused (base-60 "1:2:3:..." is a quadratic big-number product).
+    - A value a constructor cannot build ("2001-02-30", "!!int abc") is a
+      yaml.constructor.ConstructorError at its line instead of a ValueError.
+    Every refusal is a yaml.MarkedYAMLError naming the line and column.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} refused: anchors and aliases are not allowed "
+                "in a config (write the value out)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r:.60}: {e}", node.start_mark) from None
+
+    def construct_yaml_int(self, node: Any) -> int:
+        if len(str(node.value)) > 100:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters (allowed: "
+                f"-{MAX_YAML_INT}..{MAX_YAML_INT})", node.start_mark)
+        value = super().construct_yaml_int(node)
+        if not -MAX_YAML_INT <= value <= MAX_YAML_INT:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is out of range (allowed: an integer "
+                f"-{MAX_YAML_INT}..{MAX_YAML_INT})", node.start_mark)
+        return value
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
+
+
 def read_yaml(path: Path) -> Any:
     """The YAML document in `path` (a service config or agent.yaml), read
     without a window to swap what is read for something else.
@@ -570,8 +638,9 @@ def read_yaml(path: Path) -> Any:
     file that is a link, or a config directory that is a link, is refused
     (ConfigError naming the path and the fix); links among the directory's
     ancestors (/etc itself, say) are followed, as they are owned by root
-    like /etc. Raises ConfigError, one line naming `path`, for every refusal
-    and for a file that is not UTF-8 or not valid YAML.
+    like /etc. The YAML is read by ConfigLoader (no aliases, bounded depth
+    and integers). Raises ConfigError, one line naming `path`, for every
+    refusal and for a file that is not UTF-8 or not valid YAML.
     """
     dir_fd = _open_nofollow(path.parent, _OPEN_FLAGS | os.O_DIRECTORY)
     try:
@@ -600,7 +669,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}",
                           file=str(path), key="") from None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -467,6 +469,62 @@ def test_oversized_config_is_refused_before_parsing(tmp_path: Path) -> None:
         load_service(p.parent, "api")
     p = write(tmp_path, GOOD + "#" * (MAX_CONFIG_BYTES - len(GOOD.encode())))
     assert load_service(p.parent, "api").name == "api"  # exactly the limit is fine
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+def test_billion_laughs_is_refused_fast_in_bounded_memory(tmp_path: Path) -> None:
+    """Nine levels of nine aliases: 9^9 (387 million) strings once expanded.
+    PyYAML shares aliased nodes, so loading alone is quick; the first walk
+    over the result (a repr in a message) would not end."""
+    p = write(tmp_path, GOOD + BILLION_LAUGHS.replace("a:", "z:", 1).replace("*a", "*z"))
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ConfigError) as e:
+            load_service(p.parent, "api")
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert peak < 4 * 1024 * 1024
+    assert str(e.value).startswith(f"{p}: not valid YAML: alias *z refused: anchors and "
+                                   "aliases are not allowed in a config (write the value out)")
+    assert "line 20, column 8" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("x: &a [*a]", "alias *a refused"),  # a list that contains itself
+    ("x: &a {k: 1}\ny: {<<: *a}", "alias *a refused"),  # merge keys need an alias too
+    ("x: " + "[" * 40 + "]" * 40, "nested deeper than 32 levels"),
+    ("x: " + "[" * 100_000, "nested deeper than 32 levels"),  # was RecursionError
+    ("x: 0x" + "f" * 5000, "an integer of 5002 characters"),  # past Python's int(str) limit
+    ("x: " + "9" * 5000, "an integer of 5000 characters"),  # was ValueError
+    ("x: " + "1:" * 100_000 + "1", "an integer of 200001 characters"),  # base 60: quadratic
+    ("x: 0x8000000000000000", "0x8000000000000000 is out of range"),
+    ("x: 2001-02-30", "cannot read '2001-02-30': day is out of range for month"),  # ValueError
+    ("x: !!timestamp 2001-13-01", "cannot read '2001-13-01': month must be in 1..12"),
+    ("x: !!float abc", "cannot read 'abc': could not convert string to float"),
+    ("x: !!int abc", "cannot read 'abc': invalid literal for int()"),
+    ("x: !!python/object/apply:os.system [true]", "could not determine a constructor"),
+])
+def test_yaml_beyond_the_bounds_is_one_config_error(tmp_path: Path, text: str,
+                                                    words: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        read_yaml(p)
+    assert str(e.value).startswith(f"{p}: not valid YAML: "), e.value
+    assert words in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_yaml_within_the_bounds_loads(tmp_path: Path) -> None:
+    p = write(tmp_path, "a: &unused 1\nb: 0x7fffffffffffffff\nc: 1:30\nd: {<<: {k: 1}}\n"
+                        "e: " + "[" * 30 + "]" * 30)
+    data = read_yaml(p)
+    assert data["a"] == 1 and data["b"] == 2**63 - 1 and data["c"] == 90
+    assert data["d"] == {"k": 1}
 
 
 CHECK_CONFIG = [
