@@ -40,7 +40,7 @@ from .log import SwapLogger, log
 from .metrics import Metrics, parse_listen
 from .sd import listen_fds
 from .sd import notify as sd_notify
-from .state import StateStore
+from .state import StateStore, secure_state_dir
 from .errors import StateError
 
 CONTROL_SOCKET = Path(os.environ.get("ZDD_CONTROL_SOCKET", "/run/zdd-agent/control.sock"))
@@ -543,6 +543,11 @@ class Daemon:
 
 def run(paths: deploy.Paths) -> int:
     agent = load_agent_config(paths.agent_config)
+    try:  # the history holds journal lines and hook output: root and the admin group only
+        for change in secure_state_dir(paths.state_dir, agent.admin_group):
+            log("daemon", f"state directory tightened: {change}", syslog.LOG_WARNING)
+    except OSError as e:
+        log("daemon", f"cannot secure the state directory: {e}", syslog.LOG_ERR)
     inherited = listen_fds()
     sock = inherited[0] if inherited else bind_socket(CONTROL_SOCKET)
     return Daemon(paths, agent).serve(sock)

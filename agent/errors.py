@@ -67,3 +67,9 @@ class StateError(ZddError):
     """A state file could not be read; it was moved aside for a human."""
 
     exit_code = Exit.INTERNAL
+
+
+class StateDenied(StateError):
+    """The caller may not read the state (not root, not in the admin group)."""
+
+    exit_code = Exit.CONFIG

@@ -77,8 +77,8 @@ def install(dry_run: bool, admin_group: str = "zdd-admin",
             write_if_changed(path, content, mode)
     for d in (DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR):
         steps.append(Step("unchanged" if d.is_dir() else "create", f"{d}/"))
-        if not dry_run:
-            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if not dry_run:  # the state is private (state.py); the daemon sets its group
+            d.mkdir(parents=True, exist_ok=True, mode=0o750 if d == DEFAULT_STATE_DIR else 0o755)
     example = (Path(__file__).parent / "agent.yaml.example").read_text()
     steps.append(Step("unchanged" if DEFAULT_AGENT_CONFIG.exists() else "create",
                       f"{DEFAULT_AGENT_CONFIG} (kept if present)"))

@@ -3,11 +3,17 @@
 atomically. systemd's unit states stay the source of truth for what runs.
 
 A lock file per service keeps two swaps of one service from interleaving.
+
+The records hold the services' journal lines and hook output, so the state
+directory is private: root owns it, its group (the admin group, set at
+daemon start by secure_state_dir) may read it. Directories are 0750, files
+0640, or 0600 when the group is root's own (no admin group on this host).
 """
 
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 from collections.abc import Iterator
@@ -17,10 +23,36 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_name
-from .errors import LockedError, StateError
-from .fsutil import atomic_write
+from .errors import LockedError, StateDenied, StateError
+from .fsutil import atomic_write, tighten
 
 HISTORY_LIMIT = 100
+DIR_MODE = 0o750
+
+
+def file_mode(gid: int) -> int:
+    """A state file's permission bits: its group reads it unless that group is
+    root's own (gid 0: no admin group), then root alone."""
+    return 0o640 if gid != 0 else 0o600
+
+
+def secure_state_dir(root: Path, admin_group: str) -> list[str]:
+    """At daemon start: create `root` if missing and make it and everything
+    under it owned by the agent's user (root) and group `admin_group` (or the
+    agent's own group when no such group exists), directories at most 0750,
+    files at most file_mode(gid). Symbolic links and special files are left
+    alone. Returns one line per path it changed, for the log; raises OSError."""
+    try:
+        gid = grp.getgrnam(admin_group).gr_gid
+    except KeyError:
+        gid = os.getegid()
+    owner = (os.geteuid(), gid)
+    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    changes = []
+    for dirpath, _dirs, files in os.walk(root):  # does not descend into linked directories
+        changes.append(tighten(Path(dirpath), DIR_MODE, owner))
+        changes += [tighten(Path(dirpath, f), file_mode(gid), owner) for f in files]
+    return [c for c in changes if c is not None]
 
 
 @dataclass
@@ -58,12 +90,29 @@ class StateStore:
     def _path(self, name: str) -> Path:
         return self.root / "services" / f"{check_name(name)}.json"
 
+    def _dir(self, sub: str) -> tuple[Path, int]:
+        """root/sub for a write, created 0750 (the root too) and tightened to
+        it if found more open; and the state directory's group, the group of
+        the files written there."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        d = self.root / sub
+        d.mkdir(exist_ok=True, mode=DIR_MODE)
+        tighten(self.root, DIR_MODE)
+        tighten(d, DIR_MODE)
+        return d, os.stat(self.root).st_gid
+
+    def _denied(self, path: Path) -> StateDenied:
+        return StateDenied(f"{path}: permission denied: the state is readable by root and "
+                           "the admin group only (ask the daemon: run without --local)")
+
     def load(self, name: str) -> ServiceState:
         path = self._path(name)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return ServiceState(name)
+        except PermissionError:
+            raise self._denied(path) from None
         except (ValueError, UnicodeDecodeError) as e:
             # Kept aside for a human, never silently dropped.
             aside = path.with_suffix(f".corrupt.{int(os.stat(path).st_mtime)}")
@@ -75,23 +124,29 @@ class StateStore:
                             watch=data.get("watch"))
 
     def save(self, st: ServiceState) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _d, gid = self._dir("services")
         data = {"serving": st.serving, "previous": st.previous, "since": st.since,
                 "history": st.history, "intent": st.intent, "watch": st.watch}
         atomic_write(self._path(st.name), json.dumps(data, indent=1, sort_keys=True) + "\n",
-                     mode=0o644)
+                     mode=file_mode(gid), group=gid)
 
     def names(self) -> list[str]:
         d = self.root / "services"
-        return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+        try:
+            entries = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except PermissionError:
+            raise self._denied(d) from None
+        return sorted(e[:-len(".json")] for e in entries
+                      if e.endswith(".json") and not e.startswith("."))
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Exclusive per service, refused at once when held (flock(2): released
         by the kernel when the holder dies, so a crash leaves no stale lock)."""
-        d = self.root / "locks"
-        d.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd = os.open(d / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        d, _gid = self._dir("locks")
+        fd = os.open(d / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from agent.errors import LockedError, StateError
-from agent.state import HISTORY_LIMIT, StateStore
+from agent.errors import LockedError, StateDenied, StateError
+from agent.state import HISTORY_LIMIT, StateStore, secure_state_dir
 
 
 def result(frm: str | None, to: str, outcome: str = "ok") -> dict:
@@ -68,3 +71,112 @@ def test_save_is_json(tmp_path: Path) -> None:
     store.save(st)
     data = json.loads((tmp_path / "services" / "api.json").read_text())
     assert data["serving"] == "v1"
+
+
+# ------------------------------------------------------------ permissions
+# The records hold journal lines and hook output: root and the admin group only.
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to other users needs root")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_a_first_write_makes_private_directories_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    store = StateStore(root)
+    with store.lock("api"):  # the lock comes first in a swap: it must not make root 0755
+        pass
+    store.save(store.load("api"))
+    assert [mode(p) for p in (root, root / "services", root / "locks")] == [0o750] * 3
+    gid = os.stat(root).st_gid
+    assert mode(root / "services" / "api.json") == (0o640 if gid else 0o600)
+    assert mode(root / "locks" / "api.lock") == 0o600
+
+
+@needs_root
+def test_files_get_the_state_directory_group_and_too_open_ones_are_tightened(
+        tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    (root / "services").mkdir(parents=True)
+    os.chmod(root, 0o777)
+    os.chmod(root / "services", 0o755)
+    os.chown(root, 0, 4242)  # the admin group, as the daemon left it
+    store = StateStore(root)
+    store.save(store.load("api"))
+    assert mode(root) == 0o750 and mode(root / "services") == 0o750
+    st = os.stat(root / "services" / "api.json")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 4242, 0o640)
+    os.chown(root, 0, 0)  # no admin group: root alone reads the records
+    store.save(store.load("api"))
+    st = os.stat(root / "services" / "api.json")
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+
+
+@needs_root
+def test_secure_state_dir_tightens_the_tree_and_leaves_links_alone(tmp_path: Path) -> None:
+    group = grp.getgrgid(1).gr_name  # "daemon" on Debian: any group other than root's
+    root = tmp_path / "state"
+    (root / "services").mkdir(parents=True)
+    (root / "locks").mkdir()
+    outside = tmp_path / "outside"
+    outside.write_text("not the agent's")
+    os.chmod(outside, 0o666)
+    files = [root / "services" / "api.json", root / "services" / "api.corrupt.1",
+             root / "host.json"]
+    for f in files:
+        f.write_text("{}")
+        os.chmod(f, 0o666)
+        os.chown(f, 65534, 65534)
+    (root / "services" / "link.json").symlink_to(outside)
+    os.mkfifo(root / "services" / "fifo.json")
+    os.chmod(root / "services" / "fifo.json", 0o666)
+    for d in (root, root / "services", root / "locks"):
+        os.chmod(d, 0o777)
+    changes = secure_state_dir(root, group)
+    assert f"{root}: mode 0777 -> 0750, group 0 -> 1" in changes
+    assert f"{files[0]}: mode 0666 -> 0640, owner 65534 -> 0, group 65534 -> 1" in changes
+    assert len(changes) == 6
+    for d in (root, root / "services", root / "locks"):
+        assert (mode(d), os.stat(d).st_gid) == (0o750, 1)
+    for f in files:
+        assert (mode(f), os.stat(f).st_uid, os.stat(f).st_gid) == (0o640, 0, 1)
+    assert mode(outside) == 0o666 and os.stat(outside).st_gid == 0  # through a link: untouched
+    assert mode(root / "services" / "fifo.json") == 0o666
+    assert secure_state_dir(root, group) == []  # idempotent
+    # no such group on this host: root's own group, and files for root alone
+    assert f"{files[0]}: mode 0640 -> 0600, group 1 -> 0" in secure_state_dir(root, "no-such-grp")
+
+
+@needs_root
+def test_a_local_read_by_someone_else_is_refused_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    store = StateStore(root)
+    store.save(store.load("api"))
+    os.chmod(tmp_path, 0o755)
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: user nobody, no supplementary groups
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            lines = []
+            for f in (store.names, lambda: store.load("api")):
+                try:
+                    f()
+                except StateDenied as e:
+                    lines.append(f"{int(e.exit_code)} {e}")
+            os.write(wr, "\n".join(lines).encode())
+        finally:
+            os._exit(0)
+    os.close(wr)
+    with os.fdopen(rd) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    assert out.splitlines() == [
+        f"2 {root / 'services'}: permission denied: the state is readable by root and the "
+        "admin group only (ask the daemon: run without --local)",
+        f"2 {root / 'services' / 'api.json'}: permission denied: the state is readable by "
+        "root and the admin group only (ask the daemon: run without --local)"]
