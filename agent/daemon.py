@@ -10,7 +10,8 @@
   deadline, so a slow, idle, oversized or malformed client costs a buffer and
   never blocks it; each complete request runs in a worker thread. Callers are
   identified by SO_PEERCRED: root and members of the admin group may change
-  things, anyone who can connect may read. Every refusal is logged.
+  things and read the history, anyone who can connect may ask for status.
+  Every refusal is logged.
 - Signal handlers only queue the signal; the main loop acts on it.
 """
 
@@ -297,10 +298,10 @@ class Daemon:
                                f"uid {peer.uid}: {e}", syslog.LOG_WARNING)
                 self._send(conn, protocol.error(e))
                 return
-            if req.mutating and not may_change(peer, self.agent.admin_group):
+            if req.admin_only and not may_change(peer, self.agent.admin_group):
                 denied = protocol.PermissionDenied(
                     f"{req.cmd} refused for user {peer.user} (uid {peer.uid}): only root and "
-                    f"members of group {self.agent.admin_group} may change things")
+                    f"members of group {self.agent.admin_group} may run it")
                 log("refused", f"control socket: {denied}", syslog.LOG_WARNING,
                     USER=peer.user)
                 self._send(conn, protocol.error(denied))

@@ -21,11 +21,14 @@ from .errors import ConfigError, Exit, ZddError
 VERSION = 1
 MAX_REQUEST = 64 * 1024
 
-# command -> (may change the host, allowed argument names, required argument names)
+# command -> (admin only, allowed argument names, required argument names).
+# Admin only: just root and the admin group may run it, because it changes the
+# host, or because its answer holds what the state directory keeps from them
+# (history: hook output and the services' journal lines in its reasons).
 COMMANDS: dict[str, tuple[bool, frozenset[str], frozenset[str]]] = {
     "ping": (False, frozenset(), frozenset()),
     "status": (False, frozenset({"service"}), frozenset()),
-    "history": (False, frozenset({"service", "limit"}), frozenset()),
+    "history": (True, frozenset({"service", "limit"}), frozenset()),
     "sysctl-check": (False, frozenset(), frozenset()),
     "swap": (True, frozenset({"service", "version", "dry_run"}),
              frozenset({"service", "version"})),
@@ -52,7 +55,7 @@ class Request:
     args: dict[str, Any]
 
     @property
-    def mutating(self) -> bool:
+    def admin_only(self) -> bool:
         return COMMANDS[self.cmd][0]
 
 

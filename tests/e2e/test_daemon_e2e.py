@@ -135,6 +135,10 @@ def test_non_root_may_read_but_not_change_unless_in_the_group(dhost: DemoHost) -
     assert refused["exit_code"] == 2 and "swap refused for user zddreader" in refused["error"]
     status = as_user("zddreader", "status")
     assert status["exit_code"] == 0 and status["result"][0]["serving"] == "v1"
+    # the history's reasons hold hook output and journal lines: admins only
+    history = as_user("zddreader", "history")
+    assert history["exit_code"] == 2 and "history refused for user zddreader" in history["error"]
+    assert as_user("zddadmin", "history")["exit_code"] == 0
     assert dhost.get()["version"] == "v1"
     refusals = [e for e in journal(dhost) if e.get("MESSAGE_ID") == MESSAGE_IDS["refused"]]
     assert any("zddreader" in e["MESSAGE"] for e in refusals)

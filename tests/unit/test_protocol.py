@@ -18,8 +18,10 @@ def req(**kw: object) -> bytes:
 
 def test_good_requests() -> None:
     r = protocol.decode_request(req(cmd="swap", args={"service": "api", "version": "v2"}))
-    assert r.cmd == "swap" and r.mutating and r.args == {"service": "api", "version": "v2"}
-    assert not protocol.decode_request(req(cmd="status")).mutating
+    assert r.cmd == "swap" and r.admin_only and r.args == {"service": "api", "version": "v2"}
+    assert not protocol.decode_request(req(cmd="status")).admin_only
+    # its reasons carry hook output and journal lines: not for everyone who can connect
+    assert protocol.decode_request(req(cmd="history")).admin_only
     assert protocol.decode_request(protocol.request("history", service=None, limit=5).strip()) \
         .args == {"limit": 5}
 
