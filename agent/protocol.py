@@ -66,13 +66,15 @@ def decode_request(line: bytes) -> Request:
         msg = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"request is not JSON: {e}") from None
+    except RecursionError:  # the json module's parser recurses per array/object level
+        raise ProtocolError("request is not JSON this agent reads: nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("request must be a JSON object")
     if msg.get("v") != VERSION:
         raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported "
                             f"(this agent speaks {VERSION})")
     cmd = msg.get("cmd")
-    if cmd not in COMMANDS:
+    if not isinstance(cmd, str) or cmd not in COMMANDS:  # a list or an object is unhashable
         raise ProtocolError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
     args = msg.get("args", {})
     if not isinstance(args, dict):

@@ -39,6 +39,10 @@ def test_good_requests() -> None:
     (req(cmd="history", args={"limit": 10**6}), "limit must be"),
     (req(cmd="status", args=[]), "args must be"),
     (b"x" * (protocol.MAX_REQUEST + 1), "over the limit"),
+    (b"[" * 60_000, "nested too deeply"),  # was RecursionError: killed the worker thread
+    (b'{"v": 1, "cmd": []}', "unknown command []"),  # was TypeError (unhashable)
+    (b'{"v": 1, "cmd": {"a": 1}}', "unknown command {'a': 1}"),
+    (b"9" * 5000, "not JSON"),  # past Python's 4,300-digit int limit: a ValueError
 ])
 def test_bad_requests(line: bytes, words: str) -> None:
     with pytest.raises(protocol.ProtocolError, match=None) as e:
