@@ -224,8 +224,11 @@ class _Checker:
         self.path, self.data, self.prefix = path, data, prefix
 
     def fail(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {self.prefix}{key}: {msg}",
-                           file=str(self.path), key=f"{self.prefix}{key}")
+        # the key may be the file's own (an unknown key): quoted when it holds a
+        # newline or another unprintable character, so the message stays one line
+        dotted = f"{self.prefix}{key}"
+        shown = dotted if dotted.isprintable() else repr(dotted)
+        return ConfigError(f"{self.path}: {shown}: {msg}", file=str(self.path), key=dotted)
 
     def reject_unknown(self, allowed: tuple[str, ...]) -> None:
         for key in self.data:
@@ -575,8 +578,10 @@ class ConfigLoader(yaml.SafeLoader):
     - Nesting deeper than MAX_YAML_DEPTH is refused.
     - Integers beyond +-MAX_YAML_INT, and integer text over 100 characters, are
       refused (base-60 "1:2:3:..." is a quadratic big-number product).
-    - A value a constructor cannot build ("2001-02-30", "!!int abc") is a
-      yaml.constructor.ConstructorError at its line instead of a ValueError.
+    - A value a constructor cannot build is a ConstructorError at its line:
+      SafeConstructor raises what its parsing happens to raise ("2001-02-30"
+      ValueError, an empty "!!int" IndexError, "!!timestamp" AttributeError,
+      "!!bool" KeyError).
     Every refusal is a yaml.MarkedYAMLError naming the line and column.
     """
 
@@ -603,7 +608,9 @@ class ConfigLoader(yaml.SafeLoader):
     def construct_object(self, node: Any, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as e:
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # noqa: BLE001 - SafeConstructor's, on any text (see above)
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {node.value!r:.60}: {e}", node.start_mark) from None
 

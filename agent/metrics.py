@@ -15,9 +15,16 @@ _BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 def parse_listen(text: str, where: str, loopback: bool = True) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port); ConfigError, one line
+    starting with `where`. Text with whitespace or control characters is
+    refused first: int() strips whitespace and an IPv6 scope id ('%...') may
+    hold anything, a newline included, which then split the error message
+    (or reached bind())."""
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
     try:
+        if not text.isprintable() or any(c.isspace() for c in text):
+            raise ValueError(text)
         ip = ipaddress.ip_address(host)
         port_n = int(port)
     except ValueError:

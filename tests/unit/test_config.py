@@ -508,6 +508,9 @@ def test_billion_laughs_is_refused_fast_in_bounded_memory(tmp_path: Path) -> Non
     ("x: !!timestamp 2001-13-01", "cannot read '2001-13-01': month must be in 1..12"),
     ("x: !!float abc", "cannot read 'abc': could not convert string to float"),
     ("x: !!int abc", "cannot read 'abc': invalid literal for int()"),
+    ("x: !!int", "cannot read '': string index out of range"),  # was IndexError
+    ("x: !!timestamp", "cannot read '': 'NoneType' object has no attribute"),  # AttributeError
+    ("x: !!bool maybe", "cannot read 'maybe': 'maybe'"),  # was KeyError
     ("x: !!python/object/apply:os.system [true]", "could not determine a constructor"),
 ])
 def test_yaml_beyond_the_bounds_is_one_config_error(tmp_path: Path, text: str,
@@ -621,6 +624,30 @@ def test_agent_sysctl_overrides_have_the_kernel_shape(tmp_path: Path, key: str, 
     with pytest.raises(ConfigError) as e:
         load_agent_config(f)
     assert f"sysctl.{key}" in str(e.value) and words in str(e.value), e.value
+
+
+@pytest.mark.parametrize("text,words", [
+    ("\"a\\nb\": 1\n", "'a\\nb': unknown key"),  # a key with a newline, quoted
+    ("sysctl: {\"x\\ty\": 1}\n", "'sysctl.x\\ty': not a key the agent manages"),
+    ("host_ready: {listen: \"[::1%x\\ny]:80\"}\n", "is not host:port"),  # an IPv6 scope id
+    ("metrics: {listen: \"[fe80::1%x\\ny]:80\"}\n", "is not host:port"),
+    ("metrics: {listen: \"127.0.0.1:80\\n\"}\n", "is not host:port"),  # int() strips it
+])
+def test_agent_config_errors_stay_on_one_line(tmp_path: Path, text: str, words: str) -> None:
+    tmp_path.chmod(0o755)
+    f = tmp_path / "agent.yaml"
+    f.write_text(text)
+    f.chmod(0o644)
+    with pytest.raises(ConfigError) as e:
+        load_agent_config(f)
+    assert words in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_an_unknown_service_key_with_a_newline_is_quoted() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": [1],
+                                       "ready": {"a\nb": 1}})
+    assert str(e.value).startswith("x.yaml: 'ready.a\\nb': unknown key (allowed: type,")
 
 
 def test_a_del_character_in_an_environment_value_is_one_clear_error() -> None:
