@@ -610,7 +610,7 @@ class ConfigLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except Exception as e:  # noqa: BLE001 - SafeConstructor's, on any text (see above)
+        except Exception as e:  # SafeConstructor's own, on any text (see above)
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {node.value!r:.60}: {e}", node.start_mark) from None
 
@@ -676,7 +676,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
     try:
-        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}",
                           file=str(path), key="") from None
