@@ -26,6 +26,7 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
+from .trust import check_root_executable
 from .systemd import Systemd, journal_tail
 
 
@@ -62,6 +63,12 @@ def preflight(svc: ServiceConfig, version: str) -> None:
         if not _executable(hook.command[0]):
             raise ConfigError(f"{svc.path}: hooks.{name}.command: {hook.command[0]} is not an "
                               "executable file", file=str(svc.path), key=f"hooks.{name}")
+    # exec probes and hooks run with the agent's privileges (trust.py)
+    if os.geteuid() == 0:
+        if svc.ready.command:
+            check_root_executable(svc.ready.command[0], "ready.command", str(svc.path))
+        for name, hook in svc.hooks:
+            check_root_executable(hook.command[0], f"hooks.{name}.command", str(svc.path))
 
 
 def _listen_lines(text: str | None) -> list[str]:
