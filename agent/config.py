@@ -182,6 +182,7 @@ class ServiceConfig:
     max_unavailable: int = 0
     min_ready: float = DEFAULT_MIN_READY  # seconds; 0: admitted at the gate
     watch: float = DEFAULT_WATCH  # seconds after a swap; 0: nothing watches
+    allow_from: tuple[str, ...] = ()  # peers allowed to reach the listeners (CIDRs); (): any
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
@@ -427,13 +428,47 @@ def _parse_hooks(path: Path, raw: Mapping[str, Any], ready: Ready) -> tuple[tupl
     return tuple(hooks)
 
 
+MAX_NETWORKS = 256
+
+
+def parse_networks(chk: _Checker, key: str, value: Any) -> tuple[str, ...]:
+    """A list of IP addresses or networks in CIDR form ("10.0.0.0/8",
+    "2001:db8::/32", "192.0.2.10"), each normalised ("192.0.2.10/32");
+    () when absent. Host bits set ("10.0.0.1/8") are refused: that is
+    usually a typo for a host or for its network, and the fix names both."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise chk.fail(key, f"{value!r} must be a non-empty list of addresses or CIDRs "
+                            "(e.g. [10.0.0.0/8, 192.0.2.10])")
+    if len(value) > MAX_NETWORKS:
+        raise chk.fail(key, f"{len(value)} entries (allowed: at most {MAX_NETWORKS})")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise chk.fail(key, f"{item!r} is not an address or CIDR (a string, e.g. "
+                                "10.0.0.0/8)")
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as e:
+            try:
+                loose = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise chk.fail(key, f"{item!r} is not an address or CIDR ({e})") from None
+            host = item.split("/")[0]
+            raise chk.fail(key, f"{item!r} has host bits set: write {loose} for the "
+                                f"network or {host} for the host") from None
+        out.append(str(net))
+    return tuple(dict.fromkeys(out))
+
+
 def parse_service(path: Path, data: Any, expected_name: str | None = None) -> ServiceConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the file must hold a mapping of keys, "
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
-                        "ready", "drain", "hooks", "replicas", "strategy"))
+                        "ready", "drain", "hooks", "replicas", "strategy", "allow_from"))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -465,6 +500,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
             raise chk.fail(f"environment.{key}", "contains a control character")
         chk.url_ports(f"environment.{key}", [text])
         env.append((key, text))
+    allow_from = parse_networks(chk, "allow_from", data.get("allow_from"))
     ready = _parse_ready(path, chk.mapping("ready"), listen)
     dchk = _Checker(path, chk.mapping("drain"), "drain.")
     dchk.reject_unknown(("grace_period", "signal", "pre_stop_delay"))
@@ -504,7 +540,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,
-                         max_surge=counts[0], max_unavailable=counts[1],
+                         allow_from=allow_from, max_surge=counts[0], max_unavailable=counts[1],
                          min_ready=min_ready, watch=watch)
 
 
