@@ -281,7 +281,10 @@ class _Server(ThreadingHTTPServer):
     connection's deadline."""
 
     daemon_threads = True
-    request_queue_size = 128  # the kernel's accept queue (capped by net.core.somaxconn)
+    # The kernel's accept queue (listen(2) backlog, capped by net.core.somaxconn).
+    # A connection that finds it full waits for the SYN-ACK retransmit, 1 s: a
+    # burst of clients must not cost a load balancer's check that second.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], *,
                  tls: ssl.SSLContext | None, allow_from: Sequence[IPNetwork],
