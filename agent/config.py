@@ -618,6 +618,18 @@ class AgentConfig:
     admin_group: str = "zdd-admin"  # members may change things through the control socket
     metrics_listen: str | None = None  # loopback host:port of the Prometheus endpoint
     host_ready_listen: str | None = None  # host:port of GET /ready for load balancers
+    host_ready_tls: HostReadyTLS | None = None  # serve /ready over TLS (mTLS with client_ca)
+    # the peers /ready answers (empty: any); others are closed unanswered
+    host_ready_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostReadyTLS:
+    """host_ready.tls: absolute paths of PEM files, checked by load_agent_config."""
+
+    cert: str  # the server's certificate chain
+    key: str  # its private key: root's alone (mode 0600 or stricter)
+    client_ca: str | None = None  # set: a client must show a certificate this CA signed
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -640,7 +652,7 @@ def load_agent_config(path: Path) -> AgentConfig:
 
         parse_listen(str(metrics_listen), f"{path}: metrics.listen")
     hchk = _Checker(path, chk.mapping("host_ready"), "host_ready.")
-    hchk.reject_unknown(("listen",))
+    hchk.reject_unknown(("listen", "tls", "allow_from"))
     host_ready = hchk.get("listen")
     if host_ready is not None:
         from .metrics import parse_listen
@@ -651,6 +663,8 @@ def load_agent_config(path: Path) -> AgentConfig:
                 str(host_ready).rpartition(":")[2] == str(metrics_listen).rpartition(":")[2]:
             raise hchk.fail("listen", f"{host_ready} uses the port of metrics.listen "
                                       f"({metrics_listen})")
+    ready_tls = _host_ready_tls(_Checker(path, hchk.mapping("tls"), "host_ready.tls."))
+    allow_from = _allow_from(hchk)
     from .sysctl import DEFAULTS  # the keys the agent manages
 
     overrides: list[tuple[str, str | None]] = []
@@ -680,4 +694,91 @@ def load_agent_config(path: Path) -> AgentConfig:
             overrides.append((key, " ".join(str(w) for w in words)))
     return AgentConfig(path=path, sysctl=tuple(overrides), admin_group=group,
                        metrics_listen=None if metrics_listen is None else str(metrics_listen),
-                       host_ready_listen=None if host_ready is None else str(host_ready))
+                       host_ready_listen=None if host_ready is None else str(host_ready),
+                       host_ready_tls=ready_tls, host_ready_allow_from=allow_from)
+
+
+def _allow_from(hchk: _Checker) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """host_ready.allow_from: a list of networks in CIDR notation (a bare address
+    is one host); absent: any peer. Host bits set (10.0.0.1/8) are refused: they
+    usually mean a mistyped prefix."""
+    raw = hchk.get("allow_from")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise hchk.fail("allow_from", f"{raw!r} must be a non-empty list of networks (e.g. "
+                                      "[10.0.0.0/8, 192.0.2.7]); leave the key out to allow "
+                                      "any peer")
+    nets = []
+    for item in raw:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(f"{item!r} is not a string")
+            nets.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as e:
+            raise hchk.fail("allow_from", f"{item!r} is not a network ({e}; e.g. 10.0.0.0/8 "
+                                          "or 192.0.2.7)") from None
+    return tuple(nets)
+
+
+def _host_ready_tls(tchk: _Checker) -> HostReadyTLS | None:
+    """host_ready.tls: {cert, key, client_ca?}; None when absent. Each is an
+    absolute path to a readable file that root owns and only root may change
+    (whoever can replace client_ca chooses who may connect); the key also only
+    root may read. The certificate must load with the key, client_ca as CAs."""
+    if not tchk.data:
+        return None
+    tchk.reject_unknown(("cert", "key", "client_ca"))
+    for name in ("cert", "key"):
+        if tchk.get(name) is None:
+            raise tchk.fail(name, "required with host_ready.tls (the path of a PEM file)")
+    cert, key = _tls_file(tchk, "cert"), _tls_file(tchk, "key", secret=True)
+    client_ca = _tls_file(tchk, "client_ca") if tchk.get("client_ca") is not None else None
+    import ssl
+
+    from .hostready import server_context
+
+    try:
+        ctx = server_context(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise tchk.fail("cert", f"{cert} does not load with key {key}: "
+                                f"{_ssl_reason(e)}") from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as e:
+            raise tchk.fail("client_ca", f"{client_ca} holds no CA certificate that loads: "
+                                         f"{_ssl_reason(e)}") from None
+    return HostReadyTLS(cert=cert, key=key, client_ca=client_ca)
+
+
+def _tls_file(tchk: _Checker, name: str, secret: bool = False) -> str:
+    raw = tchk.get(name)
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise tchk.fail(name, f"{raw!r} must be an absolute path to a PEM file")
+    try:
+        check_not_writable_by_others(Path(raw))
+    except ConfigError as e:
+        raise tchk.fail(name, str(e)) from None
+    st = os.stat(raw)
+    if not stat.S_ISREG(st.st_mode):
+        raise tchk.fail(name, f"{raw}: not a regular file")
+    if secret and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise tchk.fail(name, f"{raw}: readable by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}; allowed: 0600 or stricter, "
+                              f"e.g. chmod go-rwx {raw})")
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as e:
+        raise tchk.fail(name, f"{raw}: cannot read: {e.strerror}") from None
+    return raw
+
+
+def _ssl_reason(e: OSError) -> str:
+    """One line: "[X509: KEY_VALUES_MISMATCH] key values mismatch" without the
+    "(_ssl.c:NNNN)" tail, or an OSError's strerror."""
+    import ssl
+
+    text = str(e) if isinstance(e, ssl.SSLError) else (e.strerror or str(e))
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text).replace("\n", " ")

@@ -622,12 +622,11 @@ class Daemon:
             self.metrics.serve(host, port)
             log("daemon", f"metrics on http://{self.agent.metrics_listen}/metrics")
         if self.agent.host_ready_listen:
-            from .hostready import ReadyServer
+            from . import hostready
 
-            host, port = parse_listen(self.agent.host_ready_listen, "host_ready.listen",
-                                      loopback=False)
-            self.ready_server = ReadyServer(host, port, self.paths.state_dir).start()
-            log("daemon", f"host readiness on http://{self.agent.host_ready_listen}/ready "
+            self.ready_server = hostready.from_config(self.agent, self.paths.state_dir).start()
+            scheme = "https" if self.agent.host_ready_tls else "http"
+            log("daemon", f"host readiness on {scheme}://{self.agent.host_ready_listen}/ready "
                           "(zdd-agent drain-host / undrain-host)")
         self.server = ControlServer(sock, self.dispatch, self.throttle)
         server_thread = threading.Thread(target=self.server.run, name="control", daemon=True)
