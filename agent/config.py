@@ -699,26 +699,9 @@ def load_agent_config(path: Path) -> AgentConfig:
 
 
 def _allow_from(hchk: _Checker) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """host_ready.allow_from: a list of networks in CIDR notation (a bare address
-    is one host); absent: any peer. Host bits set (10.0.0.1/8) are refused: they
-    usually mean a mistyped prefix."""
-    raw = hchk.get("allow_from")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or not raw:
-        raise hchk.fail("allow_from", f"{raw!r} must be a non-empty list of networks (e.g. "
-                                      "[10.0.0.0/8, 192.0.2.7]); leave the key out to allow "
-                                      "any peer")
-    nets = []
-    for item in raw:
-        try:
-            if not isinstance(item, str):
-                raise ValueError(f"{item!r} is not a string")
-            nets.append(ipaddress.ip_network(item, strict=True))
-        except ValueError as e:
-            raise hchk.fail("allow_from", f"{item!r} is not a network ({e}; e.g. 10.0.0.0/8 "
-                                          "or 192.0.2.7)") from None
-    return tuple(nets)
+    """host_ready.allow_from: parse_networks' list, as network objects; (): any peer."""
+    return tuple(ipaddress.ip_network(n)
+                 for n in parse_networks(hchk, "allow_from", hchk.get("allow_from")))
 
 
 def _host_ready_tls(tchk: _Checker) -> HostReadyTLS | None:

@@ -458,12 +458,12 @@ def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path) 
         return msg
 
     tls = (f"  tls:\n    cert: {pki['server.crt']}\n    key: {{key}}\n")
-    assert "allow_from: '10.0.0.300/8' is not a network" in error(
+    assert "allow_from: '10.0.0.300/8' is not an address or CIDR" in error(
         "  allow_from: [10.0.0.0/8, 10.0.0.300/8]\n")
     assert "has host bits set" in error("  allow_from: [10.0.0.1/8]\n")
     assert "non-empty list" in error("  allow_from: []\n")
     assert "non-empty list" in error("  allow_from: 10.0.0.0/8\n")
-    assert "allow_from: 7 is not a network" in error("  allow_from: [7]\n")
+    assert "allow_from: 7 is not an address or CIDR" in error("  allow_from: [7]\n")
     assert "host_ready.tls.cert: /nonexistent/server.crt: not found" in error(
         "  tls:\n    cert: /nonexistent/server.crt\n    key: /nonexistent/server.key\n")
     assert "host_ready.tls.key: required" in error(f"  tls:\n    cert: {pki['server.crt']}\n")
