@@ -103,3 +103,65 @@ def test_a_hook_run_as_root_that_others_can_change_is_refused(host: DemoHost) ->
     assert code == 0 and res["result"] == "ok", res
     log = host.sb.path("/var/lib/zdd-demo/out/hook.log").read_text().splitlines()
     assert log == ["pre_swap root hello v1", "post_swap root hello v1"]
+
+
+def test_allow_from_serves_one_peer_and_refuses_another(host: DemoHost) -> None:
+    """Two addresses of a network namespace the test makes, beside the
+    sandbox: allow_from lists one. systemd's cgroup BPF firewall on the
+    socket unit serves it and drops the other, across swaps under load."""
+    import subprocess
+
+    netns = f"zdd-allow-{os.getpid()}"
+
+    def run(argv: list[str]) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    def curl(source: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", netns, "curl", "-s", "--max-time", "2",
+                               "--interface", source, "http://10.232.0.1:8080/"],
+                              capture_output=True, text=True, timeout=30)
+
+    run(["ip", "netns", "add", netns])
+    try:
+        run(["ip", "-n", netns, "link", "set", "lo", "up"])
+        run(["ip", "link", "add", "c0", "netns", netns, "type", "veth", "peer", "name", "eth0",
+             "netns", str(host.sb.pid)])
+        for a in ("10.232.0.2/24", "10.232.0.3/24"):
+            run(["ip", "-n", netns, "addr", "add", a, "dev", "c0"])
+        run(["ip", "-n", netns, "link", "set", "c0", "up"])
+        host.sb.run(["ip", "addr", "add", "10.232.0.1/24", "dev", "eth0"], net_only=True)
+        host.sb.run(["ip", "link", "set", "eth0", "up"], net_only=True)
+        host.configure(text=textwrap.dedent(f"""\
+            name: demo
+            command: {RELEASES}/{{version}}/bin/api
+            listen: ["8080"]
+            allow_from: [10.232.0.2]
+            ready: {{type: notify, deadline: 20s}}
+            drain: {{grace_period: 10s}}
+            strategy: {{min_ready: 1s}}
+            """))
+        code, r = host.zdd_json("swap", "demo", "--version", "v1")
+        assert code == 0, r
+        sock = host.sb.path("/etc/systemd/system/zdd-demo.socket").read_text()
+        assert "IPAddressAllow=localhost 10.232.0.2/32\nIPAddressDeny=any" in sock
+        load = host.load(16, seconds=20)
+        try:
+            seen = []
+            for version in ("v2", "v1"):
+                allowed, refused = curl("10.232.0.2"), curl("10.232.0.3")
+                seen.append((allowed.returncode, allowed.stdout.strip()[:40],
+                             refused.returncode))
+                code, r = host.zdd_json("swap", "demo", "--version", version)
+                assert code == 0 and r["result"] == "ok", r
+            allowed, refused = curl("10.232.0.2"), curl("10.232.0.3")
+            seen.append((allowed.returncode, allowed.stdout.strip()[:40], refused.returncode))
+        finally:
+            res = load.stop(timeout=60)
+        print(f"allow_from 10.232.0.2: (curl exit, body, the other's curl exit) {seen}; "
+              f"loopback load {res.requests} requests, {res.failed} failed")
+        for (ok_code, body, refused_code), version in zip(seen, ("v1", "v2", "v1")):
+            assert ok_code == 0 and f'"version": "{version}"' in body, seen
+            assert refused_code == 28, seen  # curl: timed out; the SYN was dropped
+        assert res.failed == 0 and res.requests > 1000, res
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
