@@ -88,7 +88,9 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
 def host_state(paths: deploy.Paths, cmd: str, reason: str) -> dict[str, Any]:
     from . import hostready
 
-    listen = load_agent_config(paths.agent_config).host_ready_listen
+    agent = load_agent_config(paths.agent_config)
+    listen = agent.host_ready_listen
+    scheme = "https" if agent.host_ready_tls else "http"
     if cmd == "host-state":
         out = {**hostready.read(paths.state_dir), "changed": False}
     else:
@@ -97,5 +99,5 @@ def host_state(paths: deploy.Paths, cmd: str, reason: str) -> dict[str, Any]:
             out = hostready.set_drained(paths.state_dir, cmd == "drain-host", reason)
         except ValueError as e:
             raise ConfigError(f"--reason: {e}") from None
-    out["endpoint"] = f"http://{listen}/ready" if listen else None
+    out["endpoint"] = f"{scheme}://{listen}/ready" if listen else None
     return out

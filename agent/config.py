@@ -192,6 +192,7 @@ class ServiceConfig:
     max_unavailable: int = 0
     min_ready: float = DEFAULT_MIN_READY  # seconds; 0: admitted at the gate
     watch: float = DEFAULT_WATCH  # seconds after a swap; 0: nothing watches
+    allow_from: tuple[str, ...] = ()  # peers allowed to reach the listeners (CIDRs); (): any
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
@@ -440,13 +441,47 @@ def _parse_hooks(path: Path, raw: Mapping[str, Any], ready: Ready) -> tuple[tupl
     return tuple(hooks)
 
 
+MAX_NETWORKS = 256
+
+
+def parse_networks(chk: _Checker, key: str, value: Any) -> tuple[str, ...]:
+    """A list of IP addresses or networks in CIDR form ("10.0.0.0/8",
+    "2001:db8::/32", "192.0.2.10"), each normalised ("192.0.2.10/32");
+    () when absent. Host bits set ("10.0.0.1/8") are refused: that is
+    usually a typo for a host or for its network, and the fix names both."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise chk.fail(key, f"{value!r} must be a non-empty list of addresses or CIDRs "
+                            "(e.g. [10.0.0.0/8, 192.0.2.10])")
+    if len(value) > MAX_NETWORKS:
+        raise chk.fail(key, f"{len(value)} entries (allowed: at most {MAX_NETWORKS})")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise chk.fail(key, f"{item!r} is not an address or CIDR (a string, e.g. "
+                                "10.0.0.0/8)")
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as e:
+            try:
+                loose = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise chk.fail(key, f"{item!r} is not an address or CIDR ({e})") from None
+            host = item.split("/")[0]
+            raise chk.fail(key, f"{item!r} has host bits set: write {loose} for the "
+                                f"network or {host} for the host") from None
+        out.append(str(net))
+    return tuple(dict.fromkeys(out))
+
+
 def parse_service(path: Path, data: Any, expected_name: str | None = None) -> ServiceConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the file must hold a mapping of keys, "
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
-                        "ready", "drain", "hooks", "replicas", "strategy"))
+                        "ready", "drain", "hooks", "replicas", "strategy", "allow_from"))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -478,6 +513,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
             raise chk.fail(f"environment.{key}", "contains a control character")
         chk.url_ports(f"environment.{key}", [text])
         env.append((key, text))
+    allow_from = parse_networks(chk, "allow_from", data.get("allow_from"))
     ready = _parse_ready(path, chk.mapping("ready"), listen)
     dchk = _Checker(path, chk.mapping("drain"), "drain.")
     dchk.reject_unknown(("grace_period", "signal", "pre_stop_delay"))
@@ -517,7 +553,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,
-                         max_surge=counts[0], max_unavailable=counts[1],
+                         allow_from=allow_from, max_surge=counts[0], max_unavailable=counts[1],
                          min_ready=min_ready, watch=watch)
 
 
@@ -532,14 +568,22 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
+def check_not_writable_by_others(path: Path, st: os.stat_result | None = None) -> None:
     """Root must not act on config that someone else can change.
 
-    `st` is fstat(2) of the open descriptor of `path` (the file or its
-    directory), so the decision is about what is read, not about a name.
+    `st`: fstat(2) of the open descriptor of `path` (the file or its
+    directory), so the decision is about what is read, not about a name
+    (read_yaml). None: stat(2) of `path` by name, following links, for a file
+    that a library then opens by name itself (the host endpoint's TLS files,
+    which ssl loads): that leaves the window between check and open.
     Allowed: owner root or the effective uid, no write bit for group or
     others. Raises ConfigError naming `path`, the mode or owner and the fix.
     """
+    if st is None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found", file=str(path), key="") from None
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: writable by group or others "
                           f"(mode {stat.S_IMODE(st.st_mode):04o}; allowed: 0644 or stricter, "
@@ -718,6 +762,18 @@ class AgentConfig:
     admin_group: str = "zdd-admin"  # members may change things through the control socket
     metrics_listen: str | None = None  # loopback host:port of the Prometheus endpoint
     host_ready_listen: str | None = None  # host:port of GET /ready for load balancers
+    host_ready_tls: HostReadyTLS | None = None  # serve /ready over TLS (mTLS with client_ca)
+    # the peers /ready answers (empty: any); others are closed unanswered
+    host_ready_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostReadyTLS:
+    """host_ready.tls: absolute paths of PEM files, checked by load_agent_config."""
+
+    cert: str  # the server's certificate chain
+    key: str  # its private key: root's alone (mode 0600 or stricter)
+    client_ca: str | None = None  # set: a client must show a certificate this CA signed
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -740,7 +796,7 @@ def load_agent_config(path: Path) -> AgentConfig:
 
         parse_listen(str(metrics_listen), f"{path}: metrics.listen")
     hchk = _Checker(path, chk.mapping("host_ready"), "host_ready.")
-    hchk.reject_unknown(("listen",))
+    hchk.reject_unknown(("listen", "tls", "allow_from"))
     host_ready = hchk.get("listen")
     if host_ready is not None:
         from .metrics import parse_listen
@@ -751,6 +807,8 @@ def load_agent_config(path: Path) -> AgentConfig:
                 str(host_ready).rpartition(":")[2] == str(metrics_listen).rpartition(":")[2]:
             raise hchk.fail("listen", f"{host_ready} uses the port of metrics.listen "
                                       f"({metrics_listen})")
+    ready_tls = _host_ready_tls(_Checker(path, hchk.mapping("tls"), "host_ready.tls."))
+    allow_from = _allow_from(hchk)
     from .sysctl import DEFAULTS  # the keys the agent manages
 
     overrides: list[tuple[str, str | None]] = []
@@ -780,4 +838,74 @@ def load_agent_config(path: Path) -> AgentConfig:
             overrides.append((key, " ".join(str(w) for w in words)))
     return AgentConfig(path=path, sysctl=tuple(overrides), admin_group=group,
                        metrics_listen=None if metrics_listen is None else str(metrics_listen),
-                       host_ready_listen=None if host_ready is None else str(host_ready))
+                       host_ready_listen=None if host_ready is None else str(host_ready),
+                       host_ready_tls=ready_tls, host_ready_allow_from=allow_from)
+
+
+def _allow_from(hchk: _Checker) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """host_ready.allow_from: parse_networks' list, as network objects; (): any peer."""
+    return tuple(ipaddress.ip_network(n)
+                 for n in parse_networks(hchk, "allow_from", hchk.get("allow_from")))
+
+
+def _host_ready_tls(tchk: _Checker) -> HostReadyTLS | None:
+    """host_ready.tls: {cert, key, client_ca?}; None when absent. Each is an
+    absolute path to a readable file that root owns and only root may change
+    (whoever can replace client_ca chooses who may connect); the key also only
+    root may read. The certificate must load with the key, client_ca as CAs."""
+    if not tchk.data:
+        return None
+    tchk.reject_unknown(("cert", "key", "client_ca"))
+    for name in ("cert", "key"):
+        if tchk.get(name) is None:
+            raise tchk.fail(name, "required with host_ready.tls (the path of a PEM file)")
+    cert, key = _tls_file(tchk, "cert"), _tls_file(tchk, "key", secret=True)
+    client_ca = _tls_file(tchk, "client_ca") if tchk.get("client_ca") is not None else None
+    import ssl
+
+    from .hostready import server_context
+
+    try:
+        ctx = server_context(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise tchk.fail("cert", f"{cert} does not load with key {key}: "
+                                f"{_ssl_reason(e)}") from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as e:
+            raise tchk.fail("client_ca", f"{client_ca} holds no CA certificate that loads: "
+                                         f"{_ssl_reason(e)}") from None
+    return HostReadyTLS(cert=cert, key=key, client_ca=client_ca)
+
+
+def _tls_file(tchk: _Checker, name: str, secret: bool = False) -> str:
+    raw = tchk.get(name)
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise tchk.fail(name, f"{raw!r} must be an absolute path to a PEM file")
+    try:
+        check_not_writable_by_others(Path(raw))
+    except ConfigError as e:
+        raise tchk.fail(name, str(e)) from None
+    st = os.stat(raw)
+    if not stat.S_ISREG(st.st_mode):
+        raise tchk.fail(name, f"{raw}: not a regular file")
+    if secret and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise tchk.fail(name, f"{raw}: readable by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}; allowed: 0600 or stricter, "
+                              f"e.g. chmod go-rwx {raw})")
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as e:
+        raise tchk.fail(name, f"{raw}: cannot read: {e.strerror}") from None
+    return raw
+
+
+def _ssl_reason(e: OSError) -> str:
+    """One line: "[X509: KEY_VALUES_MISMATCH] key values mismatch" without the
+    "(_ssl.c:NNNN)" tail, or an OSError's strerror."""
+    import ssl
+
+    text = str(e) if isinstance(e, ssl.SSLError) else (e.strerror or str(e))
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text).replace("\n", " ")

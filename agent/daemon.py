@@ -47,7 +47,25 @@ from .errors import StateError
 CONTROL_SOCKET = Path(os.environ.get("ZDD_CONTROL_SOCKET", "/run/zdd-agent/control.sock"))
 READ_DEADLINE = 5.0  # seconds a client has to send its whole request
 MAX_CLIENTS = 256  # connections being read at once; beyond it the oldest is closed
-MAX_WORKERS = 32  # requests being executed at once; more get a "busy" error
+MAX_CLIENTS_PER_UID = 64  # of those, one user's; beyond it that user's oldest is closed
+# Requests being executed at once; more get a "busy" error. Root and the
+# admin group have slots of their own: other local users (read-only: status,
+# ping...) share theirs, at most MAX_WORKERS_PER_UID each, and can never
+# take an admin's.
+MAX_ADMIN_WORKERS = 16
+MAX_OTHER_WORKERS = 16
+MAX_WORKERS_PER_UID = 4
+MAX_WORKERS = MAX_ADMIN_WORKERS + MAX_OTHER_WORKERS
+# Recovery of interrupted swaps runs before READY=1 (a half-done swap is
+# finished or reverted before new requests come) and may wait out a drain's
+# grace period, longer than the unit's start timeout: while it runs, the
+# daemon asks systemd for more time (EXTEND_TIMEOUT_USEC, sd_notify(3)),
+# EXTEND_BY at a time every EXTEND_EVERY, for at most RECOVERY_LIMIT.
+EXTEND_BY = 30.0
+EXTEND_EVERY = 5.0
+RECOVERY_LIMIT = 900.0
+ADMIN_CACHE = 30.0  # seconds a caller's admin-group membership is remembered
+REFUSAL_LOG_EVERY = 10.0  # seconds: one refusal line per user and kind, the rest counted
 WRITE_TIMEOUT = 10.0  # a client that stops reading is dropped (the work goes on)
 REFRESH = 15.0  # seconds between metric refreshes (connections, sysctl drift)
 
@@ -89,6 +107,70 @@ def may_change(peer: Peer, admin_group: str) -> bool:
     return gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
 
 
+class Throttle:
+    """Refusals logged at most once per `every` seconds per (user, kind); the
+    line after a quiet spell says how many were not logged. A local user who
+    storms the socket cannot flood the journal."""
+
+    def __init__(self, every: float = REFUSAL_LOG_EVERY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self.last: dict[tuple[int, str], float] = {}
+        self.skipped: dict[tuple[int, str], int] = {}
+        self.lock = threading.Lock()
+
+    def log(self, peer: Peer, kind: str, message: str, priority: int) -> bool:
+        """True when the line was logged."""
+        key = (peer.uid, kind)
+        with self.lock:
+            now = self.clock()
+            if now - self.last.get(key, -self.every) < self.every:
+                self.skipped[key] = self.skipped.get(key, 0) + 1
+                return False
+            self.last[key] = now
+            more = self.skipped.pop(key, 0)
+            if len(self.last) > 4096:  # forget quiet users; bounded memory
+                self.last = {k: t for k, t in self.last.items() if now - t < self.every}
+        if more:
+            message += f" ({more} more like it from uid {peer.uid} not logged)"
+        log("refused", message, priority, USER=peer.user)
+        return True
+
+
+class Budget:
+    """Execution slots: MAX_ADMIN_WORKERS for root and the admin group,
+    MAX_OTHER_WORKERS shared by other users, MAX_WORKERS_PER_UID each."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.admin = 0
+        self.others: dict[int, int] = {}
+
+    def take(self, uid: int, admin: bool) -> str | None:
+        """None when a slot was taken (give it back with `give`), else why not."""
+        with self.lock:
+            if admin:
+                if self.admin >= MAX_ADMIN_WORKERS:
+                    return f"{MAX_ADMIN_WORKERS} requests of root and the admin group are running"
+                self.admin += 1
+                return None
+            if self.others.get(uid, 0) >= MAX_WORKERS_PER_UID:
+                return f"{MAX_WORKERS_PER_UID} requests of uid {uid} are running"
+            if sum(self.others.values()) >= MAX_OTHER_WORKERS:
+                return f"{MAX_OTHER_WORKERS} requests of other users are running"
+            self.others[uid] = self.others.get(uid, 0) + 1
+            return None
+
+    def give(self, uid: int, admin: bool) -> None:
+        with self.lock:
+            if admin:
+                self.admin -= 1
+            elif self.others.get(uid, 0) > 1:
+                self.others[uid] -= 1
+            else:
+                self.others.pop(uid, None)
+
+
 def bind_socket(path: Path) -> socket.socket:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
@@ -114,9 +196,11 @@ class ControlServer:
     """Reads requests without ever blocking; hands complete ones to `dispatch`."""
 
     def __init__(self, sock: socket.socket,
-                 dispatch: Callable[[socket.socket, Peer, bytes], None]) -> None:
+                 dispatch: Callable[[socket.socket, Peer, bytes], None],
+                 throttle: Throttle | None = None) -> None:
         self.sock = sock
         self.dispatch = dispatch
+        self.throttle = throttle or Throttle()
         self.sel = selectors.DefaultSelector()
         self.clients: dict[int, _Client] = {}
         self.heartbeat = time.monotonic()
@@ -158,16 +242,32 @@ class ControlServer:
             except OSError as e:
                 log("refused", f"control socket: accept failed: {e}", syslog.LOG_WARNING)
                 return
-            if len(self.clients) >= MAX_CLIENTS:
-                # Evict the client that has waited longest: a burst of idle
-                # connections cannot lock out one that sends its request now.
-                oldest = min(self.clients.values(), key=lambda c: c.deadline)
-                self._refuse(oldest, f"{MAX_CLIENTS} clients connected; the longest idle "
-                                     "one is closed", quiet=True)
+            peer = peer_of(conn)
+            victim = self._victim(peer.uid)
+            if victim is not None:
+                # Evict the client that has waited longest, of the user that
+                # holds the most (or of this one, at its own cap): a burst of
+                # idle connections cannot lock out one that sends its request
+                # now, nor one user's burst another user's request.
+                self._refuse(victim, f"{MAX_CLIENTS} clients connected, or "
+                                     f"{MAX_CLIENTS_PER_UID} of uid {victim.peer.uid}; its "
+                                     "longest idle one is closed", quiet=True)
             conn.setblocking(False)
-            c = _Client(conn, peer_of(conn), time.monotonic() + READ_DEADLINE)
+            c = _Client(conn, peer, time.monotonic() + READ_DEADLINE)
             self.clients[conn.fileno()] = c
             self.sel.register(conn, selectors.EVENT_READ)
+
+    def _victim(self, uid: int) -> _Client | None:
+        """Whom a new client of `uid` displaces: None while there is room."""
+        mine = [c for c in self.clients.values() if c.peer.uid == uid]
+        if len(mine) >= MAX_CLIENTS_PER_UID:
+            return min(mine, key=lambda c: c.deadline)
+        if len(self.clients) < MAX_CLIENTS:
+            return None
+        held: dict[int, list[_Client]] = {}
+        for c in self.clients.values():
+            held.setdefault(c.peer.uid, []).append(c)
+        return min(max(held.values(), key=len), key=lambda c: c.deadline)
 
     def _read(self, c: _Client) -> None:
         try:
@@ -188,8 +288,9 @@ class ControlServer:
             self._refuse(c, f"request over {protocol.MAX_REQUEST} bytes")
 
     def _refuse(self, c: _Client, why: str, quiet: bool = False) -> None:
-        log("refused", f"control socket: refused pid {c.peer.pid} uid {c.peer.uid}: {why}",
-            syslog.LOG_INFO if quiet else syslog.LOG_WARNING)
+        self.throttle.log(c.peer, "read", f"control socket: refused pid {c.peer.pid} "
+                          f"uid {c.peer.uid}: {why}",
+                          syslog.LOG_INFO if quiet else syslog.LOG_WARNING)
         try:
             c.conn.send(protocol.error(protocol.ProtocolError(why)))
         except OSError:
@@ -212,7 +313,9 @@ class Daemon:
         self.ready_server: Any = None  # hostready.ReadyServer when host_ready.listen is set
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.workers = threading.BoundedSemaphore(MAX_WORKERS)
+        self.budget = Budget()
+        self.admins: dict[tuple[int, int], tuple[float, bool]] = {}
+        self.throttle = Throttle()
         self.running: set[threading.Thread] = set()
         self.server: ControlServer | None = None
         self.watches: dict[str, threading.Event] = {}  # service -> its watch's stop
@@ -247,6 +350,29 @@ class Daemon:
                 log("recover", f"{name}: cannot recover the interrupted swap: {e}",
                     syslog.LOG_ERR, SERVICE=name)
 
+    def recover_at_start(self) -> None:
+        """reconcile() before READY=1, with the start timeout extended while
+        it runs (and the watchdog fed): recovery that waits out a long drain
+        never makes systemd kill the daemon and restart-loop it."""
+        done = threading.Event()
+        t0 = time.monotonic()
+
+        def extend() -> None:
+            while time.monotonic() - t0 < RECOVERY_LIMIT:
+                sd_notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}\nWATCHDOG=1\n"
+                          f"STATUS=recovering interrupted swaps "
+                          f"({time.monotonic() - t0:.0f}s)")
+                if done.wait(EXTEND_EVERY):
+                    return
+
+        ticker = threading.Thread(target=extend, name="extend-start", daemon=True)
+        ticker.start()
+        try:
+            self.reconcile()
+        finally:
+            done.set()
+            ticker.join()
+
     def recover_later(self, name: str, delay: float = 2.0) -> None:
         """A swap that ended in an error leaves its intent: recover it now,
         not at the next restart (a few seconds later: systemd may have been
@@ -269,13 +395,30 @@ class Daemon:
 
     # -------------------------------------------------------------- requests
 
+    def is_admin(self, peer: Peer) -> bool:
+        """may_change, remembered ADMIN_CACHE seconds per (uid, gid): it runs
+        in the control thread, and a group lookup may be slow (NSS)."""
+        now = time.monotonic()
+        hit = self.admins.get((peer.uid, peer.gid))
+        if hit is not None and now - hit[0] < ADMIN_CACHE:
+            return hit[1]
+        if len(self.admins) > 4096:
+            self.admins.clear()
+        admin = may_change(peer, self.agent.admin_group)
+        self.admins[(peer.uid, peer.gid)] = (now, admin)
+        return admin
+
     def dispatch(self, conn: socket.socket, peer: Peer, line: bytes) -> None:
-        if not self.workers.acquire(blocking=False):
+        admin = self.is_admin(peer)
+        busy = self.budget.take(peer.uid, admin)
+        if busy is not None:
+            self.throttle.log(peer, "busy", f"control socket: busy for pid {peer.pid} uid "
+                              f"{peer.uid}: {busy}", syslog.LOG_WARNING)
             self._send(conn, protocol.error(protocol.ProtocolError(
-                f"busy: {MAX_WORKERS} requests are running; try again")))
+                f"busy: {busy}; try again")))
             conn.close()
             return
-        t = threading.Thread(target=self._work, args=(conn, peer, line), daemon=True,
+        t = threading.Thread(target=self._work, args=(conn, peer, line, admin), daemon=True,
                              name=f"request-{peer.pid}")
         self.running.add(t)
         t.start()
@@ -287,23 +430,23 @@ class Daemon:
         except OSError:
             return False  # the client went away or stopped reading: the work goes on
 
-    def _work(self, conn: socket.socket, peer: Peer, line: bytes) -> None:
+    def _work(self, conn: socket.socket, peer: Peer, line: bytes, admin: bool) -> None:
         try:
             conn.setblocking(True)
             conn.settimeout(WRITE_TIMEOUT)
             try:
                 req = protocol.decode_request(line)
             except protocol.ProtocolError as e:
-                log("refused", f"control socket: bad request from pid {peer.pid} "
-                               f"uid {peer.uid}: {e}", syslog.LOG_WARNING)
+                self.throttle.log(peer, "bad", f"control socket: bad request from pid "
+                                  f"{peer.pid} uid {peer.uid}: {e}", syslog.LOG_WARNING)
                 self._send(conn, protocol.error(e))
                 return
-            if req.admin_only and not may_change(peer, self.agent.admin_group):
+            if req.admin_only and not admin:
                 denied = protocol.PermissionDenied(
                     f"{req.cmd} refused for user {peer.user} (uid {peer.uid}): only root and "
                     f"members of group {self.agent.admin_group} may run it")
-                log("refused", f"control socket: {denied}", syslog.LOG_WARNING,
-                    USER=peer.user)
+                self.throttle.log(peer, "denied", f"control socket: {denied}",
+                                  syslog.LOG_WARNING)
                 self._send(conn, protocol.error(denied))
                 return
             log("request", f"control socket: {req.cmd} {req.args} from {peer.user} "
@@ -321,7 +464,7 @@ class Daemon:
             # its reply: the daemon stays at its idle size.
             gc.collect()
             self.running.discard(threading.current_thread())
-            self.workers.release()
+            self.budget.give(peer.uid, admin)
 
     def _execute(self, conn: socket.socket, req: protocol.Request) -> None:
         alive = [True]
@@ -472,7 +615,7 @@ class Daemon:
     def serve(self, sock: socket.socket) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self.reconcile()
+        self.recover_at_start()
         self.apply_sysctls()
         self.resume_watches()
         if self.agent.metrics_listen:
@@ -480,14 +623,13 @@ class Daemon:
             self.metrics.serve(host, port)
             log("daemon", f"metrics on http://{self.agent.metrics_listen}/metrics")
         if self.agent.host_ready_listen:
-            from .hostready import ReadyServer
+            from . import hostready
 
-            host, port = parse_listen(self.agent.host_ready_listen, "host_ready.listen",
-                                      loopback=False)
-            self.ready_server = ReadyServer(host, port, self.paths.state_dir).start()
-            log("daemon", f"host readiness on http://{self.agent.host_ready_listen}/ready "
+            self.ready_server = hostready.from_config(self.agent, self.paths.state_dir).start()
+            scheme = "https" if self.agent.host_ready_tls else "http"
+            log("daemon", f"host readiness on {scheme}://{self.agent.host_ready_listen}/ready "
                           "(zdd-agent drain-host / undrain-host)")
-        self.server = ControlServer(sock, self.dispatch)
+        self.server = ControlServer(sock, self.dispatch, self.throttle)
         server_thread = threading.Thread(target=self.server.run, name="control", daemon=True)
         server_thread.start()
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+import secrets
 
 import psutil
 import time
@@ -20,12 +21,13 @@ from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
                      ServiceConfig, check_version, load_agent_config, load_all, load_service)
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
-from .probes import free_port, probe, probe_exec
+from .probes import ProbeResult, free_port, probe
 from .state import ServiceState, StateStore
 from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
+from .trust import check_root_executable
 from .systemd import Systemd, journal_tail
 
 
@@ -62,6 +64,12 @@ def preflight(svc: ServiceConfig, version: str) -> None:
         if not _executable(hook.command[0]):
             raise ConfigError(f"{svc.path}: hooks.{name}.command: {hook.command[0]} is not an "
                               "executable file", file=str(svc.path), key=f"hooks.{name}")
+    # exec probes and hooks of a service without a user run as root (trust.py)
+    if os.geteuid() == 0 and svc.user is None:
+        if svc.ready.command:
+            check_root_executable(svc.ready.command[0], "ready.command", str(svc.path))
+        for name, hook in svc.hooks:
+            check_root_executable(hook.command[0], f"hooks.{name}.command", str(svc.path))
 
 
 def _listen_lines(text: str | None) -> list[str]:
@@ -128,8 +136,23 @@ class SystemdOps:
                "ZDD_MAIN_PID": str(self.sd.state(self.unit(version)).main_pid)}
         if port is not None:
             env["ZDD_INSTANCE_PORT"] = str(port)
-        r = probe(self.svc.ready, port, env)
+        r = probe(self.svc.ready, port, env, run_exec=lambda argv, timeout, e:
+                  self.run_as_service("probe", argv, timeout, e))
         return r.ok, r.detail
+
+    def run_as_service(self, kind: str, argv: list[str], timeout: float,
+                       env: dict[str, str]) -> ProbeResult:
+        """A hook or an exec probe: a transient unit (Systemd.run_transient)
+        as the service's user, with its environment; output in the journal
+        (unit zdd-KIND-SERVICE-RANDOM.service), the cgroup killed at timeout."""
+        unit = f"zdd-{kind}-{self.svc.name}-{secrets.token_hex(4)}.service"
+        try:
+            ok, detail = self.sd.run_transient(
+                unit, argv, user=self.svc.user, env={**dict(self.svc.environment), **env},
+                timeout=timeout, description=f"zdd-agent {kind} of {self.svc.name}")
+        except SystemdError as e:
+            return ProbeResult(False, str(e))
+        return ProbeResult(ok, detail)
 
     def pids(self, version: str) -> list[int]:
         return self.sd.processes(self.unit(version))
@@ -176,7 +199,7 @@ class SystemdOps:
                 env["ZDD_INSTANCE_PORT"] = str(port)
             argv = [a.replace("{version}", env["ZDD_VERSION"])
                     .replace("{instance_port}", str(port or "")) for a in argv]
-        r = probe_exec(argv, h.timeout, env)
+        r = self.run_as_service(hook.replace("_", "-"), argv, h.timeout, env)
         return r.ok, r.detail
 
     def missing_listeners(self, instance: str) -> list[str] | None:

@@ -6,6 +6,8 @@ swap, not probed here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import http.client
 import os
 import socket
@@ -125,8 +127,14 @@ def probe_exec(argv: list[str], timeout: float, env: dict[str, str]) -> ProbeRes
     return ProbeResult(r.returncode == 0, f"exit {r.returncode} {tail[0]}".strip())
 
 
-def probe(ready: Ready, instance_port: int | None, env: dict[str, str]) -> ProbeResult:
-    """One probe of an instance, per its `ready` config."""
+ExecRunner = Callable[[list[str], float, dict[str, str]], ProbeResult]
+
+
+def probe(ready: Ready, instance_port: int | None, env: dict[str, str],
+          run_exec: ExecRunner | None = None) -> ProbeResult:
+    """One probe of an instance, per its `ready` config; an exec probe runs
+    through `run_exec` (argv, timeout s, env) when given (deploy.py: as a
+    transient unit with the service's user), else as a child process."""
     port = str(instance_port) if instance_port is not None else ""
 
     def sub(s: str) -> str:
@@ -145,5 +153,5 @@ def probe(ready: Ready, instance_port: int | None, env: dict[str, str]) -> Probe
         return probe_tcp(sub(ready.url), ready.timeout)
     if ready.type == "exec":
         assert ready.command is not None
-        return probe_exec([sub(a) for a in ready.command], ready.timeout, env)
+        return (run_exec or probe_exec)([sub(a) for a in ready.command], ready.timeout, env)
     raise ValueError(f"readiness type {ready.type} is not probed")

@@ -236,6 +236,56 @@ class Systemd:
                 return _s(jtype)
         return ""
 
+    def run_transient(self, unit: str, argv: list[str], *, user: str | None,
+                      env: dict[str, str], timeout: float,
+                      description: str = "") -> tuple[bool, str]:
+        """Run `argv` as a transient Type=oneshot service (systemd-run
+        --wait; StartTransientUnit, org.freedesktop.systemd1(5)) and wait:
+        as `user` (None: root), with `env`, its output in the journal under
+        the unit's name, and the whole cgroup killed at `timeout` seconds
+        (TimeoutStartSec of a oneshot). (ok, "exit N <last output line>") or
+        (False, "timed out after Ns"); the unit is gone afterwards.
+        SystemdError when systemd refuses to start it."""
+        from pystemd.utils import x2cmdlist
+
+        props: dict[bytes, Any] = {
+            b"Description": (description or f"zdd-agent: {argv[0]}").encode(),
+            b"Type": b"oneshot",
+            b"RemainAfterExit": True,  # keeps ExecMainStatus until we read it
+            b"ExecStart": x2cmdlist(argv, False),
+            b"Environment": [f"{k}={v}".encode() for k, v in env.items()],
+            b"TimeoutStartUSec": max(1, int(timeout * 1e6)),
+            b"StandardInput": b"null",
+            b"StandardOutput": b"journal",
+            b"StandardError": b"journal",
+        }
+        if user is not None:
+            props[b"User"] = user.encode()
+        self._call(f"cannot start {unit}", "StartTransientUnit", unit.encode(), b"fail", props)
+        deadline = time.monotonic() + timeout + 10
+        try:
+            while True:
+                u = self._unit(unit)
+                active = _s(u.Unit.ActiveState)
+                if active in ("active", "failed", "inactive") and not u.Unit.Job[0]:
+                    break
+                if time.monotonic() > deadline:
+                    return False, f"timed out after {timeout:g}s (systemd did not end it)"
+                time.sleep(0.02)
+            result = _s(u.Service.Result)
+            code = int(u.Service.ExecMainStatus)
+            tail = [line.split(": ", 1)[-1] for line in journal_tail(unit, 1)] or [""]
+            if result == "timeout":
+                return False, f"timed out after {timeout:g}s"
+            ok = active == "active" and result == "success" and code == 0
+            return ok, f"exit {code} {tail[0]}".strip()
+        finally:
+            try:
+                self._manager.Manager.StopUnit(unit.encode(), b"replace")
+            except Exception:
+                pass
+            self.reset_failed(unit)
+
     def processes(self, unit: str) -> list[int]:
         """The PIDs in the unit's cgroup ([] when it is not running).
 

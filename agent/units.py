@@ -134,6 +134,7 @@ def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
         env += (f"Environment={environment}\nExecStart={command}\n").replace(_VERSION, "%i")
     user = f"User={svc.user}\n" if svc.user else ""
     inherit = svc.socket == "inherit"
+    access = ip_access(svc)
     files = {
         template_unit(svc.name): _template("zdd-service@.service.in").substitute(
             common,
@@ -141,7 +142,8 @@ def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
             service_socket=(INHERIT_SERVICE.format(name=svc.name) if inherit
                             else REUSEPORT_SERVICE),
             service_type="notify" if svc.ready.type == "notify" else "exec",
-            user=user, environment=env, kill_signal=svc.drain.signal,
+            user=user, ip_access="" if inherit else access, environment=env,
+            kill_signal=svc.drain.signal,
             grace=format_duration(svc.drain.grace_period),
             start_timeout=format_duration(svc.ready.deadline + 10)),
         TARGET: (TEMPLATE_DIR / TARGET).read_text(),
@@ -149,9 +151,21 @@ def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
     if inherit:
         listen = "\n".join(f"ListenStream={lst}" for lst in svc.listen)
         files[socket_unit(svc.name)] = _template("zdd-service.socket.in").substitute(
-            common, listen=listen, backlog=backlog)
+            common, listen=listen, backlog=backlog, ip_access=access)
         files[hold_unit(svc.name)] = _template("zdd-service-hold.service.in").substitute(common)
     return UnitFiles(files)
+
+
+def ip_access(svc: ServiceConfig) -> str:
+    """allow_from as systemd's cgroup BPF firewall (IPAddressAllow= and
+    IPAddressDeny=any, systemd.resource-control(5)): on the socket unit, it
+    applies to the listener and the connections it accepts; on instances
+    that bind their own listeners (reuseport), to all of their IP traffic,
+    outgoing too. Loopback stays allowed: the agent's probes and trials, and
+    the host's own clients. "" without allow_from."""
+    if not svc.allow_from:
+        return ""
+    return f"IPAddressAllow=localhost {' '.join(svc.allow_from)}\nIPAddressDeny=any\n"
 
 
 def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int | None,

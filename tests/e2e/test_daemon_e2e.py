@@ -183,6 +183,110 @@ def test_bad_clients_never_stop_the_daemon(dhost: DemoHost) -> None:
     assert daemon_active(dhost) == pid
 
 
+# A local user's storm, with nothing but the standard library: 24 threads
+# asking `status` as fast as answers come, one thread holding up to 300 idle
+# connections and one sending garbage; for argv[2] seconds. Prints its counts.
+STORM = r"""
+import json, socket, sys, threading, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+end = time.monotonic() + seconds
+counts = {"busy": 0, "answered": 0, "closed": 0, "idle_opened": 0, "garbage": 0}
+lock = threading.Lock()
+def ask(line):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(15)
+    try:
+        s.connect(path)
+        s.sendall(line)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except OSError:
+        return b""
+    finally:
+        s.close()
+def status_loop():
+    while time.monotonic() < end:
+        data = ask(b'{"v":1,"cmd":"status"}\n')
+        key = "busy" if b"busy" in data else ("answered" if data else "closed")
+        with lock:
+            counts[key] += 1
+def garbage_loop():
+    while time.monotonic() < end:
+        ask(b"\x00{not json\n")
+        with lock:
+            counts["garbage"] += 1
+idle = []
+def idle_loop():
+    while time.monotonic() < end:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            idle.append(s)
+            with lock:
+                counts["idle_opened"] += 1
+        except OSError:
+            time.sleep(0.01)
+        if len(idle) > 300:
+            idle.pop(0).close()
+        time.sleep(0.002)
+threads = [threading.Thread(target=status_loop) for _ in range(24)]
+threads += [threading.Thread(target=idle_loop), threading.Thread(target=garbage_loop)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(counts))
+"""
+
+
+def test_a_local_users_storm_never_starves_an_admin_swap(dhost: DemoHost) -> None:
+    """Issue 13: a non-root user storms the real control socket (idle
+    connections, status as fast as it is answered, garbage) while root swaps
+    under load: root's requests have slots of their own, the user's are
+    capped per uid, its refusals are logged a few times, not thousands."""
+    code, first = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, first
+    pid = daemon_active(dhost)
+    dhost.sb.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "zddstorm"])
+    uid = dhost.sb.run(["id", "-u", "zddstorm"], capture=True).stdout.strip()
+    since = dhost.sb.run(["date", "+%Y-%m-%d %H:%M:%S"], capture=True).stdout.strip()
+    storm = dhost.sb.popen(["runuser", "-u", "zddstorm", "--", "/usr/bin/python3", "-c", STORM,
+                            SOCK, "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    load = dhost.load(16, seconds=25)
+    try:
+        time.sleep(3)  # the storm is on
+        t = time.monotonic()
+        code, st = dhost.zdd_json("status", "demo")
+        status_s = time.monotonic() - t
+        assert code == 0 and st[0]["serving"] == "v1"
+        t = time.monotonic()
+        code, r = dhost.zdd_json("swap", "demo", "--version", "v2")
+        swap_s = time.monotonic() - t
+        assert code == 0 and r["result"] == "ok", r
+    finally:
+        out, err = storm.communicate(timeout=60)
+        res = load.stop(timeout=60)
+    counts = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    refusals = [e for e in journal(dhost, "--since", since)
+                if e.get("MESSAGE_ID") == MESSAGE_IDS["refused"] and e.get("USER") == "zddstorm"]
+    print(f"storm by uid {uid}: {counts}; root status in {status_s:.2f}s, swap in {swap_s:.2f}s; "
+          f"{len(refusals)} refusal lines logged; load {res.requests} requests, "
+          f"{res.failed} failed")
+    assert storm.returncode == 0, err
+    assert counts["busy"] > 0 and counts["answered"] > 0, counts  # capped, not shut out
+    assert counts["idle_opened"] > 300 and counts["garbage"] > 0, counts
+    assert status_s < 5.0
+    # one line per kind (read, busy, bad) per 10 s at most, over a 20 s storm
+    assert 0 < len(refusals) <= 3 * 3, [e["MESSAGE"] for e in refusals]
+    assert any("not logged" in e["MESSAGE"] for e in refusals)
+    assert res.failed == 0 and res.requests > 1000, res
+    assert daemon_active(dhost) == pid  # the daemon kept its PID
+
+
 def test_daemon_sigkilled_in_each_phase_recovers_with_no_failed_request(
         dhost: DemoHost) -> None:
     # http readiness with an initial delay, and a slow request held across each
@@ -237,6 +341,57 @@ def test_daemon_sigkilled_in_each_phase_recovers_with_no_failed_request(
     assert res.requests > 1000 and res.failed == 0, res
     # admitted swaps are finished, unadmitted ones reverted
     assert [o[2] for o in outcomes] == ["rolled_back", "rolled_back", "ok", "ok"], outcomes
+
+
+def test_a_recovery_longer_than_the_start_timeout_is_not_killed(dhost: DemoHost) -> None:
+    """Issue 13: the daemon is killed in a drain that a slow request keeps
+    going for 10 s; its unit's start timeout is 3 s. The new daemon finishes
+    the swap before READY=1, asking systemd for more time while it does:
+    one restart (the kill), no start timeout, the swap finished."""
+    dropin = dhost.sb.path("/etc/systemd/system/zdd-agent.service.d/10-timeout.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nTimeoutStartSec=3s\n")
+    dhost.sb.run(["systemctl", "daemon-reload"])
+    dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    dhost.configure(grace="30s")
+    pid = wait_for(lambda: daemon_active(dhost), 30, "the daemon")
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    state_file = dhost.sb.path(STATE)
+
+    def restarts() -> int:
+        return int(dhost.sb.run(["systemctl", "show", "-p", "NRestarts", "--value",
+                                 "zdd-agent.service"], capture=True).stdout.strip())
+
+    before = restarts()
+    slow = dhost.sb.popen(["curl", "-s", "--max-time", "30",
+                           "http://127.0.0.1:8080/slow?ms=10000"], net_only=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    client = threading.Thread(target=dhost.zdd, args=("swap", "demo", "--version", "v2"))
+    client.start()
+    wait_for(lambda: (json.loads(state_file.read_text()).get("intent") or {}).get("phase")
+             == "drain", 30, "the drain", step=0.01)
+    time.sleep(0.5)
+    os.kill(_host_pid(dhost, pid), signal.SIGKILL)
+    client.join(timeout=60)
+    t = time.monotonic()
+    new = wait_for(lambda: daemon_active(dhost) not in (0, pid) and daemon_active(dhost), 60,
+                   "a new daemon")
+    took = time.monotonic() - t
+    out, _ = slow.communicate(timeout=30)
+    last = json.loads(state_file.read_text())["history"][-1]
+    timeouts = [e["MESSAGE"] for e in journal(dhost)
+                if "timed out" in e.get("MESSAGE", "").lower()]
+    print(f"recovery of a 10 s drain with TimeoutStartSec=3s: the new daemon ({new}) ready "
+          f"after {took:.1f}s, restarts {before} -> {restarts()}, swap {last['result']}")
+    assert not json.loads(state_file.read_text()).get("intent")
+    assert last["result"] == "ok" and last["to_version"] == "v2", last
+    assert took > 5.0  # it did outlast the 3 s start timeout
+    assert restarts() == before + 1, timeouts  # the kill; no start timeout after it
+    assert not timeouts, timeouts
+    assert '"version": "v1"' in out or '"version":"v1"' in out  # the slow request was answered
+    assert dhost.get()["version"] == "v2"
 
 
 def _host_pid(host: DemoHost, ns_pid: int) -> int:

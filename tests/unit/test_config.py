@@ -657,3 +657,31 @@ def test_a_del_character_in_an_environment_value_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="environment.X: contains a control character"):
         parse_service(Path("x.yaml"), {"name": "x", "command": "/bin/x", "listen": "8080",
                                        "environment": {"X": "a\x7fb"}}, "x")
+
+
+@pytest.mark.parametrize("value, error", [
+    ("10.0.0.0/8", "must be a non-empty list"),
+    ([], "must be a non-empty list"),
+    ([10], "10 is not an address or CIDR (a string"),
+    (["10.0.0.1/8"], "'10.0.0.1/8' has host bits set: write 10.0.0.0/8 for the network or "
+                     "10.0.0.1 for the host"),
+    (["10.0.0.0/33"], "'10.0.0.0/33' is not an address or CIDR"),
+    (["example.com"], "'example.com' is not an address or CIDR"),
+    (["10.0.0.0/8\nIPAddressAllow=any"], "is not an address or CIDR"),
+    (["10.0.0.1"] * 300, "300 entries (allowed: at most 256)"),
+])
+def test_allow_from_is_a_list_of_addresses_or_networks(tmp_path: Path, value: object,
+                                                       error: str) -> None:
+    import yaml
+
+    p = write(tmp_path, GOOD + yaml.safe_dump({"allow_from": value}))
+    with pytest.raises(ConfigError) as e:
+        load_service(p.parent, "api")
+    assert f"{p}: allow_from: " in str(e.value) and error in str(e.value), str(e.value)
+
+
+def test_allow_from_is_normalised(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD + "allow_from: [10.0.0.0/8, 192.0.2.10, '2001:db8::/32', "
+                               "192.0.2.10/32]\n")
+    assert load_service(p.parent, "api").allow_from == ("10.0.0.0/8", "192.0.2.10/32",
+                                                        "2001:db8::/32")

@@ -43,3 +43,77 @@ def test_a_client_evicted_in_the_same_round_is_skipped(tmp_path: Path,
             c.close()
         server.sel.close()
         lst.close()
+
+
+def test_other_users_never_take_the_admins_slots() -> None:
+    b = daemon.Budget()
+    # one local user: at most MAX_WORKERS_PER_UID at once
+    taken = [b.take(1000, admin=False) for _ in range(daemon.MAX_WORKERS_PER_UID + 1)]
+    assert taken[:-1] == [None] * daemon.MAX_WORKERS_PER_UID
+    assert taken[-1] is not None and "uid 1000" in taken[-1]
+    # many users: MAX_OTHER_WORKERS between them
+    uid = 2000
+    while b.take(uid, admin=False) is None:
+        uid += 1
+    assert sum(b.others.values()) == daemon.MAX_OTHER_WORKERS
+    assert "other users" in (b.take(99999, admin=False) or "")
+    # the admins' slots are all still there
+    assert [b.take(0, admin=True) for _ in range(daemon.MAX_ADMIN_WORKERS)] == \
+        [None] * daemon.MAX_ADMIN_WORKERS
+    assert "admin group" in (b.take(0, admin=True) or "")
+    b.give(0, admin=True)
+    assert b.take(0, admin=True) is None
+    for _ in range(daemon.MAX_WORKERS_PER_UID):
+        b.give(1000, admin=False)
+    assert 1000 not in b.others and b.take(1000, admin=False) is None
+
+
+def test_refusals_are_logged_once_per_user_and_kind_per_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    monkeypatch.setattr(daemon, "log", lambda kind, msg, prio, **kw: lines.append(msg))
+    now = [100.0]
+    t = daemon.Throttle(every=10.0, clock=lambda: now[0])
+    storm, admin = daemon.Peer(7, 1000, 1000), daemon.Peer(8, 0, 0)
+    logged = [t.log(storm, "busy", "busy", 4) for _ in range(500)]
+    assert logged.count(True) == 1 and lines == ["busy"]
+    assert t.log(storm, "bad", "bad request", 4)  # another kind: its own line
+    assert t.log(admin, "busy", "root busy", 4)  # another user: its own line
+    now[0] += 10.0
+    assert t.log(storm, "busy", "busy again", 4)
+    assert lines[-1] == "busy again (499 more like it from uid 1000 not logged)"
+
+
+def test_one_users_burst_evicts_its_own_connections_not_anothers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon, "MAX_CLIENTS", 10)
+    monkeypatch.setattr(daemon, "MAX_CLIENTS_PER_UID", 6)
+    lst = socket.socket(socket.AF_UNIX)
+    server = daemon.ControlServer(lst, lambda *a: None)
+    pairs = []
+
+    def client(uid: int, deadline: float) -> daemon._Client:
+        a, b = socket.socketpair()
+        pairs.append((a, b))
+        c = daemon._Client(a, daemon.Peer(1, uid, uid), deadline)
+        server.clients[a.fileno()] = c
+        return c
+
+    try:
+        admin = client(0, 1.0)  # the oldest of all
+        storm = [client(1000, 2.0 + i) for i in range(6)]
+        # the storming user at its own cap: its own oldest goes, not root's
+        assert server._victim(1000) is storm[0]
+        others = [client(2000 + i, 10.0 + i) for i in range(3)]
+        assert len(server.clients) == 10
+        # all full: a new root client displaces the biggest holder's oldest
+        assert server._victim(0) is storm[0]
+        assert server._victim(3000) is storm[0]
+        assert admin not in (server._victim(0), server._victim(1000))
+        assert all(server._victim(0) is not o for o in others)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        server.sel.close()
+        lst.close()

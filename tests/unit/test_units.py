@@ -98,3 +98,19 @@ def test_one_replica_runs_each_version_from_the_template_itself() -> None:
     assert "\nExecStart=" not in units.render_service(http, 1).files["zdd-api@.service"]
     # a drop-in resets the template's ExecStart= before its own
     assert "ExecStart=\nExecStart=" in units.render_instance_dropin(svc(), "v7", None)
+
+
+def test_allow_from_is_the_socket_units_firewall_or_the_instances() -> None:
+    nets = ("10.0.0.0/8", "2001:db8::/32", "192.0.2.10/32")
+    files = units.render_service(svc(allow_from=nets), backlog=4096).files
+    sock = files["zdd-api.socket"]
+    assert ("IPAddressAllow=localhost 10.0.0.0/8 2001:db8::/32 192.0.2.10/32\n"
+            "IPAddressDeny=any\n") in sock
+    # inherit: the instances' own traffic (a database, say) is left alone
+    assert "IPAddress" not in files["zdd-api@.service"]
+    files = units.render_service(svc(allow_from=nets, socket="reuseport"), backlog=4096).files
+    assert "IPAddressDeny=any\n" in files["zdd-api@.service"]
+    assert "[Service]" in files["zdd-api@.service"].split("IPAddressDeny")[0]
+    # none: no firewall lines anywhere
+    for text in units.render_service(svc(), backlog=4096).files.values():
+        assert "IPAddress" not in text

@@ -1,0 +1,80 @@
+"""Executables the agent runs as root must be root's alone (StrictModes),
+checked on real files and directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.trust import check_root_executable, untrusted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+
+
+@pytest.fixture
+def root_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root-owned 0755 directory under /run (/tmp and /var/tmp are world-writable)."""
+    base = Path("/run") / f"zdd-trust-{os.getpid()}"
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    yield base
+    for p in sorted(base.rglob("*"), key=lambda p: -len(p.parts)):
+        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
+    base.rmdir()
+
+
+def script(path: Path, mode: int = 0o755) -> Path:
+    path.write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(path, mode)
+    return path
+
+
+def test_a_root_owned_hook_in_root_owned_directories_is_trusted(root_dir: Path) -> None:
+    assert untrusted(str(script(root_dir / "hook"))) is None
+    assert untrusted("/bin/true") is None
+
+
+@pytest.mark.parametrize("mode, owner, expect", [
+    (0o775, 0, "the file {f} is writable by group or others (mode 0775)"),
+    (0o757, 0, "the file {f} is writable by group or others (mode 0757)"),
+    (0o755, 65534, "the file {f} is owned by uid 65534, not root"),
+])
+def test_a_hook_others_could_change_is_refused(root_dir: Path, mode: int, owner: int,
+                                               expect: str) -> None:
+    f = script(root_dir / "hook", mode)
+    os.chown(f, owner, 0)
+    assert untrusted(str(f)) == expect.format(f=f)
+    with pytest.raises(ConfigError) as e:
+        check_root_executable(str(f), "hooks.pre_swap.command", "/etc/zdd-agent/services/a.yaml")
+    assert str(e.value).startswith("/etc/zdd-agent/services/a.yaml: hooks.pre_swap.command: "
+                                   f"{f} runs as root, but ")
+    assert "chmod go-w" in str(e.value) and e.value.details["key"] == "hooks.pre_swap.command"
+
+
+def test_a_directory_on_the_way_that_others_can_write_is_refused(root_dir: Path) -> None:
+    d = root_dir / "hooks"
+    d.mkdir()
+    f = script(d / "hook")
+    os.chmod(d, 0o777)
+    assert untrusted(str(f)) == f"directory {d} is writable by group or others (mode 0777)"
+    os.chmod(d, 0o755)
+    os.chown(d, 65534, 65534)
+    assert untrusted(str(f)) == f"directory {d} is owned by uid 65534, not root"
+    # /tmp: world-writable even with its sticky bit
+    assert "directory /tmp is writable" in (untrusted("/tmp") or "x /tmp").replace(
+        "the file /tmp", "directory /tmp")
+
+
+def test_a_symlink_is_judged_by_what_it_points_at(root_dir: Path) -> None:
+    other = root_dir / "other"
+    other.mkdir()
+    os.chown(other, 65534, 65534)
+    target = script(other / "hook")
+    link = root_dir / "hook"
+    link.symlink_to(target)
+    assert untrusted(str(link)) == f"directory {other} is owned by uid 65534, not root"
+    assert untrusted(str(root_dir / "missing")) == \
+        f"{root_dir / 'missing'}: No such file or directory"
