@@ -171,6 +171,20 @@ class Budget:
                 self.others.pop(uid, None)
 
 
+def redact(cmd: str, out: Any) -> Any:
+    """What a caller outside root and the admin group gets of a read-only
+    answer: a swap's reason may quote a hook's output or a service's journal
+    (the state directory keeps them from other users, and `history` is
+    admin-only): `status` keeps the last swap's result, versions and times."""
+    if cmd != "status" or not isinstance(out, list):
+        return out
+    for row in out:
+        last = row.get("last_swap") if isinstance(row, dict) else None
+        if isinstance(last, dict) and last.get("reason"):
+            last["reason"] = "(root and the admin group may read it: zdd-agent history)"
+    return out
+
+
 def bind_socket(path: Path) -> socket.socket:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
@@ -451,7 +465,7 @@ class Daemon:
                 return
             log("request", f"control socket: {req.cmd} {req.args} from {peer.user} "
                            f"(pid {peer.pid})", syslog.LOG_DEBUG)
-            self._execute(conn, req)
+            self._execute(conn, req, admin)
         finally:
             try:
                 conn.close()
@@ -466,7 +480,7 @@ class Daemon:
             self.running.discard(threading.current_thread())
             self.budget.give(peer.uid, admin)
 
-    def _execute(self, conn: socket.socket, req: protocol.Request) -> None:
+    def _execute(self, conn: socket.socket, req: protocol.Request, admin: bool = True) -> None:
         alive = [True]
 
         def to_client(kind: str, d: dict[str, Any]) -> None:
@@ -511,6 +525,8 @@ class Daemon:
             err = ZddError(f"internal error in {req.cmd}: {type(e).__name__}: {e}")
             self._send(conn, protocol.error(err))
             return
+        if not admin:
+            out = redact(req.cmd, out)
         self._send(conn, protocol.result(out, int(code)))
 
     # --------------------------------------------------------------- watches

@@ -117,3 +117,17 @@ def test_one_users_burst_evicts_its_own_connections_not_anothers(
             b.close()
         server.sel.close()
         lst.close()
+
+
+def test_other_users_get_no_swap_reason_in_status() -> None:
+    """A reason may quote a hook's output ("pre_swap hook failed: ...")."""
+    rows = [{"service": "api", "last_swap": {"result": "aborted", "to_version": "v3",
+                                             "reason": "pre_swap hook failed: secret=hunter2"}},
+            {"service": "web", "last_swap": {"result": "ok", "reason": ""}},
+            {"service": "new", "last_swap": None}]
+    out = daemon.redact("status", rows)
+    assert "hunter2" not in repr(out)
+    assert out[0]["last_swap"]["result"] == "aborted" and out[0]["last_swap"]["to_version"] == "v3"
+    assert "zdd-agent history" in out[0]["last_swap"]["reason"]
+    assert out[1]["last_swap"]["reason"] == "" and out[2]["last_swap"] is None
+    assert daemon.redact("doctor", {"x": 1}) == {"x": 1}
