@@ -274,7 +274,7 @@ class Systemd:
                 time.sleep(0.02)
             result = _s(u.Service.Result)
             code = int(u.Service.ExecMainStatus)
-            tail = [line.split(": ", 1)[-1] for line in journal_tail(unit, 1)] or [""]
+            tail = journal_tail(unit, 1, own=True) or [""]
             if result == "timeout":
                 return False, f"timed out after {timeout:g}s"
             ok = active == "active" and result == "success" and code == 0
@@ -344,11 +344,13 @@ def _cgroup_pids(path: str) -> list[int] | None:
     return None
 
 
-def journal_tail(unit: str, lines: int = 20) -> list[str]:
-    """The unit's last log lines (journalctl: the journal has no D-Bus API)."""
+def journal_tail(unit: str, lines: int = 20, own: bool = False) -> list[str]:
+    """The unit's last log lines (journalctl: the journal has no D-Bus API);
+    `own`: only what its processes wrote, not systemd's lines about it."""
+    match = [f"_SYSTEMD_UNIT={unit}"] if own else ["-u", unit]
     try:
-        r = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines),
-                            "-u", unit], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), *match],
+                           capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [ln for ln in r.stdout.splitlines() if ln.strip()][-lines:]
