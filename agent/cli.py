@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
-from .errors import Exit, SwapFailed, ZddError
+from .errors import Exit, SwapFailed, SystemdError, ZddError
 
 EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
 
@@ -198,6 +199,19 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
         return dict(json.loads(protocol.error(e, {"result": res})))
     except ZddError as e:
         return dict(json.loads(protocol.error(e)))
+    except OSError as e:  # the OS refused: one line, never a traceback
+        return dict(json.loads(protocol.error(os_refusal(cmd, e))))
+
+
+def os_refusal(cmd: str, e: OSError) -> SystemdError:
+    """An OSError that ended an in-process command, as one line (exit 5);
+    a permission error says who may do it."""
+    what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, PermissionError) and os.geteuid() != 0:
+        return SystemdError(f"{cmd}: {what}: this changes or reads root's files; run it as "
+                            "root, or without --local through the daemon (root and the "
+                            "admin group may change things)")
+    return SystemdError(f"{cmd}: {what}")
 
 
 @contextlib.contextmanager
@@ -719,6 +733,10 @@ def main() -> None:
                   **{k: v for k, v in e.details.items() if isinstance(v, (str, int))}})
         click.echo(f"zdd-agent: error: {e}", err=True)
         sys.exit(int(e.exit_code))
+    except OSError as e:  # a command outside dispatch() the OS refused
+        err = os_refusal(sys.argv[1] if len(sys.argv) > 1 else "zdd-agent", e)
+        click.echo(f"zdd-agent: error: {err}", err=True)
+        sys.exit(int(err.exit_code))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
