@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import grp
 import os
@@ -638,13 +640,7 @@ class Daemon:
             host, port = parse_listen(self.agent.metrics_listen, "metrics.listen")
             self.metrics.serve(host, port)
             log("daemon", f"metrics on http://{self.agent.metrics_listen}/metrics")
-        if self.agent.host_ready_listen:
-            from . import hostready
-
-            self.ready_server = hostready.from_config(self.agent, self.paths.state_dir).start()
-            scheme = "https" if self.agent.host_ready_tls else "http"
-            log("daemon", f"host readiness on {scheme}://{self.agent.host_ready_listen}/ready "
-                          "(zdd-agent drain-host / undrain-host)")
+        self.start_ready_server()
         self.server = ControlServer(sock, self.dispatch, self.throttle)
         server_thread = threading.Thread(target=self.server.run, name="control", daemon=True)
         server_thread.start()
@@ -676,13 +672,56 @@ class Daemon:
                               "mode.")
                 stop = True
             elif signum == signal.SIGHUP:
-                try:
-                    self.agent = load_agent_config(self.paths.agent_config)
-                    load_all(self.paths.config_dir)
-                    log("daemon", "configuration reloaded")
-                except ZddError as e:
-                    log("daemon", f"configuration not reloaded: {e}", syslog.LOG_ERR)
+                self.reload()
         return stop
+
+    def start_ready_server(self) -> None:
+        """The host endpoint per self.agent (none without host_ready.listen)."""
+        if not self.agent.host_ready_listen:
+            return
+        from . import hostready
+
+        self.ready_server = hostready.from_config(self.agent, self.paths.state_dir).start()
+        scheme = "https" if self.agent.host_ready_tls else "http"
+        log("daemon", f"host readiness on {scheme}://{self.agent.host_ready_listen}/ready "
+                      "(zdd-agent drain-host / undrain-host)")
+
+    def reload(self) -> None:
+        """SIGHUP (systemctl reload): agent.yaml and the service configs read
+        again, all or nothing. The host endpoint is rebuilt (its listen
+        address, allow_from, and TLS files: certificates are rotated this
+        way); if the new one cannot start, the old settings serve again. The
+        admin group's membership is looked up afresh, the state directory
+        tightened for it."""
+        try:
+            agent = load_agent_config(self.paths.agent_config)
+            load_all(self.paths.config_dir)
+        except (ZddError, OSError) as e:
+            log("daemon", f"configuration not reloaded: {e}", syslog.LOG_ERR)
+            return
+        old, self.agent = self.agent, agent
+        self.admins.clear()
+        try:
+            for change in secure_state_dir(self.paths.state_dir, agent.admin_group):
+                log("daemon", f"state directory tightened: {change}", syslog.LOG_WARNING)
+        except OSError as e:
+            log("daemon", f"cannot secure the state directory: {e}", syslog.LOG_ERR)
+        if self.ready_server is not None:
+            self.ready_server.stop()
+            self.ready_server = None
+        try:
+            self.start_ready_server()
+        except (ZddError, OSError) as e:
+            log("daemon", f"host readiness endpoint not restarted with the new settings: {e}; "
+                          "keeping the previous ones", syslog.LOG_ERR)
+            self.agent = dataclasses.replace(agent, **{
+                k: getattr(old, k) for k in ("host_ready_listen", "host_ready_tls",
+                                             "host_ready_allow_from")})
+            try:
+                self.start_ready_server()
+            except (ZddError, OSError) as e2:
+                log("daemon", f"host readiness endpoint down: {e2}", syslog.LOG_ERR)
+        log("daemon", "configuration reloaded")
 
     def _shutdown(self, server_thread: threading.Thread) -> int:
         """Stop taking requests; let the running ones finish (a swap killed

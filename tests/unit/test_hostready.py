@@ -651,3 +651,54 @@ def test_slow_client_storm_from_another_namespace_does_not_starve_the_load_balan
     assert len(r["lines"]) <= 2
     logged = sum(int(re.search(r"refused (\d+) ", line)[1]) for line in r["lines"])
     assert logged == sum(r["totals"].values())
+
+
+# ------------------------------------------------------------------ reload
+
+
+def test_a_reload_rebuilds_the_endpoint_and_keeps_the_old_one_on_a_bad_new_one(
+        tmp_path: Path) -> None:
+    """systemctl reload (SIGHUP): new allow_from, a new port, certificates
+    rotated in place all take effect; a new config that cannot serve (its
+    port taken) leaves the previous endpoint serving."""
+    from agent.daemon import Daemon
+    from agent.probes import free_port
+
+    tmp_path.chmod(0o755)
+    agent_yaml = tmp_path / "agent.yaml"
+    port = free_port()
+
+    def conf(text: str) -> None:
+        agent_yaml.write_text(text)
+        agent_yaml.chmod(0o644)
+
+    conf(f"host_ready:\n  listen: 127.0.0.1:{port}\n")
+    paths = Paths(config_dir=tmp_path / "services", state_dir=tmp_path / "state",
+                  agent_config=agent_yaml)
+    d = Daemon(paths, load_agent_config(agent_yaml))
+    d.start_ready_server()
+    try:
+        assert get(port) == (200, "ready\n")
+        conf(f"host_ready:\n  listen: 127.0.0.1:{port}\n  allow_from: [10.0.0.0/8]\n")
+        d.reload()
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            get(port)  # 127.0.0.1 is no longer allowed: closed without an answer
+        other = free_port()
+        conf(f"host_ready:\n  listen: 127.0.0.1:{other}\n")
+        d.reload()
+        assert get(other) == (200, "ready\n")
+        with pytest.raises(ConnectionRefusedError):
+            get(port)
+        with socket.socket() as taken:  # the next port is someone else's
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            conf(f"host_ready:\n  listen: 127.0.0.1:{taken.getsockname()[1]}\n")
+            d.reload()
+            assert get(other) == (200, "ready\n")  # the previous endpoint serves again
+            assert d.agent.host_ready_listen == f"127.0.0.1:{other}"
+        conf("host_ready: [not, a, mapping]\n")
+        d.reload()  # refused as a whole: nothing changes
+        assert get(other) == (200, "ready\n")
+    finally:
+        if d.ready_server is not None:
+            d.ready_server.stop()
