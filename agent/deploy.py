@@ -27,7 +27,7 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
-from .trust import check_root_executable
+from .trust import cannot_execute, check_root_executable
 from .systemd import Systemd, journal_tail
 
 
@@ -57,6 +57,15 @@ def preflight(svc: ServiceConfig, version: str) -> None:
         except KeyError:
             raise ConfigError(f"{svc.path}: user: no such user {svc.user!r} on this host",
                               file=str(svc.path), key="user") from None
+        # systemd would fail the start with 203/EXEC: say why before anything stops
+        for key, argv in (("command", svc.argv(version)),
+                          *((f"hooks.{n}.command", list(h.command)) for n, h in svc.hooks),
+                          *((("ready.command", list(svc.ready.command)),)
+                            if svc.ready.command else ())):
+            why = cannot_execute(argv[0], svc.user)
+            if why is not None:
+                raise ConfigError(f"{svc.path}: {key}: {argv[0]} cannot run as user "
+                                  f"{svc.user}: {why}", file=str(svc.path), key=key)
     if svc.ready.command and not _executable(svc.ready.command[0]):
         raise ConfigError(f"{svc.path}: ready.command: {svc.ready.command[0]} is not an "
                           "executable file", file=str(svc.path), key="ready.command")

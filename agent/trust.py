@@ -48,3 +48,61 @@ def check_root_executable(path: str, key: str, file: str) -> None:
         raise ConfigError(f"{file}: {key}: {path} runs as root, but {why}: only root may "
                           f"be able to change it (chown root; chmod go-w; as sshd's "
                           f"StrictModes)", file=file, key=key)
+
+
+def _may(st: os.stat_result, uid: int, gids: set[int], bit: int) -> bool:
+    """Whether the mode bits give `bit` (4 r, 2 w, 1 x) to uid/gids (ACLs and
+    capabilities aside: root bypasses these checks and is not asked about)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == uid:
+        return bool(mode & (bit << 6))
+    if st.st_gid in gids:
+        return bool(mode & (bit << 3))
+    return bool(mode & bit)
+
+
+def cannot_execute(path: str, user: str) -> str | None:
+    """Why `user` cannot run `path`, or None: every directory on the way
+    searchable, the file executable, and for a script (#!) readable, with its
+    interpreter checked the same way. Mode bits only (execve(2) would also
+    apply ACLs and mount options): a start that systemd would fail with
+    203/EXEC, told before anything is stopped."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return f"no such user {user!r}"
+    if pw.pw_uid == 0:
+        return None
+    gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    seen: set[str] = set()
+    while path not in seen:
+        seen.add(path)
+        real = os.path.realpath(path)
+        parts = real.split("/")
+        for i in range(1, len(parts) - 1):
+            d = "/".join(parts[:i + 1]) or "/"
+            try:
+                if not _may(os.stat(d), pw.pw_uid, gids, 1):
+                    return f"directory {d} is not searchable by {user}"
+            except OSError as e:
+                return f"{d}: {e.strerror}"
+        try:
+            st = os.stat(real)
+            with open(real, "rb") as f:
+                head = f.read(256)
+        except OSError as e:
+            return f"{real}: {e.strerror}"
+        if not _may(st, pw.pw_uid, gids, 1):
+            return f"{real} is not executable by {user}"
+        if not head.startswith(b"#!"):
+            return None
+        if not _may(st, pw.pw_uid, gids, 4):
+            return f"{real} is a script {user} cannot read"
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words:
+            return None
+        path = words[0].decode(errors="replace")  # the interpreter, checked in turn
+    return None

@@ -78,3 +78,30 @@ def test_a_symlink_is_judged_by_what_it_points_at(root_dir: Path) -> None:
     assert untrusted(str(link)) == f"directory {other} is owned by uid 65534, not root"
     assert untrusted(str(root_dir / "missing")) == \
         f"{root_dir / 'missing'}: No such file or directory"
+
+
+def test_what_the_services_user_cannot_run_is_told_before_the_start(root_dir: Path) -> None:
+    from agent.trust import cannot_execute
+
+    assert cannot_execute("/bin/true", "nobody") is None
+    assert cannot_execute("/bin/true", "no-such-user-here") == "no such user 'no-such-user-here'"
+    private = root_dir / "private"
+    private.mkdir()
+    os.chmod(private, 0o700)
+    interp = script(private / "python3")
+    assert cannot_execute(str(interp), "nobody") == \
+        f"directory {private} is not searchable by nobody"
+    # a script whose interpreter sits where the user cannot reach (a
+    # virtualenv under /root: the e2e suite met it as 203/EXEC)
+    app = root_dir / "api"
+    app.write_text(f"#!{interp}\nprint('hi')\n")
+    os.chmod(app, 0o755)
+    assert cannot_execute(str(app), "nobody") == \
+        f"directory {private} is not searchable by nobody"
+    os.chmod(private, 0o755)
+    assert cannot_execute(str(app), "nobody") is None
+    os.chmod(app, 0o711)
+    assert cannot_execute(str(app), "nobody") == f"{app} is a script nobody cannot read"
+    os.chmod(app, 0o744)
+    assert cannot_execute(str(app), "nobody") == f"{app} is not executable by nobody"
+    assert cannot_execute(str(app), "root") is None
