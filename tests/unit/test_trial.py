@@ -57,6 +57,19 @@ def procs():
         p.stdout.close()
 
 
+def reuseport_servers(procs: list[subprocess.Popen], *modes: str
+                      ) -> tuple[int, list[subprocess.Popen]]:
+    """A free port and one server per mode, each with its own SO_REUSEPORT
+    listener on it (the port is held by a bound socket until they listen)."""
+    with socket.socket() as hold:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        hold.bind(("127.0.0.1", 0))
+        port = hold.getsockname()[1]
+        started = [server(mode, port) for mode in modes]
+    procs += started
+    return port, started
+
+
 def trial(port: int, groups: dict[str, subprocess.Popen], count: int = 20):
     census = Census([port], [socket.AF_INET])
     return accept_trial(census, lambda: {x: [p.pid] for x, p in groups.items()},
@@ -78,13 +91,7 @@ def test_a_shared_listener_one_accepting_one_not(procs) -> None:
 
 
 def test_two_reuseport_listeners_both_accepting_share_the_connections(procs) -> None:
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    a, b = server("accept", port), server("accept", port)
-    procs += [a, b]
-    probe.close()
+    port, (a, b) = reuseport_servers(procs, "accept", "accept")
     res = trial(port, {"a": a, "b": b}, count=40)
     # the kernel hashes each connection's 4-tuple to a listener
     assert res.unaccepted == 0 and sum(res.accepted.values()) == 40
@@ -92,13 +99,7 @@ def test_two_reuseport_listeners_both_accepting_share_the_connections(procs) -> 
 
 
 def test_a_reuseport_listener_that_never_accepts_keeps_its_share_queued(procs) -> None:
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    works, idle = server("accept", port), server("idle", port)
-    procs += [works, idle]
-    probe.close()
+    port, (works, idle) = reuseport_servers(procs, "accept", "idle")
     t0 = time.monotonic()
     res = trial(port, {"works": works, "idle": idle})
     took = time.monotonic() - t0
