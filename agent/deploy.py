@@ -27,7 +27,7 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
-from .trust import cannot_execute, check_root_executable
+from .trust import cannot_execute, check_root_argv, runs_as_root, untrusted_argv
 from .systemd import Systemd, journal_tail
 
 
@@ -58,27 +58,24 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             raise ConfigError(f"{svc.path}: user: no such user {svc.user!r} on this host",
                               file=str(svc.path), key="user") from None
         # systemd would fail the start with 203/EXEC: say why before anything stops
-        for key, argv in (("command", svc.argv(version)),
-                          *((f"hooks.{n}.command", list(h.command)) for n, h in svc.hooks),
-                          *((("ready.command", list(svc.ready.command)),)
-                            if svc.ready.command else ())):
+        for key, argv in (("command", svc.argv(version)), *_agent_runs(svc)):
             why = cannot_execute(argv[0], svc.user)
             if why is not None:
                 raise ConfigError(f"{svc.path}: {key}: {argv[0]} cannot run as user "
                                   f"{svc.user}: {why}", file=str(svc.path), key=key)
-    if svc.ready.command and not _executable(svc.ready.command[0]):
-        raise ConfigError(f"{svc.path}: ready.command: {svc.ready.command[0]} is not an "
-                          "executable file", file=str(svc.path), key="ready.command")
-    for name, hook in svc.hooks:
-        if not _executable(hook.command[0]):
-            raise ConfigError(f"{svc.path}: hooks.{name}.command: {hook.command[0]} is not an "
-                              "executable file", file=str(svc.path), key=f"hooks.{name}")
-    # exec probes and hooks of a service without a user run as root (trust.py)
-    if os.geteuid() == 0 and svc.user is None:
-        if svc.ready.command:
-            check_root_executable(svc.ready.command[0], "ready.command", str(svc.path))
-        for name, hook in svc.hooks:
-            check_root_executable(hook.command[0], f"hooks.{name}.command", str(svc.path))
+    # hooks and exec probes run as root: root's alone (trust.py)
+    if os.geteuid() == 0 and runs_as_root(svc.user):
+        for key, argv in _agent_runs(svc):
+            check_root_argv(argv, key, str(svc.path))
+
+
+def _agent_runs(svc: ServiceConfig) -> list[tuple[str, list[str]]]:
+    """(config key, argv) of what the agent runs for a service: its hooks and
+    its exec probe."""
+    runs = [(f"hooks.{n}.command", list(h.command)) for n, h in svc.hooks]
+    if svc.ready.command:
+        runs.append(("ready.command", list(svc.ready.command)))
+    return runs
 
 
 def _listen_lines(text: str | None) -> list[str]:
@@ -155,6 +152,12 @@ class SystemdOps:
         as the service's user, with its environment; output in the journal
         (unit zdd-KIND-SERVICE-RANDOM.service), the cgroup killed at timeout."""
         unit = f"zdd-{kind}-{self.svc.name}-{secrets.token_hex(4)}.service"
+        if os.geteuid() == 0 and runs_as_root(self.svc.user):
+            # checked again at each run: recovery and the watch run hooks and
+            # probes with the config as it is now, without a preflight
+            why = untrusted_argv(argv)
+            if why is not None:
+                return ProbeResult(False, f"refused to run {argv[0]} as root: {why}")
         try:
             ok, detail = self.sd.run_transient(
                 unit, argv, user=self.svc.user, env={**dict(self.svc.environment), **env},

@@ -40,12 +40,38 @@ def untrusted(path: str) -> str | None:
         here = os.path.dirname(here)
 
 
-def check_root_executable(path: str, key: str, file: str) -> None:
-    """ConfigError (exit 2) naming `path` and the fix when `path`, run as
-    root, could be changed by another user."""
-    why = untrusted(path)
+def runs_as_root(user: str | None) -> bool:
+    """Whether a service's hooks and probes run as uid 0: no user, or a user
+    whose uid is 0 (`user: root`, or another name for uid 0)."""
+    if user is None:
+        return True
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False  # refused elsewhere: no such user
+
+
+def untrusted_argv(argv: list[str] | tuple[str, ...]) -> str | None:
+    """untrusted() of every argument that names an existing file by its
+    absolute path: the executable, and what an interpreter would run
+    (`/bin/sh /opt/hooks/x.sh`, `python3 /opt/hooks/x.py`); the first
+    reason found, or None."""
+    for i, arg in enumerate(argv):
+        if i == 0 or (os.path.isabs(arg) and os.path.exists(arg)):
+            why = untrusted(arg)
+            if why is not None:
+                return f"{arg}: {why}" if i else why
+    return None
+
+
+def check_root_argv(argv: list[str] | tuple[str, ...], key: str, file: str) -> None:
+    """ConfigError (exit 2) naming the path and the fix when something
+    `argv` runs as root could be changed by another user."""
+    why = untrusted_argv(argv)
     if why is not None:
-        raise ConfigError(f"{file}: {key}: {path} runs as root, but {why}: only root may "
+        raise ConfigError(f"{file}: {key}: {argv[0]} runs as root, but {why}: only root may "
                           f"be able to change it (chown root; chmod go-w; as sshd's "
                           f"StrictModes)", file=file, key=key)
 

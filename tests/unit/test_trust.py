@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError
-from agent.trust import check_root_executable, untrusted
+from agent.trust import check_root_argv, untrusted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -48,7 +48,7 @@ def test_a_hook_others_could_change_is_refused(root_dir: Path, mode: int, owner:
     os.chown(f, owner, 0)
     assert untrusted(str(f)) == expect.format(f=f)
     with pytest.raises(ConfigError) as e:
-        check_root_executable(str(f), "hooks.pre_swap.command", "/etc/zdd-agent/services/a.yaml")
+        check_root_argv([str(f)], "hooks.pre_swap.command", "/etc/zdd-agent/services/a.yaml")
     assert str(e.value).startswith("/etc/zdd-agent/services/a.yaml: hooks.pre_swap.command: "
                                    f"{f} runs as root, but ")
     assert "chmod go-w" in str(e.value) and e.value.details["key"] == "hooks.pre_swap.command"
@@ -105,3 +105,55 @@ def test_what_the_services_user_cannot_run_is_told_before_the_start(root_dir: Pa
     os.chmod(app, 0o744)
     assert cannot_execute(str(app), "nobody") == f"{app} is not executable by nobody"
     assert cannot_execute(str(app), "root") is None
+
+
+def test_what_runs_as_root_is_checked_whole_and_for_any_name_of_root(root_dir: Path) -> None:
+    """Review of issue 13: `user: root` skipped the check, and only argv[0]
+    was checked, so `/bin/sh <a script anyone can write>` ran as root."""
+    from agent.config import Hook, Listen, Ready, ServiceConfig
+    from agent.deploy import preflight
+
+    open_dir = root_dir / "open"
+    open_dir.mkdir()
+    hook = script(open_dir / "hook.sh", 0o777)
+    os.chown(hook, 65534, 65534)
+
+    def svc(user: str | None, argv: tuple[str, ...], probe: bool = False) -> ServiceConfig:
+        ready = Ready(type="exec", command=argv) if probe else Ready()
+        hooks = () if probe else (("pre_swap", Hook(argv, 5.0)),)
+        return ServiceConfig(name="api", command=("/bin/true",),
+                             listen=(Listen("127.0.0.1", 8080),), path=Path("/x/api.yaml"),
+                             user=user, hooks=hooks, ready=ready)
+
+    for user in (None, "root"):
+        for argv in ((str(hook),), ("/bin/sh", str(hook)), ("/bin/sh", "-c", "x", str(hook))):
+            for probe in (False, True):
+                with pytest.raises(ConfigError) as e:
+                    preflight(svc(user, argv, probe), "v1")
+                assert f"{hook}" in str(e.value) and "owned by uid 65534" in str(e.value)
+    # the same hook as a service user that is not root: its own business
+    os.chmod(open_dir, 0o755)
+    preflight(svc("nobody", (str(hook),)), "v1")
+    # arguments that are not files (a URL, a word) are not paths to check
+    preflight(svc(None, ("/bin/true", "http://127.0.0.1:8080/", "--flag")), "v1")
+
+
+def test_a_root_hook_that_became_writable_is_refused_at_run_time(root_dir: Path) -> None:
+    """Recovery and the watch run hooks and probes without a preflight: the
+    run itself refuses (nothing is started)."""
+    from agent.config import Hook, Listen, ServiceConfig
+    from agent.deploy import SystemdOps
+
+    hook = script(root_dir / "hook.sh", 0o777)
+    svc = ServiceConfig(name="api", command=("/bin/true",), listen=(Listen("127.0.0.1", 8080),),
+                        hooks=(("on_rollback", Hook((str(hook),), 5.0)),))
+
+    class NoSystemd:
+        def run_transient(self, *a: object, **kw: object) -> tuple[bool, str]:
+            raise AssertionError("nothing may be started")
+
+    ops = SystemdOps.__new__(SystemdOps)
+    ops.svc, ops.sd = svc, NoSystemd()  # type: ignore[assignment]
+    ok, detail = ops.run_hook("on_rollback", {"ZDD_TO_VERSION": "v1"})  # type: ignore[misc]
+    assert not ok and detail == (f"refused to run {hook} as root: the file {hook} is writable "
+                                 "by group or others (mode 0777)")
