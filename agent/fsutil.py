@@ -76,16 +76,15 @@ def tighten(path: Path, mode: int, owner: tuple[int, int] | None = None) -> str 
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return None
         changes = []
+        old_mode = stat.S_IMODE(st.st_mode)
+        if old_mode & ~mode:  # first: fewer readers even if the chown below is refused
+            os.fchmod(fd, old_mode & mode)
+            changes.append(f"mode {old_mode:04o} -> {old_mode & mode:04o}")
         if owner is not None and (st.st_uid, st.st_gid) != owner:
             os.fchown(fd, *owner)
             changes += [f"{what} {old} -> {new}" for what, old, new in
                         (("owner", st.st_uid, owner[0]), ("group", st.st_gid, owner[1]))
                         if old != new]
-            st = os.fstat(fd)  # chown(2) may clear the set-user-ID and set-group-ID bits
-        old_mode = stat.S_IMODE(st.st_mode)
-        if old_mode & ~mode:
-            os.fchmod(fd, old_mode & mode)
-            changes.insert(0, f"mode {old_mode:04o} -> {old_mode & mode:04o}")
         return f"{path}: {', '.join(changes)}" if changes else None
     finally:
         os.close(fd)

@@ -41,17 +41,27 @@ def secure_state_dir(root: Path, admin_group: str) -> list[str]:
     under it owned by the agent's user (root) and group `admin_group` (or the
     agent's own group when no such group exists), directories at most 0750,
     files at most file_mode(gid). Symbolic links and special files are left
-    alone. Returns one line per path it changed, for the log; raises OSError."""
+    alone. Returns one line per path it changed or could not change, for the
+    log (a path it cannot change does not stop the others); OSError when the
+    directory itself cannot be made."""
     try:
         gid = grp.getgrnam(admin_group).gr_gid
     except KeyError:
         gid = os.getegid()
     owner = (os.geteuid(), gid)
     root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    changes = []
+    changes: list[str | None] = []
+
+    def one(path: Path, mode: int) -> None:
+        try:
+            changes.append(tighten(path, mode, owner))
+        except OSError as e:
+            changes.append(f"{path}: cannot tighten: {e.strerror}")
+
     for dirpath, _dirs, files in os.walk(root):  # does not descend into linked directories
-        changes.append(tighten(Path(dirpath), DIR_MODE, owner))
-        changes += [tighten(Path(dirpath, f), file_mode(gid), owner) for f in files]
+        one(Path(dirpath), DIR_MODE)
+        for f in files:
+            one(Path(dirpath, f), file_mode(gid))
     return [c for c in changes if c is not None]
 
 

@@ -147,6 +147,36 @@ def test_non_root_may_read_but_not_change_unless_in_the_group(dhost: DemoHost) -
     assert dhost.get()["version"] == "v2"
 
 
+def test_the_state_directory_is_root_and_the_admin_groups_under_the_real_unit(
+        dhost: DemoHost) -> None:
+    """Review of issue 13: under the shipped unit (its capability bounding
+    set, StateDirectoryMode=) the daemon could not hand the state to the
+    admin group, and systemd reopened the directory to everyone at each
+    start. A file left world-readable by an older version is tightened at
+    the next start."""
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    loose = dhost.sb.path("/var/lib/zdd-agent/services/old.json")
+    loose.write_text("{}")
+    loose.chmod(0o666)
+    pid = daemon_active(dhost)
+    dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
+    wait_for(lambda: daemon_active(dhost) not in (0, pid), 30, "the restarted daemon")
+
+    def mode(path: str) -> str:
+        return dhost.sb.run(["stat", "-c", "%a %U:%G", path], capture=True).stdout.strip()
+
+    found = {p: mode(p) for p in ("/var/lib/zdd-agent", "/var/lib/zdd-agent/services",
+                                  STATE, "/var/lib/zdd-agent/services/old.json")}
+    print(f"state directory under the real unit: {found}")
+    assert found == {"/var/lib/zdd-agent": "750 root:zdd-admin",
+                     "/var/lib/zdd-agent/services": "750 root:zdd-admin",
+                     STATE: "640 root:zdd-admin",
+                     "/var/lib/zdd-agent/services/old.json": "640 root:zdd-admin"}, found
+    assert not [e["MESSAGE"] for e in journal(dhost) if "cannot" in e.get("MESSAGE", "")
+                and "state directory" in e.get("MESSAGE", "")]
+
+
 def test_bad_clients_never_stop_the_daemon(dhost: DemoHost) -> None:
     pid = daemon_active(dhost)
     path = str(dhost.sb.path(SOCK))
