@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .trust import untrusted
 from .errors import ConfigError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
@@ -584,6 +585,8 @@ def check_not_writable_by_others(path: Path, st: os.stat_result | None = None) -
             st = path.stat()
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found", file=str(path), key="") from None
+        except OSError as e:  # ELOOP, ENOTDIR, ENAMETOOLONG...: one line, exit 2
+            raise ConfigError(f"{path}: {e.strerror or e}", file=str(path), key="") from None
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: writable by group or others "
                           f"(mode {stat.S_IMODE(st.st_mode):04o}; allowed: 0644 or stricter, "
@@ -887,7 +890,16 @@ def _tls_file(tchk: _Checker, name: str, secret: bool = False) -> str:
         check_not_writable_by_others(Path(raw))
     except ConfigError as e:
         raise tchk.fail(name, str(e)) from None
-    st = os.stat(raw)
+    # ssl opens it by name: whoever can replace it (or a directory on its
+    # way, or what a link points at) chooses who may connect
+    why = untrusted(raw)
+    if why is not None:
+        raise tchk.fail(name, f"{raw}: {why} (allowed: root's alone along the whole path, "
+                              "as sshd's StrictModes)")
+    try:
+        st = os.stat(raw)
+    except OSError as e:
+        raise tchk.fail(name, f"{raw}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise tchk.fail(name, f"{raw}: not a regular file")
     if secret and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):

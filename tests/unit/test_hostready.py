@@ -7,6 +7,7 @@ import datetime
 import http.client
 import ipaddress
 import json
+import os
 import re
 import shutil
 import socket
@@ -306,6 +307,18 @@ def test_a_peer_outside_allow_from_gets_no_answer(tmp_path: Path, host: str) -> 
 # ------------------------------------------------------------------------ TLS
 
 
+@pytest.fixture
+def pki_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory under /run for the TLS files: the agent
+    refuses TLS files on a path others can change, and /tmp is world-writable."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir="/run", prefix="zdd-pki-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
 def _pki(tmp_path: Path) -> dict[str, Path]:
     """A CA with a server certificate (for IP 127.0.0.1) and a client
     certificate, and another CA with its own client certificate; PEM files,
@@ -389,9 +402,9 @@ def tls_config(tmp_path: Path, pki: dict[str, Path], extra: str = "") -> Path:
     return conf
 
 
-def test_mutual_tls_admits_only_clients_of_the_ca(tmp_path: Path) -> None:
+def test_mutual_tls_admits_only_clients_of_the_ca(tmp_path: Path, pki_dir: Path) -> None:
     pytest.importorskip("cryptography")
-    pki = _pki(tmp_path)
+    pki = _pki(pki_dir)
     agent = load_agent_config(tls_config(tmp_path, pki))
     assert agent.host_ready_tls is not None and agent.host_ready_tls.client_ca == str(pki["ca.crt"])
     ctx = hostready.server_context(agent.host_ready_tls.cert, agent.host_ready_tls.key,
@@ -419,9 +432,9 @@ def test_mutual_tls_admits_only_clients_of_the_ca(tmp_path: Path) -> None:
         assert eventually(lambda: server.refusals.totals[hostready.TIMED_OUT] == 1)
 
 
-def test_from_config_serves_https_with_allow_from(tmp_path: Path) -> None:
+def test_from_config_serves_https_with_allow_from(tmp_path: Path, pki_dir: Path) -> None:
     pytest.importorskip("cryptography")
-    pki = _pki(tmp_path)
+    pki = _pki(pki_dir)
     conf = tls_config(tmp_path, pki, "  allow_from: [127.0.0.1/32, '::ffff:127.0.0.0/104']\n")
     agent = load_agent_config(conf)
     assert agent.host_ready_allow_from == (ipaddress.ip_network("127.0.0.1/32"),
@@ -442,9 +455,9 @@ def test_from_config_serves_https_with_allow_from(tmp_path: Path) -> None:
 # ------------------------------------------------------------ config checks
 
 
-def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path) -> None:
+def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path, pki_dir: Path) -> None:
     pytest.importorskip("cryptography")
-    pki = _pki(tmp_path)
+    pki = _pki(pki_dir)
     conf = tmp_path / "agent.yaml"
     tmp_path.chmod(0o755)
 
@@ -483,6 +496,23 @@ def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path) 
     assert "_ssl.c" not in msg
     msg = error(tls.format(key=pki["server.key"]) + f"    client_ca: {pki['server.key']}\n")
     assert "host_ready.tls.client_ca:" in msg and "no CA certificate" in msg
+    # review of issue 13: a CA in a directory another user owns (they could
+    # put their own CA there), or reached through a link into it, is refused
+    theirs = pki_dir / "theirs"
+    theirs.mkdir()
+    shutil.copy(pki["ca.crt"], theirs / "ca.crt")
+    os.chown(theirs, 65534, 65534)
+    ca_line = tls.format(key=pki["server.key"]) + "    client_ca: {}\n"
+    msg = error(ca_line.format(theirs / "ca.crt"))
+    assert f"directory {theirs} is owned by uid 65534, not root" in msg
+    (pki_dir / "link.crt").symlink_to(theirs / "ca.crt")
+    assert f"directory {theirs} is owned by uid 65534" in error(
+        ca_line.format(pki_dir / "link.crt"))
+    # and a path the OS refuses to resolve is one line too (a reload used to
+    # kill the daemon on it)
+    (pki_dir / "loop.crt").symlink_to(pki_dir / "loop.crt")
+    assert "Too many levels of symbolic links" in error(ca_line.format(pki_dir / "loop.crt"))
+    assert "Not a directory" in error(ca_line.format("/etc/hostname/ca.crt"))
 
 
 # ------------------------------------------------------------------ the storm
