@@ -66,6 +66,7 @@ MAX_WORKERS = MAX_ADMIN_WORKERS + MAX_OTHER_WORKERS
 EXTEND_BY = 30.0
 EXTEND_EVERY = 5.0
 RECOVERY_LIMIT = 900.0
+GC_EVERY = 10.0  # seconds between two full collections after other users' requests
 ADMIN_CACHE = 30.0  # seconds a caller's admin-group membership is remembered
 REFUSAL_LOG_EVERY = 10.0  # seconds: one refusal line per user and kind, the rest counted
 WRITE_TIMEOUT = 10.0  # a client that stops reading is dropped (the work goes on)
@@ -330,6 +331,7 @@ class Daemon:
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.budget = Budget()
+        self.last_gc = 0.0
         self.admins: dict[tuple[int, int], tuple[float, bool]] = {}
         self.throttle = Throttle()
         self.running: set[threading.Thread] = set()
@@ -465,8 +467,9 @@ class Daemon:
                                   syslog.LOG_WARNING)
                 self._send(conn, protocol.error(denied))
                 return
-            log("request", f"control socket: {req.cmd} {req.args} from {peer.user} "
-                           f"(pid {peer.pid})", syslog.LOG_DEBUG)
+            if req.admin_only:  # what changes the host is logged; reads are not
+                log("request", f"control socket: {req.cmd} {req.args} from {peer.user} "
+                               f"(pid {peer.pid})", syslog.LOG_INFO)
             self._execute(conn, req, admin)
         finally:
             try:
@@ -477,8 +480,12 @@ class Daemon:
             # loads; they sit in reference cycles until the cyclic collector's
             # oldest generation runs, and the RSS grew ~3 MiB a swap up to
             # ~60 MiB before it did. Collected here, once the client has
-            # its reply: the daemon stays at its idle size.
-            gc.collect()
+            # its reply: the daemon stays at its idle size. After what changes
+            # the host, or at most every GC_EVERY seconds: any local user may
+            # send reads, and a full collection each time was theirs to order.
+            if admin or time.monotonic() - self.last_gc >= GC_EVERY:
+                self.last_gc = time.monotonic()
+                gc.collect()
             self.running.discard(threading.current_thread())
             self.budget.give(peer.uid, admin)
 

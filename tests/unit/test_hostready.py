@@ -455,7 +455,8 @@ def test_from_config_serves_https_with_allow_from(tmp_path: Path, pki_dir: Path)
 # ------------------------------------------------------------ config checks
 
 
-def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path, pki_dir: Path) -> None:
+def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path,
+                                                               pki_dir: Path) -> None:
     pytest.importorskip("cryptography")
     pki = _pki(pki_dir)
     conf = tmp_path / "agent.yaml"
