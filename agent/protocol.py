@@ -70,7 +70,7 @@ def decode_request(line: bytes) -> Request:
         raise ProtocolError("request is not JSON this agent reads: nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("request must be a JSON object")
-    if msg.get("v") != VERSION:
+    if type(msg.get("v")) is not int or msg.get("v") != VERSION:  # not true, not 1.0
         raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported "
                             f"(this agent speaks {VERSION})")
     cmd = msg.get("cmd")
@@ -87,8 +87,8 @@ def decode_request(line: bytes) -> Request:
     if missing:
         raise ProtocolError(f"{cmd}: missing argument(s) {', '.join(sorted(missing))}")
     try:
-        if args.get("service") is not None:
-            check_name(args["service"], "service")
+        if args.get("service") is not None or "service" in required:
+            check_name(args.get("service"), "service")  # null only where it is optional
         if "version" in args:
             check_version(args["version"])
     except ConfigError as e:

@@ -43,6 +43,12 @@ def test_good_requests() -> None:
     (b'{"v": 1, "cmd": []}', "unknown command []"),  # was TypeError (unhashable)
     (b'{"v": 1, "cmd": {"a": 1}}', "unknown command {'a': 1}"),
     (b"9" * 5000, "not JSON"),  # past Python's 4,300-digit int limit: a ValueError
+    # review of issue 13: true and 1.0 passed for version 1; a null service
+    # reached a swap (and its error handler reconciled every service)
+    (b'{"v": true, "cmd": "status"}', "protocol version True"),
+    (b'{"v": 1.0, "cmd": "status"}', "protocol version 1.0"),
+    (req(cmd="swap", args={"service": None, "version": "v2"}), "invalid service name None"),
+    (req(cmd="rollback", args={"service": None}), "invalid service name None"),
 ])
 def test_bad_requests(line: bytes, words: str) -> None:
     with pytest.raises(protocol.ProtocolError, match=None) as e:
