@@ -805,9 +805,10 @@ def load_agent_config(path: Path) -> AgentConfig:
         from .metrics import parse_listen
 
         # any address: the load balancers that ask are elsewhere; it tells only 200 or 503
-        parse_listen(str(host_ready), f"{path}: host_ready.listen", loopback=False)
+        _host, port = parse_listen(str(host_ready), f"{path}: host_ready.listen",
+                                   loopback=False)
         if metrics_listen is not None and \
-                str(host_ready).rpartition(":")[2] == str(metrics_listen).rpartition(":")[2]:
+                port == parse_listen(str(metrics_listen), f"{path}: metrics.listen")[1]:
             raise hchk.fail("listen", f"{host_ready} uses the port of metrics.listen "
                                       f"({metrics_listen})")
     ready_tls = _host_ready_tls(_Checker(path, hchk.mapping("tls"), "host_ready.tls."))

@@ -23,7 +23,8 @@ def parse_listen(text: str, where: str, loopback: bool = True) -> tuple[str, int
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
     try:
-        if not text.isprintable() or any(c.isspace() for c in text):
+        if not text.isprintable() or any(c.isspace() for c in text) \
+                or not (port.isascii() and port.isdigit()):  # int() takes "٩٤٧٠", "+80"
             raise ValueError(text)
         ip = ipaddress.ip_address(host)
         port_n = int(port)

@@ -733,3 +733,17 @@ def test_a_reload_rebuilds_the_endpoint_and_keeps_the_old_one_on_a_bad_new_one(
     finally:
         if d.ready_server is not None:
             d.ready_server.stop()
+
+
+def test_the_port_clash_with_metrics_is_judged_on_numbers(tmp_path: Path) -> None:
+    """Review of issue 13: Arabic-Indic digits (which int() takes) or a
+    leading zero passed the textual comparison, then failed to bind."""
+    tmp_path.chmod(0o755)
+    conf = tmp_path / "agent.yaml"
+    for port in ("09470", "\u0669\u0664\u0667\u0660", "+9470"):
+        conf.write_text(f"metrics:\n  listen: 127.0.0.1:9470\n"
+                        f"host_ready:\n  listen: '127.0.0.1:{port}'\n")
+        conf.chmod(0o644)
+        with pytest.raises(ConfigError) as e:
+            load_agent_config(conf)
+        assert "host_ready.listen" in str(e.value), port
