@@ -74,7 +74,10 @@ def set_drained(state_dir: Path, drained: bool, reason: str = "") -> dict[str, A
     if before["drained"] == drained:
         return {**before, "changed": False}
     now = {"drained": drained, "since": round(time.time(), 3), "reason": reason}
-    atomic_write(state_dir / STATE_FILE, json.dumps(now) + "\n", 0o644)
+    # like the other state files: root and the state directory's group (the
+    # admin group, state.secure_state_dir)
+    group = state_dir.stat().st_gid if state_dir.is_dir() else None
+    atomic_write(state_dir / STATE_FILE, json.dumps(now) + "\n", 0o640, group)
     return {**now, "changed": True}
 
 
