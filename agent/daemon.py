@@ -62,7 +62,8 @@ MAX_WORKERS = MAX_ADMIN_WORKERS + MAX_OTHER_WORKERS
 # finished or reverted before new requests come) and may wait out a drain's
 # grace period, longer than the unit's start timeout: while it runs, the
 # daemon asks systemd for more time (EXTEND_TIMEOUT_USEC, sd_notify(3)),
-# EXTEND_BY at a time every EXTEND_EVERY, for at most RECOVERY_LIMIT.
+# EXTEND_BY at a time every EXTEND_EVERY, for as long as the services' own
+# limits allow (recovery_limit), at least RECOVERY_LIMIT.
 EXTEND_BY = 30.0
 EXTEND_EVERY = 5.0
 RECOVERY_LIMIT = 900.0
@@ -374,9 +375,10 @@ class Daemon:
         never makes systemd kill the daemon and restart-loop it."""
         done = threading.Event()
         t0 = time.monotonic()
+        limit = self.recovery_limit()
 
         def extend() -> None:
-            while time.monotonic() - t0 < RECOVERY_LIMIT:
+            while time.monotonic() - t0 < limit:
                 sd_notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}\nWATCHDOG=1\n"
                           f"STATUS=recovering interrupted swaps "
                           f"({time.monotonic() - t0:.0f}s)")
@@ -390,6 +392,19 @@ class Daemon:
         finally:
             done.set()
             ticker.join()
+
+    def recovery_limit(self) -> float:
+        """Seconds recovery may take at most: for every service, each replica
+        gated, baked, held and drained one after another (a bound, not an
+        estimate), and never under RECOVERY_LIMIT. A recovery past it is
+        hung: systemd's start timeout then ends it."""
+        try:
+            services = load_all(self.paths.config_dir)
+        except (ZddError, OSError):
+            return RECOVERY_LIMIT
+        bound = sum(s.replicas * (s.ready.deadline + s.min_ready + s.drain.pre_stop_delay
+                                  + s.drain.grace_period) + 60 for s in services)
+        return max(RECOVERY_LIMIT, bound)
 
     def recover_later(self, name: str, delay: float = 2.0) -> None:
         """A swap that ended in an error leaves its intent: recover it now,

@@ -131,3 +131,27 @@ def test_other_users_get_no_swap_reason_in_status() -> None:
     assert "zdd-agent history" in out[0]["last_swap"]["reason"]
     assert out[1]["last_swap"]["reason"] == "" and out[2]["last_swap"] is None
     assert daemon.redact("doctor", {"x": 1}) == {"x": 1}
+
+
+def test_recovery_may_last_as_long_as_the_services_limits(tmp_path: Path) -> None:
+    """Review of issue 13: a grace period of up to 1 h was accepted while
+    recovery's extension of the start timeout stopped at 15 min."""
+    from agent.config import load_agent_config
+    from agent.deploy import Paths
+
+    tmp_path.chmod(0o755)
+    services = tmp_path / "services"
+    services.mkdir(mode=0o755)
+    agent_yaml = tmp_path / "agent.yaml"
+    agent_yaml.write_text("{}\n")
+    agent_yaml.chmod(0o644)
+    d = daemon.Daemon(Paths(config_dir=services, state_dir=tmp_path / "state",
+                            agent_config=agent_yaml), load_agent_config(agent_yaml))
+    assert d.recovery_limit() == daemon.RECOVERY_LIMIT  # no service: the floor
+    cfg = services / "api.yaml"
+    cfg.write_text("name: api\ncommand: /bin/true\nlisten: ['127.0.0.1:8080']\n"
+                   "replicas: 2\nready: {type: notify, deadline: 60s}\n"
+                   "drain: {grace_period: 1h, pre_stop_delay: 10s}\n"
+                   "strategy: {min_ready: 5s}\n")
+    cfg.chmod(0o644)
+    assert d.recovery_limit() == 2 * (60 + 5 + 10 + 3600) + 60
