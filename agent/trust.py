@@ -54,13 +54,14 @@ def runs_as_root(user: str | None) -> bool:
 
 
 def untrusted_argv(argv: list[str] | tuple[str, ...]) -> str | None:
-    """untrusted() of every argument that names an existing file by its
-    absolute path: the executable, and what an interpreter would run
-    (`/bin/sh /opt/hooks/x.sh`, `python3 /opt/hooks/x.py`); the first
-    reason found, or None."""
+    """untrusted() of the executable and of every argument that names an
+    existing file as a path (absolute, or relative with a slash: transient
+    units run in /), i.e. what an interpreter would run (`/bin/sh
+    /opt/hooks/x.sh`, `env python3 hooks/x.py`); the first reason, or None."""
     for i, arg in enumerate(argv):
-        if i == 0 or (os.path.isabs(arg) and os.path.exists(arg)):
-            why = untrusted(arg)
+        path = arg if os.path.isabs(arg) else os.path.join("/", arg)
+        if i == 0 or ("/" in arg and os.path.exists(path)):
+            why = untrusted(path if i else arg)
             if why is not None:
                 return f"{arg}: {why}" if i else why
     return None

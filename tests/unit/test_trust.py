@@ -135,7 +135,12 @@ def test_what_runs_as_root_is_checked_whole_and_for_any_name_of_root(root_dir: P
     os.chmod(open_dir, 0o755)
     preflight(svc("nobody", (str(hook),)), "v1")
     # arguments that are not files (a URL, a word) are not paths to check
-    preflight(svc(None, ("/bin/true", "http://127.0.0.1:8080/", "--flag")), "v1")
+    preflight(svc(None, ("/bin/true", "http://127.0.0.1:8080/", "--flag", "tmp")), "v1")
+    # a relative path is relative to /, where the transient unit runs
+    rel = str(hook).lstrip("/")
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        preflight(svc(None, ("/usr/bin/env", "sh", rel)), "v1")
 
 
 def test_a_root_hook_that_became_writable_is_refused_at_run_time(root_dir: Path) -> None:
