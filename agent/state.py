@@ -108,8 +108,9 @@ class StateStore:
         d = self.root / sub
         d.mkdir(exist_ok=True, mode=DIR_MODE)
         tighten(self.root, DIR_MODE)
-        tighten(d, DIR_MODE)
-        return d, os.stat(self.root).st_gid
+        gid = os.stat(self.root).st_gid
+        tighten(d, DIR_MODE, (os.geteuid(), gid))  # the admin group reads what is in it
+        return d, gid
 
     def _denied(self, path: Path) -> StateDenied:
         return StateDenied(f"{path}: permission denied: the state is readable by root and "

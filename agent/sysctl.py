@@ -124,8 +124,11 @@ class Sysctl:
             recorded = json.loads(restore_path.read_text())
         for c in todo:
             recorded.setdefault(c.key, c.old or "")
-        if todo:
-            atomic_write(restore_path, json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        if todo:  # in the state directory: root and its group, like the other state files
+            parent = restore_path.parent
+            group = parent.stat().st_gid if parent.is_dir() else None
+            atomic_write(restore_path, json.dumps(recorded, indent=1, sort_keys=True) + "\n",
+                         0o640, group)
         for c in todo:
             self._write(c.key, c.new)
         return todo

@@ -16,28 +16,99 @@ import stat
 from .errors import ConfigError
 
 
+MAX_LINKS = 40  # symbolic links followed in one path, as the kernel's ELOOP limit
+MAX_TREE = 10_000  # entries checked under a directory argument
+
+
+def _bad(st: os.stat_result, path: str, what: str) -> str | None:
+    if st.st_uid != 0:
+        return f"{what} {path} is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{what} {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})")
+    return None
+
+
 def untrusted(path: str) -> str | None:
     """Why `path` may be changed by someone other than root, or None.
 
-    Checks the resolved file, then each ancestor directory to /: owner uid 0
-    and no write bit for group or others (a sticky directory such as /tmp is
-    refused too: another user may own the entry's name before root does)."""
-    real = os.path.realpath(path)
-    here = real
-    while True:
+    Resolves the path one component at a time from /, as the kernel does,
+    and checks every directory it passes through, including those that hold
+    a symbolic link on the way (whoever may write there may re-point the
+    link), and the file it ends at: owner uid 0 and no write bit for group
+    or others (a sticky directory such as /tmp is refused too: another user
+    may own an entry's name before root does)."""
+    st = os.stat("/")
+    why = _bad(st, "/", "directory")
+    if why is not None:
+        return why
+    todo = [c for c in path.split("/") if c]
+    cur, links = "/", 0
+    while todo:
+        comp = todo.pop(0)
+        if comp == ".":
+            continue
+        if comp == "..":
+            cur = os.path.dirname(cur) or "/"
+            continue
+        nxt = os.path.join(cur, comp)
         try:
-            st = os.stat(here)
+            st = os.lstat(nxt)
         except OSError as e:
-            return f"{here}: {e.strerror}"
-        what = "the file" if here == real else "directory"
-        if st.st_uid != 0:
-            return f"{what} {here} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return (f"{what} {here} is writable by group or others "
-                    f"(mode {stat.S_IMODE(st.st_mode):04o})")
-        if here == "/":
-            return None
-        here = os.path.dirname(here)
+            return f"{path if not todo else nxt}: {e.strerror}"
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                return f"{path}: too many levels of symbolic links"
+            target = os.readlink(nxt)
+            todo = [c for c in target.split("/") if c] + todo
+            if target.startswith("/"):
+                cur = "/"
+            continue
+        final_file = not todo and not stat.S_ISDIR(st.st_mode)
+        why = _bad(st, nxt, "the file" if final_file else "directory")
+        if why is not None:
+            return why
+        cur = nxt
+    return None
+
+
+def untrusted_exec(path: str, depth: int = 0) -> str | None:
+    """untrusted() of a program and, for a script (#!), of its interpreter,
+    in turn (four levels at most); a directory (python3 /opt/pkg runs its
+    __main__.py): every entry under it, at most MAX_TREE."""
+    why = untrusted(path)
+    if why is not None:
+        return why
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        return _untrusted_tree(real)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        return f"{real}: {e.strerror}"
+    if head.startswith(b"#!") and depth < 4:
+        words = head[2:].split(b"\n", 1)[0].split()
+        if words:
+            interp = words[0].decode(errors="replace")
+            why = untrusted_exec(interp, depth + 1)
+            if why is not None:
+                return f"its interpreter {interp}: {why}"
+    return None
+
+
+def _untrusted_tree(top: str) -> str | None:
+    count = 0
+    for dirpath, dirs, files in os.walk(top):
+        for name in dirs + files:
+            count += 1
+            if count > MAX_TREE:
+                return f"{top} holds more than {MAX_TREE} entries to check"
+            why = untrusted(os.path.join(dirpath, name))
+            if why is not None:
+                return why
+    return None
 
 
 def runs_as_root(user: str | None) -> bool:
@@ -60,8 +131,8 @@ def untrusted_argv(argv: list[str] | tuple[str, ...]) -> str | None:
     /opt/hooks/x.sh`, `env python3 hooks/x.py`); the first reason, or None."""
     for i, arg in enumerate(argv):
         path = arg if os.path.isabs(arg) else os.path.join("/", arg)
-        if i == 0 or ("/" in arg and os.path.exists(path)):
-            why = untrusted(path if i else arg)
+        if i == 0 or ("/" in arg and os.path.lexists(path)):
+            why = untrusted_exec(path if i else arg)
             if why is not None:
                 return f"{arg}: {why}" if i else why
     return None

@@ -139,7 +139,7 @@ def test_what_runs_as_root_is_checked_whole_and_for_any_name_of_root(root_dir: P
     # a relative path is relative to /, where the transient unit runs
     rel = str(hook).lstrip("/")
     os.chmod(open_dir, 0o777)
-    with pytest.raises(ConfigError, match="owned by uid 65534"):
+    with pytest.raises(ConfigError, match=f"directory {open_dir} is writable"):
         preflight(svc(None, ("/usr/bin/env", "sh", rel)), "v1")
 
 
@@ -162,3 +162,45 @@ def test_a_root_hook_that_became_writable_is_refused_at_run_time(root_dir: Path)
     ok, detail = ops.run_hook("on_rollback", {"ZDD_TO_VERSION": "v1"})  # type: ignore[misc]
     assert not ok and detail == (f"refused to run {hook} as root: the file {hook} is writable "
                                  "by group or others (mode 0777)")
+
+
+def test_links_interpreters_and_directories_on_the_way_are_checked(root_dir: Path) -> None:
+    """Second review of issue 13: a link in a directory others may write (they
+    re-point it between the check and the exec), a root script whose #!
+    interpreter others own, and a directory argument (python3 /opt/pkg runs
+    its __main__.py) ran as root."""
+    from agent.trust import untrusted_argv
+
+    good = script(root_dir / "good.sh")
+    open_dir = root_dir / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    (open_dir / "link.sh").symlink_to(good)
+    assert untrusted(str(open_dir / "link.sh")) == \
+        f"directory {open_dir} is writable by group or others (mode 0777)"
+    (root_dir / "via.sh").symlink_to(open_dir / "link.sh")  # root's link into it
+    assert "writable by group or others" in (untrusted(str(root_dir / "via.sh")) or "")
+    # a root script whose interpreter is someone else's
+    theirs = root_dir / "theirs"
+    theirs.mkdir()
+    interp = script(theirs / "interp")
+    os.chown(theirs, 65534, 65534)
+    shebang = root_dir / "shebang.sh"
+    shebang.write_text(f"#!{interp}\n")
+    os.chmod(shebang, 0o755)
+    assert untrusted_argv([str(shebang)]) == \
+        f"its interpreter {interp}: directory {theirs} is owned by uid 65534, not root"
+    # a directory argument: what is inside counts
+    pkg = root_dir / "pkg"
+    pkg.mkdir()
+    main = pkg / "__main__.py"
+    main.write_text("print('hi')\n")
+    os.chmod(main, 0o666)
+    assert untrusted_argv(["/usr/bin/python3", str(pkg)]) == \
+        f"{pkg}: the file {main} is writable by group or others (mode 0666)"
+    os.chmod(main, 0o644)
+    assert untrusted_argv(["/usr/bin/python3", str(pkg)]) is None
+    # a link loop is an answer, not a hang
+    (root_dir / "loop").symlink_to(root_dir / "loop")
+    assert untrusted(str(root_dir / "loop")) == f"{root_dir / 'loop'}: too many levels of " \
+                                                "symbolic links"
