@@ -156,15 +156,20 @@ def test_the_state_directory_is_root_and_the_admin_groups_under_the_real_unit(
     the next start."""
     code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
+
+    def mode(path: str) -> str:
+        return dhost.sb.run(["stat", "-c", "%a %U:%G", path], capture=True).stdout.strip()
+
+    # the first writes already: a new subdirectory gets the admin group
+    first = {p: mode(p) for p in ("/var/lib/zdd-agent/services", STATE)}
+    assert first == {"/var/lib/zdd-agent/services": "750 root:zdd-admin",
+                     STATE: "640 root:zdd-admin"}, first
     loose = dhost.sb.path("/var/lib/zdd-agent/services/old.json")
     loose.write_text("{}")
     loose.chmod(0o666)
     pid = daemon_active(dhost)
     dhost.sb.run(["systemctl", "restart", "zdd-agent.service"])
     wait_for(lambda: daemon_active(dhost) not in (0, pid), 30, "the restarted daemon")
-
-    def mode(path: str) -> str:
-        return dhost.sb.run(["stat", "-c", "%a %U:%G", path], capture=True).stdout.strip()
 
     found = {p: mode(p) for p in ("/var/lib/zdd-agent", "/var/lib/zdd-agent/services",
                                   STATE, "/var/lib/zdd-agent/services/old.json")}
