@@ -27,7 +27,8 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
-from .trust import cannot_execute, check_root_argv, runs_as_root, untrusted_argv
+from .trust import (cannot_execute, check_root_argv, runs_as_root, untrusted_argv,
+                    untrusted_env)
 from .systemd import Systemd, journal_tail
 
 
@@ -58,24 +59,29 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             raise ConfigError(f"{svc.path}: user: no such user {svc.user!r} on this host",
                               file=str(svc.path), key="user") from None
         # systemd would fail the start with 203/EXEC: say why before anything stops
-        for key, argv in (("command", svc.argv(version)), *_agent_runs(svc)):
+        for key, argv in (("command", svc.argv(version)), *_agent_runs(svc, version)):
             why = cannot_execute(argv[0], svc.user)
             if why is not None:
                 raise ConfigError(f"{svc.path}: {key}: {argv[0]} cannot run as user "
                                   f"{svc.user}: {why}", file=str(svc.path), key=key)
     # hooks and exec probes run as root: root's alone (trust.py)
     if os.geteuid() == 0 and runs_as_root(svc.user):
-        for key, argv in _agent_runs(svc):
+        for key, argv in _agent_runs(svc, version):
             check_root_argv(argv, key, str(svc.path))
+        bad = untrusted_env(dict(svc.environment))
+        if bad is not None:
+            raise ConfigError(f"{svc.path}: environment.{bad[0]}: hooks and probes run as root "
+                              f"with it, but {bad[1]}: only root may be able to change what "
+                              "it names", file=str(svc.path), key=f"environment.{bad[0]}")
 
 
-def _agent_runs(svc: ServiceConfig) -> list[tuple[str, list[str]]]:
+def _agent_runs(svc: ServiceConfig, version: str) -> list[tuple[str, list[str]]]:
     """(config key, argv) of what the agent runs for a service: its hooks and
-    its exec probe."""
+    its exec probe, {version} filled in as for this swap."""
     runs = [(f"hooks.{n}.command", list(h.command)) for n, h in svc.hooks]
     if svc.ready.command:
         runs.append(("ready.command", list(svc.ready.command)))
-    return runs
+    return [(key, [a.replace("{version}", version) for a in argv]) for key, argv in runs]
 
 
 def _listen_lines(text: str | None) -> list[str]:
@@ -156,6 +162,9 @@ class SystemdOps:
             # checked again at each run: recovery and the watch run hooks and
             # probes with the config as it is now, without a preflight
             why = untrusted_argv(argv)
+            bad = untrusted_env({**dict(self.svc.environment), **env})
+            if why is None and bad is not None:
+                why = f"environment {bad[0]}: {bad[1]}"
             if why is not None:
                 return ProbeResult(False, f"refused to run {argv[0]} as root: {why}")
         try:

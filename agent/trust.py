@@ -11,7 +11,10 @@ the same way, since the real path is what runs).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import stat
+from collections.abc import Mapping
 
 from .errors import ConfigError
 
@@ -74,37 +77,39 @@ def untrusted(path: str) -> str | None:
 
 
 def untrusted_exec(path: str, depth: int = 0) -> str | None:
-    """untrusted() of a program and, for a script (#!), of its interpreter,
-    in turn (four levels at most); a directory (python3 /opt/pkg runs its
-    __main__.py): every entry under it, at most MAX_TREE."""
+    """untrusted() of a program and, for a script, of its #! line read as a
+    command line (untrusted_argv: `#!/usr/bin/env X`, `#!/bin/sh /x`), up
+    to the kernel's MAX_SHEBANG levels; deeper is refused, never assumed."""
     why = untrusted(path)
     if why is not None:
         return why
     real = os.path.realpath(path)
     if os.path.isdir(real):
-        return _untrusted_tree(real)
+        return f"{real} is a directory"
     try:
         with open(real, "rb") as f:
             head = f.read(256)
     except OSError as e:
         return f"{real}: {e.strerror}"
-    if head.startswith(b"#!") and depth < 4:
-        words = head[2:].split(b"\n", 1)[0].split()
-        if words:
-            interp = words[0].decode(errors="replace")
-            why = untrusted_exec(interp, depth + 1)
-            if why is not None:
-                return f"its interpreter {interp}: {why}"
-    return None
+    if not head.startswith(b"#!"):
+        return None
+    if depth >= MAX_SHEBANG:
+        return f"{real}: more than {MAX_SHEBANG} levels of #! interpreters to check"
+    words = [w.decode(errors="replace") for w in head[2:].split(b"\n", 1)[0].split()]
+    why = untrusted_argv(words, depth + 1) if words else None
+    return None if why is None else f"its #! line {' '.join(words)}: {why}"
 
 
 def _untrusted_tree(top: str) -> str | None:
+    """untrusted() of everything under `top`, linked directories followed,
+    at most MAX_TREE entries (more is refused: nothing is assumed)."""
     count = 0
-    for dirpath, dirs, files in os.walk(top):
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
         for name in dirs + files:
             count += 1
             if count > MAX_TREE:
-                return f"{top} holds more than {MAX_TREE} entries to check"
+                return (f"{top} holds more than {MAX_TREE} entries to check (give the "
+                        "hook a directory of its own)")
             why = untrusted(os.path.join(dirpath, name))
             if why is not None:
                 return why
@@ -124,17 +129,80 @@ def runs_as_root(user: str | None) -> bool:
         return False  # refused elsewhere: no such user
 
 
-def untrusted_argv(argv: list[str] | tuple[str, ...]) -> str | None:
-    """untrusted() of the executable and of every argument that names an
-    existing file as a path (absolute, or relative with a slash: transient
-    units run in /), i.e. what an interpreter would run (`/bin/sh
-    /opt/hooks/x.sh`, `env python3 hooks/x.py`); the first reason, or None."""
-    for i, arg in enumerate(argv):
+def _program(argv0: str) -> str:
+    """The program's name as the kernel finds it: python3 -> python3.11."""
+    return os.path.basename(os.path.realpath(argv0))
+
+
+def untrusted_argv(argv: list[str] | tuple[str, ...], depth: int = 0) -> str | None:
+    """Why the command line `argv`, run as root, may run code another user
+    can change, or None. Checked: the executable with its #! chain
+    (untrusted_exec); through env(1), the program it runs; for an
+    interpreter (INTERPRETERS), every argument that names a file or a
+    directory as a path (absolute, or relative with a slash: transient
+    units run in /), all that is under a directory, and for a script the
+    directory it sits in (Python puts it first on sys.path). The arguments
+    of other programs are their data (`curl -o /dev/null`, `find /etc`)."""
+    if not argv:
+        return None
+    why = untrusted_exec(argv[0], depth)
+    if why is not None:
+        return why
+    prog, rest = _program(argv[0]), list(argv[1:])
+    if prog == "env":
+        i = 0
+        while i < len(rest) and (rest[i].startswith("-") or "=" in rest[i]):
+            i += 1
+        if i == len(rest):
+            return None
+        target = rest[i] if "/" in rest[i] else (shutil.which(rest[i]) or rest[i])
+        return untrusted_argv([target, *rest[i + 1:]], depth)
+    if not INTERPRETERS.fullmatch(prog):
+        return None
+    for arg in rest:
         path = arg if os.path.isabs(arg) else os.path.join("/", arg)
-        if i == 0 or ("/" in arg and os.path.lexists(path)):
-            why = untrusted_exec(path if i else arg)
-            if why is not None:
-                return f"{arg}: {why}" if i else why
+        if "/" not in arg or not os.path.lexists(path):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            continue  # /dev/null, a FIFO: not code
+        why = untrusted(path)
+        if why is None and st is not None:
+            where = path if stat.S_ISDIR(st.st_mode) else os.path.dirname(
+                os.path.realpath(path))
+            why = _untrusted_tree(where)
+        if why is not None:
+            return f"{arg}: {why}"
+    return None
+
+
+# Programs whose arguments are code: a shell, Python, Perl, Ruby, Node, PHP, Lua.
+INTERPRETERS = re.compile(r"(ba|da|z|k|mk|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*|perl[0-9.]*"
+                          r"|ruby[0-9.]*|node(js)?|php[0-9.]*|lua[0-9.]*|busybox")
+MAX_SHEBANG = 5  # the kernel's #! recursion (fs/exec.c: bprm->interp_depth < 5)
+
+# Variables that make a program load code from elsewhere: as root, the
+# places they name must be root's alone too.
+CODE_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
+            "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_PATH",
+            "NODE_OPTIONS", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "CLASSPATH")
+
+
+def untrusted_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, why) for the first CODE_ENV variable that names a path
+    another user can change (entries split at ':' and whitespace); None."""
+    for key in CODE_ENV:
+        value = env.get(key)
+        if not value:
+            continue
+        for entry in re.split(r"[:\s]+", value):
+            if entry.startswith("/") and os.path.lexists(entry):
+                why = untrusted(entry)
+                if why is not None:
+                    return key, f"{entry}: {why}"
     return None
 
 

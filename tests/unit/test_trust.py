@@ -189,7 +189,7 @@ def test_links_interpreters_and_directories_on_the_way_are_checked(root_dir: Pat
     shebang.write_text(f"#!{interp}\n")
     os.chmod(shebang, 0o755)
     assert untrusted_argv([str(shebang)]) == \
-        f"its interpreter {interp}: directory {theirs} is owned by uid 65534, not root"
+        f"its #! line {interp}: directory {theirs} is owned by uid 65534, not root"
     # a directory argument: what is inside counts
     pkg = root_dir / "pkg"
     pkg.mkdir()
@@ -204,3 +204,84 @@ def test_links_interpreters_and_directories_on_the_way_are_checked(root_dir: Pat
     (root_dir / "loop").symlink_to(root_dir / "loop")
     assert untrusted(str(root_dir / "loop")) == f"{root_dir / 'loop'}: too many levels of " \
                                                 "symbolic links"
+
+
+def test_the_third_review_interpreter_lines_depth_trees_siblings_and_data(
+        root_dir: Path) -> None:
+    """Third review of issue 13: what still ran another user's file as root,
+    and what was refused that should not be."""
+    from agent.trust import MAX_SHEBANG, untrusted_argv, untrusted_env
+
+    open_dir = root_dir / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    evil = script(open_dir / "evil", 0o777)
+    # 1. the words after the interpreter on a #! line: env's program, sh's script
+    for line in (f"#!/usr/bin/env {evil}", f"#!/bin/sh {evil}"):
+        s = root_dir / "shebang.sh"
+        s.write_text(line + "\n")
+        os.chmod(s, 0o755)
+        assert "writable by group or others" in (untrusted_argv([str(s)]) or ""), line
+    # 2. the kernel follows 5 levels of #!: a chain deeper than we check is refused
+    prev = "/bin/true"
+    for i in range(MAX_SHEBANG + 1):
+        step = root_dir / f"i{i}"
+        step.write_text(f"#!{prev}\n")
+        os.chmod(step, 0o755)
+        prev = str(step)
+    assert "levels of #! interpreters to check" in (untrusted_argv([prev]) or "")
+    # 3. a linked directory under a directory argument is walked
+    lib = root_dir / "userlib"
+    lib.mkdir()
+    init = lib / "__init__.py"
+    init.write_text("")
+    os.chown(init, 65534, 65534)
+    pkg = root_dir / "pkg2"
+    pkg.mkdir()
+    (pkg / "__main__.py").write_text("import userlib\n")
+    (pkg / "userlib").symlink_to(lib)
+    assert "owned by uid 65534" in (untrusted_argv(["/usr/bin/python3", str(pkg)]) or "")
+    # 4. beside a script: Python puts its directory first on sys.path
+    py = root_dir / "py"
+    py.mkdir()
+    (py / "x.py").write_text("import json\n")
+    shadow = py / "json.py"
+    shadow.write_text("")
+    os.chown(shadow, 65534, 65534)
+    assert untrusted_argv(["/usr/bin/python3", str(py / "x.py")]) == \
+        f"{py / 'x.py'}: the file {shadow} is owned by uid 65534, not root"
+    # data, not code: the arguments of a program that is not an interpreter,
+    # devices, URLs; and env(1) finding python3 on PATH
+    assert untrusted_argv(["/usr/bin/curl", "-sf", "-o", "/dev/null",
+                           "http://127.0.0.1:8080/"]) is None
+    assert untrusted_argv(["/usr/bin/find", "/tmp", "-name", "x"]) is None
+    assert untrusted_argv(["/usr/bin/env", "python3", "-m", "json.tool", "/dev/null"]) is None
+    assert untrusted_argv(["/bin/sh", "-c", "echo hi", "/dev/null"]) is None
+    # the environment a root hook gets
+    assert untrusted_env({"PYTHONPATH": f"/usr/lib:{open_dir}"}) == (
+        "PYTHONPATH", f"{open_dir}: directory {open_dir} is writable by group or others "
+                      "(mode 0777)")
+    assert untrusted_env({"PATH": "/usr/local/bin:/usr/bin:/bin", "GREETING": "/tmp"}) is None
+
+
+def test_preflight_fills_in_the_version_and_checks_the_environment(root_dir: Path) -> None:
+    """A post_start hook under /releases/{version}/ was refused as missing;
+    a PYTHONPATH into a directory others may write was passed to root hooks."""
+    from agent.config import Hook, Listen, ServiceConfig
+    from agent.deploy import preflight
+
+    (root_dir / "v7").mkdir()
+    script(root_dir / "v7" / "warm.sh")
+    hook = Hook((f"{root_dir}/{{version}}/warm.sh", "{instance_port}"), 5.0)
+    svc = ServiceConfig(name="api", command=("/bin/true",), listen=(Listen("127.0.0.1", 8080),),
+                        path=Path("/x/api.yaml"), hooks=(("post_start", hook),))
+    preflight(svc, "v7")
+    open_dir = root_dir / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    env = (("PYTHONPATH", str(open_dir)),)
+    with pytest.raises(ConfigError) as e:
+        preflight(ServiceConfig(**{**svc.__dict__, "environment": env}), "v7")
+    assert str(e.value).startswith("/x/api.yaml: environment.PYTHONPATH: hooks and probes run "
+                                   f"as root with it, but {open_dir}: directory {open_dir} is "
+                                   "writable by group or others")
