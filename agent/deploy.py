@@ -27,8 +27,8 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
-from .trust import (cannot_execute, check_root_argv, runs_as_root, untrusted_argv,
-                    untrusted_env)
+from .trust import (DEFAULT_PATH, cannot_execute, check_root_argv, runs_as_root,
+                    untrusted_argv, untrusted_env)
 from .systemd import Systemd, journal_tail
 
 
@@ -66,8 +66,9 @@ def preflight(svc: ServiceConfig, version: str) -> None:
                                   f"{svc.user}: {why}", file=str(svc.path), key=key)
     # hooks and exec probes run as root: root's alone (trust.py)
     if os.geteuid() == 0 and runs_as_root(svc.user):
+        path_env = dict(svc.environment).get("PATH", DEFAULT_PATH)
         for key, argv in _agent_runs(svc, version):
-            check_root_argv(argv, key, str(svc.path))
+            check_root_argv(argv, key, str(svc.path), path_env)
         bad = untrusted_env(dict(svc.environment))
         if bad is not None:
             raise ConfigError(f"{svc.path}: environment.{bad[0]}: hooks and probes run as root "
@@ -161,8 +162,9 @@ class SystemdOps:
         if os.geteuid() == 0 and runs_as_root(self.svc.user):
             # checked again at each run: recovery and the watch run hooks and
             # probes with the config as it is now, without a preflight
-            why = untrusted_argv(argv)
-            bad = untrusted_env({**dict(self.svc.environment), **env})
+            full_env = {**dict(self.svc.environment), **env}
+            why = untrusted_argv(argv, path_env=full_env.get("PATH", DEFAULT_PATH))
+            bad = untrusted_env(full_env)
             if why is None and bad is not None:
                 why = f"environment {bad[0]}: {bad[1]}"
             if why is not None:

@@ -20,7 +20,6 @@ from .errors import ConfigError
 
 
 MAX_LINKS = 40  # symbolic links followed in one path, as the kernel's ELOOP limit
-MAX_TREE = 10_000  # entries checked under a directory argument
 
 
 def _bad(st: os.stat_result, path: str, what: str) -> str | None:
@@ -33,6 +32,13 @@ def _bad(st: os.stat_result, path: str, what: str) -> str | None:
 
 
 def untrusted(path: str) -> str | None:
+    try:
+        return _untrusted(path)
+    except OSError as e:  # readlink of /proc/1/cwd and the like: a reason, not a crash
+        return f"{path}: {e.strerror or e}"
+
+
+def _untrusted(path: str) -> str | None:
     """Why `path` may be changed by someone other than root, or None.
 
     Resolves the path one component at a time from /, as the kernel does,
@@ -78,14 +84,15 @@ def untrusted(path: str) -> str | None:
 
 def untrusted_exec(path: str, depth: int = 0) -> str | None:
     """untrusted() of a program and, for a script, of its #! line read as a
-    command line (untrusted_argv: `#!/usr/bin/env X`, `#!/bin/sh /x`), up
+    command line (untrusted_argv: `#!/usr/bin/env X`, `#!/bin/sh -e`), up
     to the kernel's MAX_SHEBANG levels; deeper is refused, never assumed."""
     why = untrusted(path)
     if why is not None:
         return why
     real = os.path.realpath(path)
     if os.path.isdir(real):
-        return f"{real} is a directory"
+        main = os.path.join(real, "__main__.py")  # python3 DIR runs DIR/__main__.py
+        return untrusted(main) if os.path.lexists(main) else f"{real} is a directory"
     try:
         with open(real, "rb") as f:
             head = f.read(256)
@@ -98,22 +105,6 @@ def untrusted_exec(path: str, depth: int = 0) -> str | None:
     words = [w.decode(errors="replace") for w in head[2:].split(b"\n", 1)[0].split()]
     why = untrusted_argv(words, depth + 1) if words else None
     return None if why is None else f"its #! line {' '.join(words)}: {why}"
-
-
-def _untrusted_tree(top: str) -> str | None:
-    """untrusted() of everything under `top`, linked directories followed,
-    at most MAX_TREE entries (more is refused: nothing is assumed)."""
-    count = 0
-    for dirpath, dirs, files in os.walk(top, followlinks=True):
-        for name in dirs + files:
-            count += 1
-            if count > MAX_TREE:
-                return (f"{top} holds more than {MAX_TREE} entries to check (give the "
-                        "hook a directory of its own)")
-            why = untrusted(os.path.join(dirpath, name))
-            if why is not None:
-                return why
-    return None
 
 
 def runs_as_root(user: str | None) -> bool:
@@ -129,20 +120,41 @@ def runs_as_root(user: str | None) -> bool:
         return False  # refused elsewhere: no such user
 
 
+# Programs whose file arguments are code: shells, Python, Perl, Ruby, Node,
+# PHP, Lua, Tcl, awk, busybox, by the name of the file they resolve to.
+INTERPRETERS = re.compile(
+    r"(?:ba|da|z|k|mk|lk|c|bsd-c|tc|fi|ya|a|po|r|rba)?sh(?:[0-9.]*|-static)?|ksh93|busybox"
+    r"|(?:python|pypy|perl|ruby|node|nodejs|php|php-cgi|lua|luajit|tclsh|wish|[gm]?awk)"
+    r"[0-9.]*(?:[-_][0-9a-z._-]+)?[dmu]?")
+MAX_SHEBANG = 5  # the kernel's #! recursion (fs/exec.c: bprm->interp_depth < 5)
+# What systemd gives a unit without Environment=PATH (path-lookup.h, DEFAULT_PATH)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ENV_FLAGS = ("-i", "--ignore-environment", "-", "--")
+
+
 def _program(argv0: str) -> str:
     """The program's name as the kernel finds it: python3 -> python3.11."""
     return os.path.basename(os.path.realpath(argv0))
 
 
-def untrusted_argv(argv: list[str] | tuple[str, ...], depth: int = 0) -> str | None:
+def _as_path(arg: str) -> str | None:
+    """The path an argument names (relative ones from /, where transient
+    units run), or None for a word, an option, a URL."""
+    if "/" not in arg or arg.startswith("-") or "://" in arg:
+        return None
+    return arg if os.path.isabs(arg) else os.path.join("/", arg)
+
+
+def untrusted_argv(argv: list[str] | tuple[str, ...], depth: int = 0,
+                   path_env: str = DEFAULT_PATH) -> str | None:
     """Why the command line `argv`, run as root, may run code another user
-    can change, or None. Checked: the executable with its #! chain
-    (untrusted_exec); through env(1), the program it runs; for an
-    interpreter (INTERPRETERS), every argument that names a file or a
-    directory as a path (absolute, or relative with a slash: transient
-    units run in /), all that is under a directory, and for a script the
-    directory it sits in (Python puts it first on sys.path). The arguments
-    of other programs are their data (`curl -o /dev/null`, `find /etc`)."""
+    can change, or None. Checked, each along its whole path (untrusted()):
+    the executable and its #! chain; through env(1), the program it runs
+    (found on `path_env`; env options other than -i are refused, -S and -u
+    would hide it); for an interpreter (INTERPRETERS), every argument that
+    names a regular file or a Python directory, or a file yet to come in a
+    directory others may write. Not followed: wrappers (timeout, nice,
+    flock), `-c` strings, `--opt=/path` values, what a script imports."""
     if not argv:
         return None
     why = untrusted_exec(argv[0], depth)
@@ -151,65 +163,75 @@ def untrusted_argv(argv: list[str] | tuple[str, ...], depth: int = 0) -> str | N
     prog, rest = _program(argv[0]), list(argv[1:])
     if prog == "env":
         i = 0
-        while i < len(rest) and (rest[i].startswith("-") or "=" in rest[i]):
+        while i < len(rest) and (rest[i] in ENV_FLAGS or
+                                 (not rest[i].startswith("-") and "=" in rest[i])):
             i += 1
+        if i < len(rest) and rest[i].startswith("-"):
+            return (f"env option {rest[i]!r}: only -i is followed (-S, -u, -C hide the "
+                    "program env runs); name the program directly")
         if i == len(rest):
             return None
-        target = rest[i] if "/" in rest[i] else (shutil.which(rest[i]) or rest[i])
-        return untrusted_argv([target, *rest[i + 1:]], depth)
+        target = rest[i] if "/" in rest[i] else (shutil.which(rest[i], path=path_env)
+                                                 or rest[i])
+        return untrusted_argv([target, *rest[i + 1:]], depth, path_env)
     if not INTERPRETERS.fullmatch(prog):
-        return None
+        return None  # the arguments of other programs are their data
     for arg in rest:
-        path = arg if os.path.isabs(arg) else os.path.join("/", arg)
-        if "/" not in arg or not os.path.lexists(path):
+        path = _as_path(arg)
+        if path is None:
             continue
         try:
             st = os.stat(path)
         except OSError:
-            st = None
-        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            continue  # /dev/null, a FIFO: not code
-        why = untrusted(path)
-        if why is None and st is not None:
-            where = path if stat.S_ISDIR(st.st_mode) else os.path.dirname(
-                os.path.realpath(path))
-            why = _untrusted_tree(where)
+            parent = os.path.dirname(path.rstrip("/")) or "/"
+            why = untrusted(parent) if os.path.isdir(parent) else None
+            if why is not None:  # another user could put a script there in time
+                return f"{arg} (not there yet): {why}"
+            continue
+        if stat.S_ISREG(st.st_mode):
+            why = untrusted(path)
+        elif stat.S_ISDIR(st.st_mode) and os.path.lexists(os.path.join(path, "__main__.py")):
+            why = untrusted(os.path.join(path, "__main__.py"))
+        else:
+            continue  # a directory of data, /dev/null, a FIFO
         if why is not None:
             return f"{arg}: {why}"
     return None
 
 
-# Programs whose arguments are code: a shell, Python, Perl, Ruby, Node, PHP, Lua.
-INTERPRETERS = re.compile(r"(ba|da|z|k|mk|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*|perl[0-9.]*"
-                          r"|ruby[0-9.]*|node(js)?|php[0-9.]*|lua[0-9.]*|busybox")
-MAX_SHEBANG = 5  # the kernel's #! recursion (fs/exec.c: bprm->interp_depth < 5)
-
 # Variables that make a program load code from elsewhere: as root, the
 # places they name must be root's alone too.
 CODE_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
-            "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_PATH",
-            "NODE_OPTIONS", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "CLASSPATH")
+            "PERL5LIB", "PERLLIB", "RUBYLIB", "NODE_PATH", "LUA_PATH", "LUA_CPATH",
+            "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH", "BASH_ENV", "ENV",
+            "CLASSPATH")
+# Variables whose value holds options that may load code: refused as root.
+CODE_OPTIONS = ("PERL5OPT", "RUBYOPT", "NODE_OPTIONS", "PYTHONINSPECT", "LUA_INIT")
 
 
 def untrusted_env(env: Mapping[str, str]) -> tuple[str, str] | None:
-    """(variable, why) for the first CODE_ENV variable that names a path
-    another user can change (entries split at ':' and whitespace); None."""
+    """(variable, why) for the first CODE_ENV variable that names a place
+    another user can change (entries split at ':' and whitespace, relative
+    ones from /; the places themselves, not what is inside them), or a
+    CODE_OPTIONS variable that is set at all; None."""
+    for key in CODE_OPTIONS:
+        if env.get(key):
+            return key, "it can make the program load code from anywhere; not allowed as root"
     for key in CODE_ENV:
-        value = env.get(key)
-        if not value:
-            continue
-        for entry in re.split(r"[:\s]+", value):
-            if entry.startswith("/") and os.path.lexists(entry):
-                why = untrusted(entry)
+        for entry in re.split(r"[:\s]+", env.get(key) or ""):
+            path = entry if entry.startswith("/") else (f"/{entry}" if entry else "")
+            if path and os.path.lexists(path):
+                why = untrusted(path)
                 if why is not None:
                     return key, f"{entry}: {why}"
     return None
 
 
-def check_root_argv(argv: list[str] | tuple[str, ...], key: str, file: str) -> None:
+def check_root_argv(argv: list[str] | tuple[str, ...], key: str, file: str,
+                    path_env: str = DEFAULT_PATH) -> None:
     """ConfigError (exit 2) naming the path and the fix when something
     `argv` runs as root could be changed by another user."""
-    why = untrusted_argv(argv)
+    why = untrusted_argv(argv, path_env=path_env)
     if why is not None:
         raise ConfigError(f"{file}: {key}: {argv[0]} runs as root, but {why}: only root may "
                           f"be able to change it (chown root; chmod go-w; as sshd's "

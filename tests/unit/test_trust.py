@@ -230,26 +230,18 @@ def test_the_third_review_interpreter_lines_depth_trees_siblings_and_data(
         os.chmod(step, 0o755)
         prev = str(step)
     assert "levels of #! interpreters to check" in (untrusted_argv([prev]) or "")
-    # 3. a linked directory under a directory argument is walked
-    lib = root_dir / "userlib"
-    lib.mkdir()
-    init = lib / "__init__.py"
-    init.write_text("")
-    os.chown(init, 65534, 65534)
-    pkg = root_dir / "pkg2"
-    pkg.mkdir()
-    (pkg / "__main__.py").write_text("import userlib\n")
-    (pkg / "userlib").symlink_to(lib)
-    assert "owned by uid 65534" in (untrusted_argv(["/usr/bin/python3", str(pkg)]) or "")
-    # 4. beside a script: Python puts its directory first on sys.path
+    # 3./4. what a script imports is not followed (documented): a linked
+    # directory beside it, a module beside it; the script itself is checked
     py = root_dir / "py"
     py.mkdir()
     (py / "x.py").write_text("import json\n")
     shadow = py / "json.py"
     shadow.write_text("")
     os.chown(shadow, 65534, 65534)
+    assert untrusted_argv(["/usr/bin/python3", str(py / "x.py")]) is None
+    os.chown(py / "x.py", 65534, 65534)
     assert untrusted_argv(["/usr/bin/python3", str(py / "x.py")]) == \
-        f"{py / 'x.py'}: the file {shadow} is owned by uid 65534, not root"
+        f"{py / 'x.py'}: the file {py / 'x.py'} is owned by uid 65534, not root"
     # data, not code: the arguments of a program that is not an interpreter,
     # devices, URLs; and env(1) finding python3 on PATH
     assert untrusted_argv(["/usr/bin/curl", "-sf", "-o", "/dev/null",
@@ -285,3 +277,55 @@ def test_preflight_fills_in_the_version_and_checks_the_environment(root_dir: Pat
     assert str(e.value).startswith("/x/api.yaml: environment.PYTHONPATH: hooks and probes run "
                                    f"as root with it, but {open_dir}: directory {open_dir} is "
                                    "writable by group or others")
+
+
+def test_the_fourth_review_env_options_names_missing_files_and_data(root_dir: Path) -> None:
+    """Fourth review of issue 13: env options that hide the program, Debian's
+    interpreter names, a script not there yet in a writable directory, an
+    unreadable path, options variables; and no walk of data directories."""
+    from agent.trust import INTERPRETERS, untrusted_argv, untrusted_env
+
+    open_dir = root_dir / "w"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    evil = script(open_dir / "evil.sh", 0o777)
+    for argv in (["/usr/bin/env", "-u", "curl", str(evil)],
+                 ["/usr/bin/env", f"-S python3 -u {evil}"],
+                 ["/usr/bin/env", f"--split-string=python3 {evil}"],
+                 ["/usr/bin/env", f"-C{open_dir}", "sh", "evil.sh"]):
+        assert "only -i is followed" in (untrusted_argv(argv) or ""), argv
+    assert untrusted_argv(["/usr/bin/env", "-i", "A=1", "sh", str(evil)]) is not None
+    for name in ("perl5.36-x86_64-linux-gnu", "python3.11-dbg", "python3.11d", "ksh93", "yash",
+                 "mksh-static", "ash", "lksh", "posh", "bsd-csh", "luajit-2.1.0", "php-cgi8.2",
+                 "tclsh8.6", "gawk", "busybox", "rbash"):
+        assert INTERPRETERS.fullmatch(name), name
+    for name in ("curl", "ssh", "systemctl", "find", "pg_isready", "rsync", "timeout"):
+        assert not INTERPRETERS.fullmatch(name), name
+    # a script another user could still create in time
+    assert "(not there yet): directory" in (
+        untrusted_argv(["/usr/bin/python3", str(open_dir / "later.py")]) or "")
+    # an unreadable link on the way is a reason, never an exception
+    (root_dir / "l").symlink_to("/")
+    import agent.trust as trust
+
+    real = trust.os.readlink
+    try:
+        def deny(p: str) -> str:
+            raise PermissionError(13, "Permission denied", p)
+        trust.os.readlink = deny  # type: ignore[assignment]
+        assert untrusted(str(root_dir / "l" / "x")) == f"{root_dir / 'l' / 'x'}: Permission denied"
+    finally:
+        trust.os.readlink = real  # type: ignore[assignment]
+    # data: a root script given a data file or a data directory of the app's
+    hook = script(root_dir / "migrate.sh")
+    data = root_dir / "appdata"
+    data.mkdir()
+    (data / "log").write_text("")
+    os.chown(data, 65534, 65534)
+    assert untrusted_argv(["/bin/sh", str(hook), "/etc/hosts", str(data)]) is None
+    assert untrusted_argv(["/usr/bin/python3", "-m", "json.tool", "/etc/os-release"]) is None
+    # options variables, relative PATH entries
+    assert untrusted_env({"NODE_OPTIONS": "--require=/x"})[0] == "NODE_OPTIONS"  # type: ignore
+    rel = str(open_dir).lstrip("/")
+    assert untrusted_env({"PATH": f"{rel}:/usr/bin"}) == (
+        "PATH", f"{rel}: directory {open_dir} is writable by group or others (mode 0777)")
