@@ -44,3 +44,28 @@ def test_any_other_os_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
     assert e.value.code == Exit.SYSTEMD and err == (
         "zdd-agent: error: drain-host: No space left on device: "
         "/var/lib/zdd-agent/services/api.json\n")
+
+
+def test_ctrl_c_while_the_command_line_loads_is_exit_130_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.abc
+
+    from agent import entry
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object, target: object = None) -> None:
+            if name == "agent.cli":
+                raise KeyboardInterrupt  # what SIGINT does in the middle of an import
+
+    monkeypatch.delitem(sys.modules, "agent.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_installed_command_goes_through_the_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "zdd-agent"]
+    assert ep.value == "agent.entry:main"
