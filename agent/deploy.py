@@ -52,6 +52,10 @@ def preflight(svc: ServiceConfig, version: str) -> None:
         unit = units.instance_unit(svc.name, version)
         raise ConfigError(f"{svc.path}: command: cannot start {unit}: {exe} {what}",
                           file=str(svc.path), key="command")
+    for key, argv in _agent_runs(svc, version):
+        if not _executable(argv[0]):
+            raise ConfigError(f"{svc.path}: {key}: {argv[0]} is not an executable file",
+                              file=str(svc.path), key=key)
     if svc.user is not None:
         try:
             pwd.getpwnam(svc.user)
@@ -159,10 +163,10 @@ class SystemdOps:
         as the service's user, with its environment; output in the journal
         (unit zdd-KIND-SERVICE-RANDOM.service), the cgroup killed at timeout."""
         unit = f"zdd-{kind}-{self.svc.name}-{secrets.token_hex(4)}.service"
+        full_env = {**dict(self.svc.environment), **env}
         if os.geteuid() == 0 and runs_as_root(self.svc.user):
             # checked again at each run: recovery and the watch run hooks and
             # probes with the config as it is now, without a preflight
-            full_env = {**dict(self.svc.environment), **env}
             why = untrusted_argv(argv, path_env=full_env.get("PATH", DEFAULT_PATH))
             bad = untrusted_env(full_env)
             if why is None and bad is not None:
@@ -171,7 +175,7 @@ class SystemdOps:
                 return ProbeResult(False, f"refused to run {argv[0]} as root: {why}")
         try:
             ok, detail = self.sd.run_transient(
-                unit, argv, user=self.svc.user, env={**dict(self.svc.environment), **env},
+                unit, argv, user=self.svc.user, env=full_env,
                 timeout=timeout, description=f"zdd-agent {kind} of {self.svc.name}")
         except SystemdError as e:
             return ProbeResult(False, str(e))

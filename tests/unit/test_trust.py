@@ -329,3 +329,26 @@ def test_the_fourth_review_env_options_names_missing_files_and_data(root_dir: Pa
     rel = str(open_dir).lstrip("/")
     assert untrusted_env({"PATH": f"{rel}:/usr/bin"}) == (
         "PATH", f"{rel}: directory {open_dir} is writable by group or others (mode 0777)")
+
+
+def test_a_hook_or_probe_that_is_not_executable_is_refused_before_anything_runs(
+        root_dir: Path) -> None:
+    """Kept through the StrictModes rework (it was lost once): a root-owned
+    hook without an execute bit, or with {version} filled in, is judged as
+    the file that would run."""
+    from agent.config import Hook, Listen, Ready, ServiceConfig
+    from agent.deploy import preflight
+
+    plain = script(root_dir / "hook.sh", 0o644)
+    base = ServiceConfig(name="api", command=("/bin/true",), listen=(Listen("127.0.0.1", 8080),),
+                         path=Path("/x/api.yaml"))
+    for user in (None, "nobody"):
+        hooked = ServiceConfig(**{**base.__dict__, "user": user,
+                                  "hooks": (("pre_swap", Hook((str(plain),), 5.0)),)})
+        with pytest.raises(ConfigError, match=f"hooks.pre_swap.command: {plain} is not an "
+                                              "executable file"):
+            preflight(hooked, "v1")
+    probed = ServiceConfig(**{**base.__dict__,
+                              "ready": Ready(type="exec", command=(str(root_dir / "{version}"),))})
+    with pytest.raises(ConfigError, match=f"ready.command: {root_dir / 'v9'} is not an "):
+        preflight(probed, "v9")
