@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import gc
 import grp
 import os
@@ -57,7 +56,6 @@ MAX_CLIENTS_PER_UID = 64  # of those, one user's; beyond it that user's oldest i
 MAX_ADMIN_WORKERS = 16
 MAX_OTHER_WORKERS = 16
 MAX_WORKERS_PER_UID = 4
-MAX_WORKERS = MAX_ADMIN_WORKERS + MAX_OTHER_WORKERS
 # Recovery of interrupted swaps runs before READY=1 (a half-done swap is
 # finished or reverted before new requests come) and may wait out a drain's
 # grace period, longer than the unit's start timeout: while it runs, the
@@ -723,11 +721,7 @@ class Daemon:
             return
         old, self.agent = self.agent, agent
         self.admins.clear()
-        try:
-            for change in secure_state_dir(self.paths.state_dir, agent.admin_group):
-                log("daemon", f"state directory tightened: {change}", syslog.LOG_WARNING)
-        except OSError as e:
-            log("daemon", f"cannot secure the state directory: {e}", syslog.LOG_ERR)
+        secure_state(self.paths.state_dir, agent.admin_group)
         if self.ready_server is not None:
             self.ready_server.stop()
             self.ready_server = None
@@ -761,13 +755,19 @@ class Daemon:
         return 0
 
 
-def run(paths: deploy.Paths) -> int:
-    agent = load_agent_config(paths.agent_config)
-    try:  # the history holds journal lines and hook output: root and the admin group only
-        for change in secure_state_dir(paths.state_dir, agent.admin_group):
+def secure_state(state_dir: Path, admin_group: str) -> None:
+    """state.secure_state_dir, logged: the history holds journal lines and
+    hook output, for root and the admin group only (at start and reload)."""
+    try:
+        for change in secure_state_dir(state_dir, admin_group):
             log("daemon", f"state directory tightened: {change}", syslog.LOG_WARNING)
     except OSError as e:
         log("daemon", f"cannot secure the state directory: {e}", syslog.LOG_ERR)
+
+
+def run(paths: deploy.Paths) -> int:
+    agent = load_agent_config(paths.agent_config)
+    secure_state(paths.state_dir, agent.admin_group)
     inherited = listen_fds()
     sock = inherited[0] if inherited else bind_socket(CONTROL_SOCKET)
     return Daemon(paths, agent).serve(sock)
