@@ -27,7 +27,7 @@ from .modes import mode_for
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
-from .trust import (DEFAULT_PATH, cannot_execute, check_root_argv, runs_as_root,
+from .trust import (DEFAULT_PATH, cannot_execute, check_root_argv, runs_as_root, untrusted,
                     untrusted_argv, untrusted_env)
 from .systemd import Systemd, journal_tail
 
@@ -68,6 +68,7 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             if why is not None:
                 raise ConfigError(f"{svc.path}: {key}: {argv[0]} cannot run as user "
                                   f"{svc.user}: {why}", file=str(svc.path), key=key)
+    check_settings(svc, version)
     # hooks and exec probes run as root: root's alone (trust.py)
     if os.geteuid() == 0 and runs_as_root(svc.user):
         path_env = dict(svc.environment).get("PATH", DEFAULT_PATH)
@@ -78,6 +79,47 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             raise ConfigError(f"{svc.path}: environment.{bad[0]}: hooks and probes run as root "
                               f"with it, but {bad[1]}: only root may be able to change what "
                               "it names", file=str(svc.path), key=f"environment.{bad[0]}")
+
+
+def check_settings(svc: ServiceConfig, version: str) -> None:
+    """What systemd would fail a start for (216/GROUP, 200/CHDIR, "Failed to
+    load environment files"), told before anything stops: the groups exist,
+    working_directory is a directory and each of environment_files a file,
+    {version} filled in. For a service that runs as root, those paths must
+    be root's alone (trust.untrusted): an environment file sets LD_PRELOAD
+    or PYTHONPATH for a root process, and `python -m` imports from its
+    working directory."""
+    import grp
+    import stat
+
+    s = svc.settings
+    for key, group in [("group", s.group)] + [("supplementary_groups", g)
+                                              for g in s.supplementary_groups]:
+        if group is None:
+            continue
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"{svc.path}: {key}: no such group {group!r} on this host",
+                              file=str(svc.path), key=key) from None
+    root = runs_as_root(svc.user)
+    for key, path in s.paths(version):
+        want = "directory" if key == "working_directory" else "file"
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ConfigError(f"{svc.path}: {key}: {path}: {e.strerror} (an instance of "
+                              f"{version} would fail to start)", file=str(svc.path),
+                              key=key) from None
+        if not (stat.S_ISDIR if want == "directory" else stat.S_ISREG)(st.st_mode):
+            raise ConfigError(f"{svc.path}: {key}: {path} is not a {want}",
+                              file=str(svc.path), key=key)
+        why = untrusted(path) if root and os.geteuid() == 0 else None
+        if why is not None:
+            raise ConfigError(f"{svc.path}: {key}: {path}: {why}; the service runs as root "
+                              "and this decides what it runs (allowed: root's alone along the "
+                              "whole path, or a user for the service)", file=str(svc.path),
+                              key=key)
 
 
 def _agent_runs(svc: ServiceConfig, version: str) -> list[tuple[str, list[str]]]:

@@ -111,6 +111,12 @@ class Api:
             if url.path == "/hold":
                 await self._hold(writer)
                 return
+            if url.path == "/info":  # what systemd gave this process (tests of unit settings)
+                writer.write(self.response(200, info(parse_qs(url.query).get("w", [])), close))
+                await writer.drain()
+                if close:
+                    return
+                continue
             if url.path == "/slow":
                 ms = int(parse_qs(url.query).get("ms", ["100"])[0])
                 await asyncio.sleep(min(ms, 60000) / 1000)
@@ -173,6 +179,20 @@ class Api:
                     self.idle.pop(writer, None)
                     writer.close()
             await asyncio.sleep(0.05)
+
+
+def info(paths: list[str]) -> bytes:
+    """The process's credentials, working directory, APP_* environment,
+    open-files limit and, for each path asked, whether it may write there
+    (access(2): EROFS under ProtectSystem= counts as no)."""
+    import resource
+
+    return json.dumps({
+        "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+        "cwd": os.getcwd(), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "env": {k: v for k, v in os.environ.items() if k.startswith("APP_")},
+        "writable": {p: os.access(p, os.W_OK) for p in paths[:8]},
+    }).encode() + b"\n"
 
 
 async def main_async(args: argparse.Namespace) -> int:
