@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .oom import SURGE_OOM_SCORE_ADJ
+
 if TYPE_CHECKING:  # config imports this module; the checker is passed in
     from .config import _Checker
 
@@ -152,8 +154,9 @@ class UnitSettings:
     environment_files: tuple[str, ...] = ()  # may hold {version}
     limits: Limits = field(default_factory=Limits)
     resources: Resources = field(default_factory=Resources)
-    oom_score_adjust: int | None = None
+    oom_score_adjust: int | None = None  # once admitted; a surge starts at oom.SURGE_OOM_SCORE_ADJ
     kill_mode: str = "control-group"
+    slice: Resources = field(default_factory=Resources)  # all instances together
     hardening: tuple[tuple[str, str], ...] = ()  # (directive, rendered value)
 
     @property
@@ -171,7 +174,7 @@ class UnitSettings:
 
 
 KEYS = ("working_directory", "group", "supplementary_groups", "environment_files", "limits",
-        "resources", "oom_score_adjust", "kill_mode", "hardening")
+        "resources", "slice", "oom_score_adjust", "kill_mode", "hardening")
 
 
 # ---------------------------------------------------------------- parsing
@@ -210,7 +213,8 @@ def parse(chk: _Checker, data: Mapping[str, Any]) -> UnitSettings:
     return UnitSettings(
         working_directory=wd, group=group, supplementary_groups=sup,
         environment_files=env_files, limits=_limits(chk), resources=_resources(chk),
-        oom_score_adjust=oom, kill_mode=str(kill_mode), hardening=_hardening(chk))
+        slice=_resources(chk, "slice"), oom_score_adjust=oom, kill_mode=str(kill_mode),
+        hardening=_hardening(chk))
 
 
 def _group(chk: _Checker, key: str, value: Any) -> str:
@@ -286,10 +290,10 @@ def _limits(chk: _Checker) -> Limits:
     return Limits(nofile=nofile, nproc=nproc, core=core)
 
 
-def _resources(chk: _Checker) -> Resources:
+def _resources(chk: _Checker, key: str = "resources") -> Resources:
     from .config import _Checker as Checker
 
-    rchk = Checker(chk.path, chk.mapping("resources"), chk.prefix + "resources.")
+    rchk = Checker(chk.path, chk.mapping(key), chk.prefix + key + ".")
     rchk.reject_unknown(("memory_max", "memory_high", "cpu_quota", "tasks_max"))
     sizes: dict[str, int | str | None] = {}
     for key in ("memory_max", "memory_high"):
@@ -464,17 +468,24 @@ def fixed_lines(s: UnitSettings, nofile: int) -> list[str]:
         lines.append(f"LimitNPROC={s.limits.nproc}")
     if s.limits.core is not None:
         lines.append(f"LimitCORE={s.limits.core}")
-    r = s.resources
-    for directive, v in (("MemoryMax", r.memory_max), ("MemoryHigh", r.memory_high),
-                         ("TasksMax", r.tasks_max)):
-        if v is not None:
-            lines.append(f"{directive}={_value(v)}")
-    if r.cpu_quota is not None:
-        lines.append(f"CPUQuota={r.cpu_quota}%")
-    if s.oom_score_adjust is not None:
-        lines.append(f"OOMScoreAdjust={s.oom_score_adjust}")
+    lines += resource_lines(s.resources)
+    # Every instance starts as the OOM killer's first pick, so that during a
+    # surge it takes a new instance, never a serving one; once admitted the
+    # agent writes oom_score_adjust (or the manager's own) to its processes
+    # (agent/oom.py).
+    lines.append(f"OOMScoreAdjust={SURGE_OOM_SCORE_ADJ}")
     lines.append(f"KillMode={s.kill_mode}")
     lines += [f"{k}={v}" for k, v in s.hardening]
+    return lines
+
+
+def resource_lines(r: Resources) -> list[str]:
+    """systemd.resource-control(5) lines of a service or a slice."""
+    lines = [f"{directive}={_value(v)}" for directive, v in (
+        ("MemoryMax", r.memory_max), ("MemoryHigh", r.memory_high), ("TasksMax", r.tasks_max))
+        if v is not None]
+    if r.cpu_quota is not None:
+        lines.append(f"CPUQuota={r.cpu_quota}%")
     return lines
 
 
@@ -603,11 +614,25 @@ def explain(s: UnitSettings, host: Host, *, user: str | None = None) -> list[tup
     if r.tasks_max is not None:
         out.append(("ok", f"resources.tasks_max {r.tasks_max}: fork and thread creation fail "
                           "beyond it, per instance"))
-    if s.oom_score_adjust is not None:
-        out.append(("ok", f"oom_score_adjust {s.oom_score_adjust}: "
-                          + ("more likely" if s.oom_score_adjust > 0 else "less likely"
-                             if s.oom_score_adjust < 0 else "as likely as other processes")
-                          + " to be chosen by the OOM killer"))
+    sl = s.slice
+    if isinstance(sl.memory_max, int):
+        level = "warn" if sl.memory_max > host.mem_total else "ok"
+        out.append((level, f"slice.memory_max {_mib(sl.memory_max)}: all instances together; "
+                           "a swap starts new ones only where they fit beside the serving "
+                           "ones, and the OOM killer takes a new one first"))
+    for key, v in (("memory_max", None if isinstance(sl.memory_max, int) else sl.memory_max),
+                   ("memory_high", sl.memory_high), ("cpu_quota", sl.cpu_quota),
+                   ("tasks_max", sl.tasks_max)):
+        if v is not None:
+            shown = _mib(v) if isinstance(v, int) and "memory" in key else str(v)
+            unit = "%" if key == "cpu_quota" else ""
+            out.append(("ok", f"slice.{key} {shown}{unit}: all instances together"))
+    adj = s.oom_score_adjust
+    out.append(("ok", f"oom_score_adjust {adj if adj is not None else 'unset'}: a new instance "
+                      f"starts at {SURGE_OOM_SCORE_ADJ} (the OOM killer's first pick during "
+                      "the surge) and gets "
+                      + (f"{adj}" if adj is not None else "the service manager's value")
+                      + " once admitted"))
     if s.kill_mode == "mixed":
         out.append(("ok", "kill_mode mixed: the drain signal goes to the main process alone; "
                           "whatever remains at the grace period gets SIGKILL"))

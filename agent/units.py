@@ -39,6 +39,11 @@ def template_unit(name: str) -> str:
     return f"zdd-{check_name(name)}@.service"
 
 
+def slice_unit(name: str) -> str:
+    """All instances of a service: systemd.slice(5); its "-" nest it under zdd.slice."""
+    return f"zdd-{check_name(name)}.slice"
+
+
 def hold_unit(name: str) -> str:
     return f"zdd-{check_name(name)}-hold.service"
 
@@ -94,6 +99,14 @@ Sockets=zdd-{name}.socket
 # version failed at start: the old one accepted a connection and hung).
 NonBlocking=yes
 """
+SLICE = """\
+# Rendered by zdd-agent for service {name}: do not edit, change {config} instead.
+# Every instance of {name}; its limits hold for all of them together.
+[Unit]
+Description=zdd-agent instances of {name}
+
+[Slice]
+"""
 REUSEPORT_SERVICE = """\
 # socket: reuseport. Each instance binds ZDD_LISTEN itself with SO_REUSEPORT;
 # net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves the connections queued on a
@@ -139,7 +152,7 @@ def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) 
     s = svc.settings
     if nofile is None:
         nofile = unit_settings.this_host().default_nofile
-    env += _lines(unit_settings.fixed_lines(s, nofile))
+    env += f"Slice={slice_unit(svc.name)}\n" + _lines(unit_settings.fixed_lines(s, nofile))
     if version_in_template(svc):
         environment, command = _instance_lines(svc, _VERSION, _VERSION, None)
         env += (f"Environment={environment}\nExecStart={command}\n").replace(_VERSION, "%i")
@@ -162,6 +175,8 @@ def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) 
             grace=format_duration(svc.drain.grace_period),
             start_timeout=format_duration(svc.ready.deadline + 10)),
         TARGET: (TEMPLATE_DIR / TARGET).read_text(),
+        slice_unit(svc.name): SLICE.format(name=svc.name, config=svc.path) + _lines(
+            unit_settings.resource_lines(s.slice)),
     }
     if inherit:
         listen = "\n".join(f"ListenStream={lst}" for lst in svc.listen)

@@ -252,6 +252,8 @@ def main() -> int:
                     help="at SIGTERM stop accepting but keep the listener open this long")
     ap.add_argument("--never-accept", action="store_true",
                     help="hold the listeners and say READY=1, but never accept() on them")
+    ap.add_argument("--allocate", type=int, default=0, metavar="MIB",
+                    help="allocate and touch this much memory at start-up, before READY=1")
     ap.add_argument("--fail-instance", metavar="INSTANCE",
                     help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()
@@ -262,6 +264,11 @@ def main() -> int:
     if args.fail_at_start:
         print(f"demo api {args.version}: failing at start as asked", file=sys.stderr)
         return 1
+    held = []  # a release that needs memory at start-up (a cache, a model)
+    for _ in range(args.allocate // 8):
+        chunk = bytearray(8 << 20)
+        chunk[::4096] = b"x" * len(range(0, len(chunk), 4096))  # touch every page
+        held.append(chunk)
     return asyncio.run(main_async(args))
 
 

@@ -185,7 +185,9 @@ def test_unit_settings_reach_the_instance(host: DemoHost) -> None:
     expected = {"User": "zddapp", "Group": "zddgrp", "SupplementaryGroups": "zddextra",
                 "WorkingDirectory": f"{app}/v2", "LimitNOFILE": "4096", "LimitNPROC": "512",
                 "LimitCORE": "0", "MemoryMax": str(256 << 20), "MemoryHigh": str(200 << 20),
-                "CPUQuotaPerSecUSec": "1.500000s", "TasksMax": "64", "OOMScoreAdjust": "100",
+                "CPUQuotaPerSecUSec": "1.500000s", "TasksMax": "64",
+                # the start value (a surge), lowered to 100 once admitted (below)
+                "OOMScoreAdjust": "1000",
                 "KillMode": "mixed", "ProtectSystem": "strict", "ProtectHome": "yes",
                 "PrivateTmp": "yes", "NoNewPrivileges": "yes",
                 "ReadWritePaths": "/var/lib/zdd-demo/data", "CapabilityBoundingSet": "",
@@ -205,3 +207,48 @@ def test_unit_settings_reach_the_instance(host: DemoHost) -> None:
     assert show(host, "zdd-demo@v3.service", "LoadState", "ActiveState")["ActiveState"] \
         == "inactive"
     assert host.get()["version"] == "v2" and main_pid(host, unit) == pid
+
+
+def test_a_new_instance_the_oom_killer_takes_rolls_back_and_the_old_one_serves(
+        host: DemoHost) -> None:
+    """slice.memory_max holds v1 and a small surge, not a v2 that allocates
+    300 MiB at start-up: the OOM killer takes v2 (it starts at
+    oom_score_adj 1000), the swap rolls back saying so, v1 serves on at
+    its admitted score; under load, no request fails."""
+    host.release("v1", "--allocate", "32")
+    host.release("v2", "--allocate", "304")
+    host.release("v3", "--allocate", "32")
+    host.configure(text=textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        listen: ["127.0.0.1:8080"]
+        ready: {{type: notify, deadline: 30s}}
+        drain: {{grace_period: 10s}}
+        strategy: {{min_ready: 2s}}
+        slice: {{memory_max: 192M}}
+        oom_score_adjust: 0
+        """))
+    code, r = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    v1 = main_pid(host, "zdd-demo@v1.service")
+    assert host.sb.path(f"/proc/{v1}/oom_score_adj").read_text().strip() == "0"
+    load = host.load(16, seconds=40)
+    try:
+        code, r = host.zdd_json("swap", "demo", "--version", "v2")
+        after_v2 = host.get()["version"]
+        code3, r3 = host.zdd_json("swap", "demo", "--version", "v3")
+    finally:
+        res = load.stop(timeout=60)
+    v3 = main_pid(host, "zdd-demo@v3.service") if code3 == 0 else 0
+    kmsg = [ln for ln in host.sb.run(["dmesg"], capture=True, check=False).stdout.splitlines()
+            if "zdd-demo@v2.service" in ln or "Killed process" in ln][-2:]
+    print(f"OOM surge: v2 {r['result']}: {r['reason']}; then v3 {r3.get('result')}; load "
+          f"{res.requests} requests, {res.failed} failed; kernel: {kmsg}")
+    assert code == 4 and r["result"] == "rolled_back", r
+    assert "the OOM killer took" in r["reason"] and "zdd-demo.slice" in r["reason"], r["reason"]
+    assert after_v2 == "v1" and main_pid(host, "zdd-demo@v1.service") in (v1, 0)
+    assert res.requests > 0 and res.failed == 0, res
+    # the next version that fits swaps in, and is no longer the first pick once admitted
+    assert code3 == 0 and r3["result"] == "ok", r3
+    assert show(host, "zdd-demo@v3.service", "OOMScoreAdjust")["OOMScoreAdjust"] == "1000"
+    assert host.sb.path(f"/proc/{v3}/oom_score_adj").read_text().strip() == "0"

@@ -56,7 +56,7 @@ def test_production_settings_render_into_the_template() -> None:
     for line in ("Group=api", "SupplementaryGroups=ssl-cert", "LimitNOFILE=131072",
                  "LimitNPROC=4096", "LimitCORE=0", "MemoryMax=2147483648",
                  "MemoryHigh=1610612736", "CPUQuota=150%", "TasksMax=512",
-                 "OOMScoreAdjust=-100", "KillMode=mixed", "ProtectSystem=strict",
+                 "OOMScoreAdjust=1000", "Slice=zdd-api.slice", "KillMode=mixed", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes",
                  "ReadWritePaths=/var/lib/api -/var/cache/api", "CapabilityBoundingSet=",
                  "AmbientCapabilities=CAP_NET_BIND_SERVICE",
@@ -74,8 +74,10 @@ def test_defaults_render_the_host_sized_open_files_limit_and_nothing_else() -> N
     text = template(svc, nofile=settings.default_nofile(8))
     assert "\nLimitNOFILE=262144\n" in text
     assert "\nKillMode=control-group\n" in text
+    # every instance starts as the OOM killer's first pick (agent/oom.py)
+    assert "\nOOMScoreAdjust=1000\n" in text and "\nSlice=zdd-api.slice\n" in text
     for directive in ("Group=", "WorkingDirectory=", "EnvironmentFile=", "MemoryMax=",
-                      "OOMScoreAdjust=", "ProtectSystem="):
+                      "ProtectSystem="):
         assert f"\n{directive}" not in text
 
 
@@ -87,6 +89,17 @@ def test_default_nofile_holds_10000_connections_per_core(cpus: int, expected: in
     if got < 1048576:  # below the kernel's fs.nr_open default, the target fits
         assert got // settings.FDS_PER_CONNECTION >= cpus * settings.CONNECTIONS_PER_CORE
     assert settings.default_nofile(cpus, nr_open=50000) == 50000
+
+
+def test_the_slice_holds_limits_for_all_instances_together() -> None:
+    svc = parse(slice={"memory_max": "3G", "cpu_quota": "180%", "tasks_max": 1000})
+    text = units.render_service(svc, 4096, nofile=65536).files["zdd-api.slice"]
+    assert text.endswith("[Slice]\nMemoryMax=3221225472\nTasksMax=1000\nCPUQuota=180%\n")
+    assert "MemoryMax" not in units.render_service(parse(), 4096, 65536).files["zdd-api.slice"]
+    with pytest.raises(ConfigError, match=r"slice.memory_max: 'lots' is not a size"):
+        parse(slice={"memory_max": "lots"})
+    with pytest.raises(ConfigError, match=r"slice.cpu: unknown key"):
+        parse(slice={"cpu": 1})
 
 
 def test_versioned_paths_go_to_the_drop_in_with_replicas() -> None:
