@@ -198,3 +198,108 @@ def test_tfo_clients_send_data_in_the_syn_only_once_the_listener_has_a_queue() -
     # without a queue the kernel counts each cookie request and answers none
     assert off["delta"] == {"TCPFastOpenPassive": 0, "TCPFastOpenCookieReqd": 4,
                             "TCPFastOpenPassiveFail": 0}
+
+
+# ------------------------------------------------------------ config, units, doctor
+
+BASE = {"name": "api", "command": "/opt/api/{version}/bin/api", "listen": ["127.0.0.1:8080"]}
+
+
+def test_fast_open_is_off_unless_given_a_queue_length() -> None:
+    from agent.config import parse_service
+
+    assert parse_service(Path("api.yaml"), BASE).fast_open == 0
+    assert parse_service(Path("api.yaml"), {**BASE, "fast_open": 256}).fast_open == 256
+    assert parse_service(Path("api.yaml"), {**BASE, "fast_open": 0}).fast_open == 0
+    assert parse_service(Path("api.yaml"), {**BASE, "fast_open": 65535}).fast_open == 65535
+
+
+@pytest.mark.parametrize("raw,words", [
+    (-1, "fast_open: -1 is out of range (allowed: 0..65535)"),
+    (65536, "fast_open: 65536 is out of range (allowed: 0..65535)"),
+    (True, "fast_open: True is not an integer (allowed: 0..65535)"),
+    ("16", "fast_open: '16' is not an integer (allowed: 0..65535)"),
+    (1.5, "fast_open: 1.5 is not an integer (allowed: 0..65535)"),
+    (None, "fast_open: None is not an integer (allowed: 0..65535)"),
+])
+def test_bad_fast_open_is_one_clear_error(raw: object, words: str) -> None:
+    from agent.config import parse_service
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_service(Path("/etc/zdd-agent/services/api.yaml"), {**BASE, "fast_open": raw})
+    assert str(e.value) == f"/etc/zdd-agent/services/api.yaml: {words}"
+    assert e.value.details["key"] == "fast_open"
+
+
+def test_reuseport_instances_are_told_the_queue_length() -> None:
+    from agent import units
+    from agent.config import parse_service
+
+    def rendered(**extra: object) -> str:
+        svc = parse_service(Path("api.yaml"), {**BASE, **extra})
+        return "\n".join(units.render_service(svc, 4096).files.values())
+
+    assert '"ZDD_FAST_OPEN=64"' in rendered(socket="reuseport", fast_open=64)
+    assert "ZDD_FAST_OPEN" not in rendered(socket="reuseport")
+    # inherit: the agent sets it on the socket unit's listeners, not the program
+    assert "ZDD_FAST_OPEN" not in rendered(fast_open=64)
+    # and no FastOpen= in the socket unit: systemd has no such option
+    assert "FastOpen" not in rendered(fast_open=64)
+    svc = parse_service(Path("api.yaml"), {**BASE, "socket": "reuseport", "fast_open": 8,
+                                           "replicas": 2})
+    assert '"ZDD_FAST_OPEN=8"' in units.render_instance_dropin(svc, "v1", None, "v1-1")
+
+
+def test_doctor_host_finding_needs_the_server_bit() -> None:
+    from agent import doctor
+    from agent.config import parse_service
+
+    on = parse_service(Path("api.yaml"), {**BASE, "fast_open": 16})
+    off = parse_service(Path("api.yaml"), BASE)
+    assert doctor.fastopen_host_findings([off], "1") == []
+    [f] = doctor.fastopen_host_findings([on, off], "1")
+    assert (f.level, f.check) == ("fail", "fast-open")
+    assert "no server bit (0x2)" in f.cause and "api" in f.symptom
+    assert [f.level for f in doctor.fastopen_host_findings([on], "3")] == ["ok"]
+
+
+class FakeSd:
+    """The two calls fastopen_findings makes of systemd for an inherit
+    service: the socket unit's state."""
+
+    def __init__(self, active: str) -> None:
+        self.active = active
+
+    def state(self, unit: str) -> object:
+        class S:
+            active = self.active
+        return S()
+
+
+def test_doctor_reads_the_socket_units_queue_back() -> None:
+    from agent import doctor
+    from agent.config import parse_service
+
+    a = listener()
+    port = a.getsockname()[1]
+    svc = parse_service(Path("api.yaml"), {**BASE, "listen": [f"127.0.0.1:{port}"],
+                                           "fast_open": 16})
+    me = os.getpid()
+    try:
+        sd: object = FakeSd("active")
+        [f] = doctor.fastopen_findings(svc, sd, "v1", manager_pid=me)  # type: ignore[arg-type]
+        assert f.level == "warn" and "TFO queue 0, wanted 16" in f.cause
+        assert f.fix.startswith("zdd-agent swap api --version v1")
+        fastopen.ensure([port], [me], 16)
+        [f] = doctor.fastopen_findings(svc, sd, "v1", manager_pid=me)  # type: ignore[arg-type]
+        assert f.level == "ok" and f.cause == f"TFO queue 16 on 127.0.0.1:{port}"
+        # the config turned it off but the listener still takes SYN data
+        off = parse_service(Path("api.yaml"), {**BASE, "listen": [f"127.0.0.1:{port}"]})
+        [f] = doctor.fastopen_findings(off, sd, "v1", manager_pid=me)  # type: ignore[arg-type]
+        assert f.level == "warn" and "replayed" in f.symptom
+        # the socket unit not running: nothing to read
+        assert doctor.fastopen_findings(svc, FakeSd("inactive"), "v1",  # type: ignore[arg-type]
+                                        manager_pid=me) == []
+    finally:
+        a.close()
