@@ -168,6 +168,8 @@ def fastopen_findings(svc: ServiceConfig, sd: deploy.Systemd, serving: str | Non
         try:
             found = fastopen.read(svc.ports, pids)
         except (ZddError, OSError) as e:
+            if not svc.fast_open:
+                return []  # nothing asked: a host that refuses the look is not a finding
             return [Finding("warn", "fast-open", name,
                             cause=f"cannot read TCP_FASTOPEN of {owner}'s listeners: {e}")]
         for ln in found:

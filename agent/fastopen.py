@@ -19,7 +19,7 @@ round trip earlier. On Linux a listener does that only when both hold:
 
 systemd has no socket option for it (a FastOpen= was added and reverted in
 2014: the setsockopt takes a queue length, not a boolean; systemd 252 warns
-"Unknown key name 'FastOpen'" and ignores it). So the agent sets it itself on
+about an unknown key and ignores it). So the agent sets it itself on
 the socket unit's listeners, after the unit bound them: setsockopt is allowed
 on a socket in LISTEN (net/ipv4/tcp.c: do_tcp_setsockopt, TCP_FASTOPEN:
 state CLOSE or LISTEN, val >= 0), and it acts on the socket, not on a file

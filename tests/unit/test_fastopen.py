@@ -303,3 +303,46 @@ def test_doctor_reads_the_socket_units_queue_back() -> None:
                                         manager_pid=me) == []
     finally:
         a.close()
+
+
+class FakeInstanceSd:
+    """What fastopen_findings asks of systemd for a reuseport service: its
+    running instances and their processes (this one)."""
+
+    def list_units(self, pattern: str) -> list[str]:
+        return ["zdd-api@v1.service"]
+
+    def state(self, unit: str) -> object:
+        class S:
+            active = "active"
+        return S()
+
+    def read_unit_file(self, rel: str) -> None:
+        return None
+
+    def processes(self, unit: str) -> list[int]:
+        return [os.getpid()]
+
+
+def test_doctor_reads_each_reuseport_instances_own_listener() -> None:
+    from agent import doctor
+    from agent.config import parse_service
+
+    a = listener()
+    port = a.getsockname()[1]
+    svc = parse_service(Path("api.yaml"), {**BASE, "listen": [f"127.0.0.1:{port}"],
+                                           "socket": "reuseport", "fast_open": 16})
+    sd: object = FakeInstanceSd()
+    try:
+        [f] = doctor.fastopen_findings(svc, sd, "v1")  # type: ignore[arg-type]
+        assert f.level == "warn" and "the program does not set TCP_FASTOPEN" in f.cause
+        assert f"(PID {os.getpid()})" in f.cause and "ZDD_FAST_OPEN" in f.fix
+        # what the docs tell the program to do, before listen() or after
+        a.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+        [f] = doctor.fastopen_findings(svc, sd, "v1")  # type: ignore[arg-type]
+        assert f.level == "ok"
+        off = parse_service(Path("api.yaml"), {**BASE, "listen": [f"127.0.0.1:{port}"],
+                                               "socket": "reuseport"})
+        assert doctor.fastopen_findings(off, sd, "v1") == []  # type: ignore[arg-type]
+    finally:
+        a.close()
