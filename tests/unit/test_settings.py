@@ -291,3 +291,15 @@ def test_check_config_explains_each_setting(root_dir: Path,
                   "  hardening ProtectSystem=strict", "  fast_open 16: up to 16 pending"):
         assert any(line.startswith(start) for line in out), (start, out)
     assert r.stderr == ""
+
+
+def test_the_readme_production_config_is_valid() -> None:
+    """README's production example parses and renders as it says."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("# /etc/zdd-agent/services/shop.yaml")
+    block = readme[start:readme.index("```", start)]
+    svc = parse_service(Path("/etc/zdd-agent/services/shop.yaml"), yaml.safe_load(block), "shop")
+    text = units.render_service(svc, 4096, nofile=65536).files["zdd-shop@.service"]
+    assert "\nWorkingDirectory=/srv/shop/%i\n" in text and "\nLimitNOFILE=131072\n" in text
+    assert "MemoryMax=8589934592" in units.render_service(svc, 4096, 65536).files[
+        "zdd-shop.slice"]
