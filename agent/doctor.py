@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from . import deploy, units
+from . import deploy, oom, units
 from .config import ServiceConfig, load_all
 from .errors import ZddError
 from .servers import probe_blind, read_head
@@ -410,8 +410,27 @@ def _serving_findings(svc: ServiceConfig, sd: deploy.Systemd,
     pid = sd.state(unit).main_pid
     if not pid:
         return [Finding("warn", "serving", svc.name, cause=f"{unit} has no main process")]
-    mem = deploy.instance_memory(sd, [units.instance_unit(svc.name, x) for x in olds])
-    return process_findings(svc, pid) + memory_findings(svc, len(olds), mem)
+    mem = deploy.instance_memory(sd, [units.instance_unit(svc.name, x) for x in olds],
+                                 units.slice_unit(svc.name))
+    return (process_findings(svc, pid) + memory_findings(svc, len(olds), mem)
+            + oom_findings(svc, pid, oom.score(pid)))
+
+
+def oom_findings(svc: ServiceConfig, pid: int, score: int | None) -> list[Finding]:
+    """A serving process still at the surge's oom_score_adj (oom.py): started
+    outside a swap (systemd restarted it, or the daemon was not running at
+    boot), it is the OOM killer's first pick."""
+    if score != oom.SURGE_OOM_SCORE_ADJ or svc.settings.oom_score_adjust == score:
+        return []
+    return [Finding("warn", "oom-score", svc.name,
+                    symptom="when memory runs out, the OOM killer ends the serving instance "
+                            "first",
+                    cause=f"PID {pid} has oom_score_adj {score}, the value new instances start "
+                          "with until a swap admits them: it started outside a swap (a restart "
+                          "by systemd, or a boot without the daemon)",
+                    verify=f"cat /proc/{pid}/oom_score_adj",
+                    fix="systemctl restart zdd-agent (its start gives serving instances their "
+                        "admitted value)")]
 
 
 def summary(findings: list[Finding]) -> dict[str, Any]:
