@@ -207,9 +207,14 @@ class SystemdOps:
         return self._ooms[key]
 
     def probe(self, version: str) -> tuple[bool, str]:
-        port = self.port_of(version)
-        env = {"ZDD_SERVICE": self.svc.name, "ZDD_VERSION": version,
-               "ZDD_MAIN_PID": str(self.sd.state(self.unit(version)).main_pid)}
+        # `version` is the instance (VERSION-N with replicas): the probe is
+        # told both, so {version} in its environment files is the version
+        instance = version
+        if self.svc.replicas > 1:
+            version = instance_version(self.svc, self.sd, instance)
+        port = self.port_of(instance)
+        env = {"ZDD_SERVICE": self.svc.name, "ZDD_VERSION": version, "ZDD_INSTANCE": instance,
+               "ZDD_MAIN_PID": str(self.sd.state(self.unit(instance)).main_pid)}
         if port is not None:
             env["ZDD_INSTANCE_PORT"] = str(port)
         r = probe(self.svc.ready, port, env, run_exec=lambda argv, timeout, e:
@@ -233,9 +238,11 @@ class SystemdOps:
             if why is not None:
                 return ProbeResult(False, f"refused to run {argv[0]} as root: {why}")
         try:
+            version = env.get("ZDD_VERSION") or env.get("ZDD_TO_VERSION")
             ok, detail = self.sd.run_transient(
                 unit, argv, user=self.svc.user, env=full_env,
-                timeout=timeout, description=f"zdd-agent {kind} of {self.svc.name}")
+                timeout=timeout, description=f"zdd-agent {kind} of {self.svc.name}",
+                extra=transient_settings(self.svc, version))
         except SystemdError as e:
             return ProbeResult(False, str(e))
         return ProbeResult(ok, detail)
@@ -351,6 +358,28 @@ class SystemdOps:
         watch = CloseWatch(self.census.ports, self.census.families)
         watch.begin(inodes)
         return watch
+
+
+def transient_settings(svc: ServiceConfig, version: str | None) -> dict[bytes, Any]:
+    """What a hook or an exec probe shares with the service's instances: its
+    group and supplementary groups, and (with the version known, for
+    {version}) its environment files, after `environment` as in the unit,
+    and its working directory. Properties of StartTransientUnit
+    (org.freedesktop.systemd1(5))."""
+    s = svc.settings
+    props: dict[bytes, Any] = {}
+    if s.group:
+        props[b"Group"] = s.group.encode()
+    if s.supplementary_groups:
+        props[b"SupplementaryGroups"] = [g.encode() for g in s.supplementary_groups]
+    if version is not None:
+        paths = dict(s.paths(version)) if s.working_directory else {}
+        if "working_directory" in paths:
+            props[b"WorkingDirectory"] = paths["working_directory"].encode()
+        files = [p for k, p in s.paths(version) if k == "environment_files"]
+        if files:
+            props[b"EnvironmentFiles"] = [(p.encode(), False) for p in files]
+    return props
 
 
 def settle_oom_score(svc: ServiceConfig, sd: Systemd, unit: str) -> list[int]:

@@ -238,7 +238,8 @@ class Systemd:
 
     def run_transient(self, unit: str, argv: list[str], *, user: str | None,
                       env: dict[str, str], timeout: float,
-                      description: str = "") -> tuple[bool, str]:
+                      description: str = "",
+                      extra: dict[bytes, Any] | None = None) -> tuple[bool, str]:
         """Run `argv` as a transient Type=oneshot service (systemd-run
         --wait; StartTransientUnit, org.freedesktop.systemd1(5)) and wait:
         as `user` (None: root), with `env`, its output in the journal under
@@ -261,6 +262,7 @@ class Systemd:
         }
         if user is not None:
             props[b"User"] = user.encode()
+        props.update(extra or {})  # Group, EnvironmentFiles, WorkingDirectory...
         self._call(f"cannot start {unit}", "StartTransientUnit", unit.encode(), b"fail", props)
         deadline = time.monotonic() + timeout + 10
         try:

@@ -158,7 +158,11 @@ def test_unit_settings_reach_the_instance(host: DemoHost) -> None:
         ready: {{type: notify, deadline: 20s}}
         drain: {{grace_period: 10s}}
         strategy: {{min_ready: 1s}}
+        hooks: {{pre_swap: {{command: /var/lib/zdd-demo/hook, timeout: 10s}}}}
         """))
+    # a hook shares the instances' group, environment files and directory
+    script(host, "/var/lib/zdd-demo/hook", "#!/bin/sh\necho \"$ZDD_TO_VERSION $(id -gn) "
+           "$APP_RELEASE $APP_GREETING $(pwd)\" >> /var/lib/zdd-demo/data/hook.log\n")
     seen = {}
     for v, release in (("v1", "one"), ("v2", "two")):
         code, r = host.zdd_json("swap", "demo", "--version", v)
@@ -198,6 +202,8 @@ def test_unit_settings_reach_the_instance(host: DemoHost) -> None:
                                                  f"{app}/v2/env", "(ignore_errors=no)"]
     pid = main_pid(host, unit)
     assert host.sb.path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "100"
+    hook = host.sb.path("/var/lib/zdd-demo/data/hook.log").read_text().splitlines()
+    assert hook == [f"v1 zddgrp one from-file {app}/v1", f"v2 zddgrp two from-file {app}/v2"]
     # a version whose environment file is missing is refused before anything starts
     host.sb.path(f"{app}/v3").mkdir()
     host.sb.run(["cp", "-a", "/var/lib/zdd-demo/userapp/v2", "/var/lib/zdd-demo/userapp/v3"])
