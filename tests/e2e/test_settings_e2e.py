@@ -89,7 +89,7 @@ def test_open_files_default_holds_3000_concurrent_connections(host: DemoHost) ->
     host.configure(text=base + "limits: {nofile: 1024}\n")
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
-    low = concurrent(host, 3000, 3000, 5.5)
+    low = concurrent(host, 3000, 3000, 8.0)
     limit1 = show(host, "zdd-demo@v1.service", "LimitNOFILESoft")["LimitNOFILESoft"]
     host.configure(text=base)
     code, r = host.zdd_json("swap", "demo", "--version", "v2")
@@ -98,7 +98,7 @@ def test_open_files_default_holds_3000_concurrent_connections(host: DemoHost) ->
     pid = main_pid(host, "zdd-demo@v2.service")
     soft = int(next(ln for ln in host.sb.path(f"/proc/{pid}/limits").read_text().splitlines()
                     if ln.startswith("Max open files")).split()[3])
-    high = concurrent(host, 3000, 3000, 5.5)
+    high = concurrent(host, 3000, 3000, 8.0)
     explained = host.zdd("check-config", "/etc/zdd-agent/services/demo.yaml")
     print(f"3,000 clients x 3 s answers: nofile {limit1}: {low}; default "
           f"(LimitNOFILE={props['LimitNOFILE']}, the process got {soft}): {high}; "
@@ -202,6 +202,11 @@ def test_unit_settings_reach_the_instance(host: DemoHost) -> None:
                                                  f"{app}/v2/env", "(ignore_errors=no)"]
     pid = main_pid(host, unit)
     assert host.sb.path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "100"
+    # the kernel holds the instance to memory_max (cgroup v1 here, v2 elsewhere)
+    cg = show(host, unit, "ControlGroup")["ControlGroup"]
+    limits = [host.sb.path(p) for p in (f"/sys/fs/cgroup{cg}/memory.max",
+                                        f"/sys/fs/cgroup/memory{cg}/memory.limit_in_bytes")]
+    assert [p.read_text().strip() for p in limits if p.exists()] == [str(256 << 20)]
     hook = host.sb.path("/var/lib/zdd-demo/data/hook.log").read_text().splitlines()
     assert hook == [f"v1 zddgrp one from-file {app}/v1", f"v2 zddgrp two from-file {app}/v2"]
     # a version whose environment file is missing is refused before anything starts
