@@ -387,15 +387,16 @@ class Daemon:
         ticker.start()
         try:
             self.reconcile()
-            self.settle_oom_scores()
+            self.settle_at_start()
         finally:
             done.set()
             ticker.join()
 
-    def settle_oom_scores(self) -> None:
-        """Serving instances started at boot (by zdd.target) start as the OOM
-        killer's first pick, like every new instance (oom.py); no swap admits
-        them, so the daemon gives them their admitted score at its start."""
+    def settle_at_start(self) -> None:
+        """What no swap does for instances started at boot (by zdd.target):
+        their admitted oom_score_adj (they start as the OOM killer's first
+        pick, like every new instance: oom.py), and TCP Fast Open on the
+        socket units' new listeners (fastopen.py)."""
         store = StateStore(self.paths.state_dir)
         try:
             services = load_all(self.paths.config_dir)
@@ -410,8 +411,13 @@ class Daemon:
                     for instance in deploy.instances_of(svc, sd).get(state.serving, []):
                         deploy.settle_oom_score(svc, sd, units.instance_unit(svc.name,
                                                                              instance))
+                    if svc.fast_open and \
+                            sd.state(units.socket_unit(svc.name)).active == "active":
+                        for w in deploy.ensure_fast_open(svc, sd, self.paths, None):
+                            log("daemon", f"{svc.name}: {w}", syslog.LOG_WARNING,
+                                SERVICE=svc.name)
         except (ZddError, OSError) as e:
-            log("daemon", f"cannot set the serving instances' oom_score_adj: {e}",
+            log("daemon", f"cannot settle the serving instances at start: {e}",
                 syslog.LOG_WARNING)
 
     def recovery_limit(self) -> float:
