@@ -10,6 +10,7 @@ machine is slow, not wrong), no example database written to the checkout.
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 import tempfile
@@ -101,8 +102,26 @@ VALID = {"name": "api", "command": "/opt/api/{version}/bin/api --port 8080",
          "hooks": {"pre_swap": {"command": "/bin/m", "timeout": "5m"},
                    "post_start": {"command": ["/bin/w", "http://127.0.0.1:{instance_port}/"]}},
          "strategy": {"max_surge": "25%", "max_unavailable": 1, "min_ready": "5s",
-                      "watch": "60s"}}
+                      "watch": "60s"},
+         "working_directory": "/srv/api/{version}", "group": "api",
+         "supplementary_groups": ["ssl-cert"], "environment_files": ["/etc/api/env"],
+         "limits": {"nofile": 131072, "nproc": 4096, "core": 0},
+         "resources": {"memory_max": "2G", "memory_high": "1536M", "cpu_quota": "150%",
+                       "tasks_max": 512},
+         "slice": {"memory_max": "4G"}, "oom_score_adjust": -100, "kill_mode": "mixed",
+         "hardening": {"ProtectSystem": "strict", "NoNewPrivileges": True,
+                       "ReadWritePaths": ["/var/lib/api"],
+                       "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+                       "SystemCallFilter": ["@system-service"], "UMask": "0027"}}
+SETTINGS_SECTIONS = {
+    "limits": ["nofile", "nproc", "core"],
+    "resources": ["memory_max", "memory_high", "cpu_quota", "tasks_max"],
+    "slice": ["memory_max", "memory_high", "cpu_quota", "tasks_max"],
+    "hardening": ["ProtectSystem", "NoNewPrivileges", "ReadWritePaths",
+                  "RestrictAddressFamilies", "SystemCallFilter", "UMask",
+                  "CapabilityBoundingSet", "RestrictNamespaces", "PrivateNetwork"]}
 KEYS = [(k,) for k in [*VALID, "other"]] + [
+    (section_, k) for section_, ks in SETTINGS_SECTIONS.items() for k in [*ks, "other"]] + [
     ("ready", k) for k in [*READY_KEYS, "command", "grpc_service", "other"]] + [
     ("drain", k) for k in ["grace_period", "signal", "pre_stop_delay", "other"]] + [
     ("strategy", k) for k in ["max_surge", "max_unavailable", "min_ready", "watch"]] + [
@@ -186,6 +205,14 @@ def test_parse_service_accepts_or_raises_config_error(data: dict[str, Any]) -> N
         assert one_line(e) and str(e).startswith("x.yaml: "), e
     else:
         assert isinstance(svc, ServiceConfig)
+        # what is accepted renders, and every line of it is one directive,
+        # a section header or a comment: no value reached a second line
+        from agent import units
+
+        for text in units.render_service(svc, 4096, nofile=65536).files.values():
+            for line in text.splitlines():
+                assert line == "" or line.startswith(("#", "[")) or \
+                    re.fullmatch(r"[A-Za-z]+=.*", line), line
 
 
 @bounded
