@@ -337,12 +337,14 @@ UNIX_SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/run/systemd", "/run/dbus", "/run/
 
 def _parse_unix(chk: _Checker, text: str) -> Listen:
     """"unix:/run/api/api.sock": an absolute, normalised path of safe
-    characters, short enough for sun_path, in none of UNIX_REFUSED_DIRS."""
+    characters, short enough for sun_path, outside UNIX_SHARED_DIRS and
+    UNIX_SYSTEM_DIRS. (What is on the host is preflight's to check.)"""
     path = text[len(UNIX_PREFIX):]
     allowed = "(allowed: unix:/run/NAME/NAME.sock, an absolute path)"
     if path.startswith("@"):
-        raise chk.fail("listen", f"{text!r}: abstract sockets are refused: they have no owner "
-                                 f"or mode, anyone in the network namespace may connect {allowed}")
+        raise chk.fail("listen", f"{text!r}: abstract sockets are refused: they have no "
+                                 "owner or mode, anyone in the network namespace may connect "
+                                 f"{allowed}")
     if not path.startswith("/"):
         raise chk.fail("listen", f"{text!r}: the path must be absolute {allowed}")
     if os.path.normpath(path) != path or any(c in (".", "..") for c in path.split("/")):
@@ -445,8 +447,8 @@ def _parse_socket_file(chk: _Checker, listen: tuple[Listen, ...],
                                       "(allowed: '0200'..'0777', e.g. '0660')")
     if not int(raw, 8) & 0o200:
         raise chk.fail("socket_mode", f"{raw!r} leaves the owner without write permission, "
-                                      "which connect(2) needs (allowed: modes with the owner's write bit, "
-                                      "e.g. '0660')")
+                                      "which connect(2) needs (allowed: a mode with the "
+                                      "owner's write bit, e.g. '0660')")
     return names[0], names[1], "0" + raw[-3:]
 
 

@@ -94,8 +94,9 @@ def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
                  sleep: Callable[[float], None] = time.sleep) -> TrialResult:
     """Open `count` connections (TCP; AF_UNIX to a unix: listener) to
     `target`, one at a time, each waiting up to TRIAL_WAIT until some group
-    of processes holds its server side; count them per group. `groups()` gives each instance's PIDs (asked
-    again at every look: a process may fork or exit meanwhile).
+    of processes holds its server side; count them per group. `groups()`
+    gives each instance's PIDs (asked again at every look: a process may
+    fork or exit meanwhile).
 
     OSError when the address cannot be reached (connect refused, timeout)
     or the census fails: then nothing is known."""
