@@ -65,9 +65,9 @@ def request(states: int, show: int, seq: int = 1) -> bytes:
                           seq, 0) + body
 
 
-def _messages(states: int, show: int) -> Iterator[tuple[bytes, int, int]]:
-    """(buffer, offset of the nlmsghdr, length) of each SOCK_STREAM socket of
-    one dump. OSError with the kernel's errno on NLMSG_ERROR (ENOENT: a
+def _dump(states: int, show: int) -> Iterator[bytes]:
+    """The receive buffers of one dump, each made of whole messages, up to
+    NLMSG_DONE. OSError with the kernel's errno on NLMSG_ERROR (ENOENT: a
     kernel without unix_diag, CONFIG_UNIX_DIAG)."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.send(request(states, show))
@@ -75,20 +75,48 @@ def _messages(states: int, show: int) -> Iterator[tuple[bytes, int, int]]:
             buf = nl.recv(1 << 20)
             if len(buf) < 16:
                 raise OSError("unix_diag: short read")
-            off, end = 0, len(buf)
-            while off + 16 <= end:
-                length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", buf, off + 16)
-                    raise OSError(-err, f"unix_diag: {os.strerror(-err)}")
-                if length < 16:
-                    raise OSError("unix_diag: malformed message")
-                if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_LEN \
-                        and buf[off + 17] == socket.SOCK_STREAM:
-                    yield buf, off, length
-                off += (length + 3) & ~3
+            # a dump's last buffer ends with NLMSG_DONE or holds the error alone
+            length, mtype = _NLMSGHDR.unpack_from(buf, 0)[:2]
+            if mtype == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", buf, 16)
+                raise OSError(-err, f"unix_diag: {os.strerror(-err)}")
+            yield buf
+            # NLMSG_DONE (16 + 4 bytes) ends the last buffer: look there
+            # first, and walk the headers only to confirm it
+            if len(buf) >= 20 and _NLMSGHDR.unpack_from(buf, len(buf) - 20)[:2] == (
+                    20, NLMSG_DONE) and _ends(buf):
+                return
+
+
+def _ends(buf: bytes) -> bool:
+    """Whether the buffer holds NLMSG_DONE (a walk over the headers only)."""
+    off, end = 0, len(buf)
+    while off + 16 <= end:
+        length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+        if mtype == NLMSG_DONE:
+            return True
+        if mtype == NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", buf, off + 16)
+            raise OSError(-err, f"unix_diag: {os.strerror(-err)}")
+        if length < 16:
+            raise OSError("unix_diag: malformed message")
+        off += (length + 3) & ~3
+    return False
+
+
+def _messages(states: int, show: int) -> Iterator[tuple[bytes, int, int]]:
+    """(buffer, offset of the nlmsghdr, length) of each SOCK_STREAM socket of
+    one dump."""
+    for buf in _dump(states, show):
+        off, end = 0, len(buf)
+        while off + 16 <= end:
+            length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+            if mtype == NLMSG_DONE:
+                return
+            if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_LEN \
+                    and buf[off + 17] == socket.SOCK_STREAM:
+                yield buf, off, length
+            off += (length + 3) & ~3
 
 
 def _name_attr(path: str) -> bytes:
@@ -158,22 +186,35 @@ def sockets(states: int, show: int = UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_S
 
 def established(paths: Iterable[str]) -> set[int]:
     """Inodes of the accepted (server-side) connections of the listeners at
-    `paths`: ESTABLISHED stream sockets whose name is one of them. The fast
-    path: each message's first attribute is compared with the name's bytes
-    in place, and only the inode is read."""
+    `paths`: ESTABLISHED stream sockets whose name is one of them.
+
+    The fast path, as the census polls it during a drain: the dump lists
+    every ESTABLISHED Unix socket (the clients' sides too), so rather than
+    walking each message in Python, each receive buffer is searched (in C,
+    bytes.find) for the name attribute's exact bytes, which the kernel puts
+    first, right after the 16-byte unix_diag_msg. A hit is taken only when
+    the header 32 bytes before it is a stream socket's SOCK_DIAG_BY_FAMILY
+    message long enough to hold it. The needle holds NUL bytes (the
+    attribute's type 0, and the name's end), which no path contains, so it
+    cannot start inside another socket's name."""
     needles = [_name_attr(p) for p in set(paths)]
     out: set[int] = set()
     if not needles:
         return out
-    starts = bytes.startswith
-    for buf, off, _length in _messages(1 << ESTABLISHED, UDIAG_SHOW_NAME):
-        at = off + _MSG_LEN
+    hdr, u32 = _NLMSGHDR.unpack_from, _U32.unpack_from
+    for buf in _dump(1 << ESTABLISHED, UDIAG_SHOW_NAME):
         for needle in needles:
-            if starts(buf, needle, at):
-                (ino,) = _U32.unpack_from(buf, off + 20)
-                if ino:
-                    out.add(ino)
-                break
+            at = buf.find(needle)
+            while at >= _MSG_LEN:
+                off = at - _MSG_LEN
+                length, mtype = hdr(buf, off)[:2]
+                if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_LEN + len(needle) \
+                        and buf[off + 16] == socket.AF_UNIX \
+                        and buf[off + 17] == socket.SOCK_STREAM:
+                    ino = u32(buf, off + 20)[0]
+                    if ino:  # 0: not accepted yet
+                        out.add(ino)
+                at = buf.find(needle, at + len(needle))
     return out
 
 
@@ -184,7 +225,15 @@ def listening(paths: Iterable[str]) -> list[UnixSocket]:
 
 def peers(paths: Iterable[str], inodes: set[int] | None = None) -> dict[int, int]:
     """server-side inode -> client-side inode, for the accepted connections
-    of the listeners at `paths` (only those in `inodes` when given)."""
-    return {s.inode: s.peer
-            for s in sockets(1 << ESTABLISHED, UDIAG_SHOW_NAME | UDIAG_SHOW_PEER, paths)
-            if s.inode and (inodes is None or s.inode in inodes)}
+    of the listeners at `paths` (only those in `inodes` when given: the
+    others are skipped by their inode, before any decoding)."""
+    wanted = set(paths)
+    out: dict[int, int] = {}
+    for buf, off, length in _messages(1 << ESTABLISHED, UDIAG_SHOW_NAME | UDIAG_SHOW_PEER):
+        ino = _U32.unpack_from(buf, off + 20)[0]
+        if not ino or (inodes is not None and ino not in inodes):
+            continue
+        s = UnixSocket.decode(buf, off, length)
+        if s.name in wanted:
+            out[s.inode] = s.peer
+    return out
