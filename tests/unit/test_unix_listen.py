@@ -388,3 +388,16 @@ def test_status_line_for_a_unix_listener() -> None:
     assert "replaced since it was bound" in _unix_state(_entry(bound=False))
     assert _unix_state({**_entry(), "file": None, "listening": False}) == (
         "no file (clients get ENOENT), nothing listens")
+
+
+def test_verify_needs_a_tcp_listener(tmp_path: Path) -> None:
+    from agent.verify import Options, check, first_address
+
+    config = tmp_path / "api.yaml"
+    config.write_text("name: api\ncommand: /opt/api/{version}/bin/api\n"
+                      "listen: ['unix:/run/api/api.sock']\n")
+    config.chmod(0o644)
+    tmp_path.chmod(0o755)
+    with pytest.raises(ConfigError, match="listen: verify drives its load at a TCP address"):
+        check(Options(config, "v1", "v2"))
+    assert first_address(parse(listen=["unix:/run/api/api.sock", "8080"])) == "127.0.0.1:8080"
