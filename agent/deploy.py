@@ -547,13 +547,15 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
             ensure_migrate_req(paths, emit)
         with Systemd() as sd:
             install_units(svc, sd, backlog)
+            access = apply_socket_access(svc)
             recover(svc, sd, store, state, emit)
             old = serving_version(svc, sd, state, exclude=version)
             if old is None and version in active_versions(svc, sd):
                 old = version  # it runs already (no record of it): nothing to do
-            warnings = [f"a process outside zdd-agent listens on {s['address']} "
-                        f"(pid {s['pid']} {s['comm']}): it takes a share of new connections "
-                        "and no swap replaces it" for s in stray_listeners(svc, sd)]
+            warnings = access + [
+                f"a process outside zdd-agent listens on {s['address']} (pid {s['pid']} "
+                f"{s['comm']}): it takes a share of new connections and no swap replaces it"
+                for s in stray_listeners(svc, sd)]
             for w in warnings:
                 say("warning", {"message": w})
             state.watch = None  # a new swap ends any watch of the last one
@@ -662,6 +664,55 @@ def unix_listeners(svc: ServiceConfig) -> list[dict[str, Any]]:
                          "socket": stat.S_ISSOCK(st.st_mode),
                          "bound": (st.st_ino, st.st_dev) in vfs}
         out.append(entry)
+    return out
+
+
+def apply_socket_access(svc: ServiceConfig) -> list[str]:
+    """socket_user, socket_group and socket_mode, applied to the live file of
+    each unix: listener. systemd sets them when the socket unit binds
+    (SocketUser=...), and the socket unit is never restarted by a swap (that
+    would drop its queue), so a config changed since would otherwise wait
+    for the next reboot. Only the listener's own file is changed (its inode
+    is the one unix_diag reports for the listener, UNIX_DIAG_VFS), through
+    an O_PATH descriptor opened without following a link. Returns what was
+    changed, or why it could not be, one line each."""
+    from . import unixdiag
+
+    if not svc.unix_paths:
+        return []
+    try:
+        uid = pwd.getpwnam(svc.socket_user or "root").pw_uid
+        gid = grp.getgrnam(svc.socket_group or "root").gr_gid
+        socks = unixdiag.listening(svc.unix_paths)
+    except (KeyError, OSError):
+        return []  # preflight names a missing user or group; no netlink, no change
+    mode = int(svc.socket_mode or "0660", 8)
+    out = []
+    for path in svc.unix_paths:
+        bound = {(ino, os.makedev(dev >> 20, dev & 0xFFFFF))
+                 for ino, dev in (x.vfs for x in socks if x.name == path and x.vfs)}
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # no file yet: the socket unit creates it as configured
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or (st.st_ino, st.st_dev) not in bound:
+                continue  # not the listener's file: doctor says so, nothing to fix here
+            have = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            if have == (uid, gid, mode):
+                continue
+            # chown/chmod of /proc/self/fd/N reach the inode the O_PATH fd holds
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+            out.append(f"{path}: {_user_name(have[0])}:{_group_name(have[1])} {have[2]:04o} -> "
+                       f"{_user_name(uid)}:{_group_name(gid)} {mode:04o} as the config says "
+                       "(the running socket unit keeps its file)")
+        except OSError as e:
+            out.append(f"{path}: cannot apply socket_user/socket_group/socket_mode: "
+                       f"{e.strerror or e}")
+        finally:
+            os.close(fd)
     return out
 
 

@@ -154,3 +154,13 @@ def test_nginx_to_unix_socket_across_swaps(host: DemoHost) -> None:
     code, doc = host.zdd_json("doctor")
     found = [f for f in doc["findings"] if f["check"] == "unix-socket"]
     assert [f["level"] for f in found] == ["ok"], found
+
+    # a changed socket_mode reaches the live file at the next swap, without
+    # restarting the socket unit (its file and queue stay)
+    host.configure(text=CONFIG.replace('socket_mode: "0660"', 'socket_mode: "0666"'))
+    code, r = host.zdd_json("swap", "demo", "--version", "v2")
+    assert code == 0 and r["result"] == "ok", r
+    assert any("0660 -> root:www-data 0666" in w for w in r["warnings"]), r["warnings"]
+    again = os.lstat(host.sb.path(SOCK))
+    assert stat.S_IMODE(again.st_mode) == 0o666 and again.st_ino == st.st_ino
+    assert _curl_as(host, "nobody", "nogroup") == 0

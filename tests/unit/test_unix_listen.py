@@ -401,3 +401,36 @@ def test_verify_needs_a_tcp_listener(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="listen: verify drives its load at a TCP address"):
         check(Options(config, "v1", "v2"))
     assert first_address(parse(listen=["unix:/run/api/api.sock", "8080"])) == "127.0.0.1:8080"
+
+
+def test_apply_socket_access_to_the_listeners_own_file(listener) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another group needs root")
+    path, _lst = listener
+    os.chmod(path, 0o600)
+    svc = ServiceConfig(name="api", command=("/x",), listen=(Listen(None, 0, path),),
+                        socket_group="www-data" if _has_group("www-data") else "root",
+                        socket_mode="0660")
+    [note] = deploy.apply_socket_access(svc)
+    assert note.startswith(f"{path}: root:") and note.endswith("(the running socket unit keeps "
+                                                               "its file)")
+    st = os.stat(path)
+    assert st.st_mode & 0o7777 == 0o660 and st.st_uid == 0
+    assert deploy.apply_socket_access(svc) == []  # as wanted now: nothing to do
+    # a file that is not the listener's own is left alone
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(path)
+        os.chmod(path, 0o600)
+        assert deploy.apply_socket_access(svc) == []
+        assert os.stat(path).st_mode & 0o7777 == 0o600
+
+
+def _has_group(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
