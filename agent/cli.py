@@ -688,6 +688,15 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
         else:
             svc = parse_service(file, read_yaml(file), expected_name=name or file.stem)
             click.echo(f"{file}: a valid config of service {svc.name}")
+            from .settings import explain, this_host
+
+            # what each setting does to an instance on this host; a warning
+            # (the instances cannot hold the connections asked for) on stderr
+            for level, line in explain(svc.settings, this_host(), user=svc.user):
+                if level == "warn":
+                    click.echo(f"zdd-agent: warning: {line}", err=True)
+                else:
+                    click.echo(f"  {line}")
             blind = probe_blind(svc)  # valid, but every swap would roll back: warn, exit 0
             if blind is not None:
                 click.echo(f"zdd-agent: warning: {blind.line()}", err=True)

@@ -23,6 +23,7 @@ import yaml
 
 from .trust import untrusted
 from .errors import ConfigError
+from .settings import KEYS as SETTINGS_KEYS, UnitSettings, families_needed
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -206,6 +207,7 @@ class ServiceConfig:
     min_ready: float = DEFAULT_MIN_READY  # seconds; 0: admitted at the gate
     watch: float = DEFAULT_WATCH  # seconds after a swap; 0: nothing watches
     allow_from: tuple[str, ...] = ()  # peers allowed to reach the listeners (CIDRs); (): any
+    settings: UnitSettings = field(default_factory=UnitSettings)  # settings.py: the unit's own
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
@@ -602,7 +604,8 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", *SOCKET_KEYS, "user", "environment",
-                        "ready", "drain", "hooks", "replicas", "strategy", "allow_from"))
+                        "ready", "drain", "hooks", "replicas", "strategy", "allow_from",
+                        *SETTINGS_KEYS))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -672,12 +675,39 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                                            "listens: connections are refused (allowed: "
                                            f"0..{replicas - 1} with reuseport, or socket: "
                                            "inherit, whose socket unit keeps the queue)")
+    from . import settings as unit_settings
+
+    settings = unit_settings.parse(chk, data)
+    _check_families(chk, settings, socket_mode, listen, ready)
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, socket_user=sock_user, socket_group=sock_group,
                          socket_mode=sock_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,
                          allow_from=allow_from, max_surge=counts[0], max_unavailable=counts[1],
-                         min_ready=min_ready, watch=watch)
+                         min_ready=min_ready, watch=watch, settings=settings)
+
+
+def _check_families(chk: _Checker, settings: UnitSettings, socket_mode: str,
+                    listen: tuple[Listen, ...], ready: Ready) -> None:
+    """hardening.RestrictAddressFamilies must leave the instance the socket
+    families the swap needs from it: AF_UNIX for sd_notify(3) (ready.type
+    notify), the listen addresses' families when it binds them itself
+    (reuseport), and the probe address's for a port of its own."""
+    needed: dict[str, str] = {}
+    if ready.type == "notify":
+        needed["AF_UNIX"] = "ready.type notify sends READY=1 over an AF_UNIX socket"
+    if socket_mode == "reuseport":
+        for lst in listen:
+            fam = "AF_INET6" if lst.host and ":" in lst.host else "AF_INET"
+            needed.setdefault(fam, f"socket: reuseport binds {lst} itself")
+    if ready.needs_instance_port and ready.url:
+        fam = "AF_INET6" if "[" in ready.url else "AF_INET"
+        needed.setdefault(fam, f"ready.url {ready.url} is a port the instance binds")
+    denied = families_needed(set(needed), settings.hardening)
+    if denied:
+        raise chk.fail("hardening.RestrictAddressFamilies",
+                       f"denies {denied[0]}, but {needed[denied[0]]} (allowed: a list that "
+                       f"keeps {', '.join(sorted(needed))})")
 
 
 # ------------------------------------------------------------------- loading

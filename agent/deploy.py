@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import rollout, tcpstats, units
+from . import oom, rollout, tcpstats, units
 from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
                      ServiceConfig, check_version, load_agent_config, load_all, load_service)
@@ -71,6 +71,7 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             if why is not None:
                 raise ConfigError(f"{svc.path}: {key}: {argv[0]} cannot run as user "
                                   f"{svc.user}: {why}", file=str(svc.path), key=key)
+    check_settings(svc, version)
     # hooks and exec probes run as root: root's alone (trust.py)
     if os.geteuid() == 0 and runs_as_root(svc.user):
         path_env = dict(svc.environment).get("PATH", DEFAULT_PATH)
@@ -130,6 +131,47 @@ def _check_socket_files(svc: ServiceConfig) -> None:
                               file=str(svc.path), key=key) from None
 
 
+def check_settings(svc: ServiceConfig, version: str) -> None:
+    """What systemd would fail a start for (216/GROUP, 200/CHDIR, "Failed to
+    load environment files"), told before anything stops: the groups exist,
+    working_directory is a directory and each of environment_files a file,
+    {version} filled in. For a service that runs as root, those paths must
+    be root's alone (trust.untrusted): an environment file sets LD_PRELOAD
+    or PYTHONPATH for a root process, and `python -m` imports from its
+    working directory."""
+    import grp
+    import stat
+
+    s = svc.settings
+    for key, group in [("group", s.group)] + [("supplementary_groups", g)
+                                              for g in s.supplementary_groups]:
+        if group is None:
+            continue
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"{svc.path}: {key}: no such group {group!r} on this host",
+                              file=str(svc.path), key=key) from None
+    root = runs_as_root(svc.user)
+    for key, path in s.paths(version):
+        want = "directory" if key == "working_directory" else "file"
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ConfigError(f"{svc.path}: {key}: {path}: {e.strerror} (an instance of "
+                              f"{version} would fail to start)", file=str(svc.path),
+                              key=key) from None
+        if not (stat.S_ISDIR if want == "directory" else stat.S_ISREG)(st.st_mode):
+            raise ConfigError(f"{svc.path}: {key}: {path} is not a {want}",
+                              file=str(svc.path), key=key)
+        why = untrusted(path) if root and os.geteuid() == 0 else None
+        if why is not None:
+            raise ConfigError(f"{svc.path}: {key}: {path}: {why}; the service runs as root "
+                              "and this decides what it runs (allowed: root's alone along the "
+                              "whole path, or a user for the service)", file=str(svc.path),
+                              key=key)
+
+
 def _agent_runs(svc: ServiceConfig, version: str) -> list[tuple[str, list[str]]]:
     """(config key, argv) of what the agent runs for a service: its hooks and
     its exec probe, {version} filled in as for this swap."""
@@ -156,6 +198,7 @@ class SystemdOps:
         self.mode = mode_for(svc)
         self.census = self.mode.census()
         self.ports: dict[str, int | None] = {}
+        self._ooms: dict[tuple[str, int], str | None] = {}
 
     def unit(self, version: str) -> str:
         return units.instance_unit(self.svc.name, version)
@@ -194,8 +237,24 @@ class SystemdOps:
 
     def status(self, version: str) -> InstanceStatus:
         st = self.sd.state(self.unit(version))
-        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job, st.exit,
-                              st.main_pid)
+        return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job,
+                              self._oom(st) or st.exit, st.main_pid)
+
+    def _oom(self, st: Any) -> str | None:
+        """How the OOM killer took the instance's main process, when it did:
+        systemd's Result=oom-kill (cgroup v2), or on a legacy hierarchy a
+        SIGKILL that the kernel's log attributes to the OOM killer. Read
+        once per start of the instance (the log is read only on a SIGKILL)."""
+        if st.result != "oom-kill" and not st.exit.startswith("killed by SIGKILL"):
+            return None
+        since = self.sd.main_start_monotonic(st.name)
+        key = (st.name, since)
+        if key not in self._ooms:
+            found = oom.oom_kill(st.name, since)
+            if found is None and st.result == "oom-kill":
+                found = "systemd: Result=oom-kill"
+            self._ooms[key] = f"killed by SIGKILL: {found}" if found else None
+        return self._ooms[key]
 
     def probe(self, version: str) -> tuple[bool, str]:
         port = self.port_of(version)
@@ -241,7 +300,12 @@ class SystemdOps:
         return self.census.held_peers(pids)
 
     def enable(self, version: str) -> None:
-        self.sd.enable(self.unit(version))
+        """The instance is admitted for good: enabled for boot, and no longer
+        the OOM killer's first pick (oom.py): its processes get
+        oom_score_adjust, or the service manager's own value."""
+        unit = self.unit(version)
+        self.sd.enable(unit)
+        settle_oom_score(self.svc, self.sd, unit)
 
     def disable(self, version: str) -> None:
         self.sd.disable(self.unit(version))
@@ -259,7 +323,8 @@ class SystemdOps:
     def memory(self, olds: list[str]) -> Memory | None:
         """The largest old instance's footprint: its cgroup's memory.current
         when systemd accounts memory, else its processes' RSS."""
-        return instance_memory(self.sd, [self.unit(x) for x in olds])
+        return instance_memory(self.sd, [self.unit(x) for x in olds],
+                               units.slice_unit(self.svc.name))
 
     def run_hook(self, hook: str, env: dict[str, str],
                  instance: str | None = None) -> tuple[bool, str] | None:
@@ -341,6 +406,15 @@ class SystemdOps:
         return watch
 
 
+def settle_oom_score(svc: ServiceConfig, sd: Systemd, unit: str) -> list[int]:
+    """Write the admitted value of oom_score_adj to the unit's processes;
+    the PIDs it could not be written to."""
+    target = svc.settings.oom_score_adjust
+    if target is None:
+        target = oom.score(1) or 0  # what the manager gives a unit without the setting
+    return oom.set_score(_processes_or_none(sd, unit), target)
+
+
 def _processes_or_none(sd: Systemd, unit: str) -> list[int]:
     """The unit's processes, or none where systemd cannot list them (counts
     and sizes are then left out, never invented)."""
@@ -350,10 +424,18 @@ def _processes_or_none(sd: Systemd, unit: str) -> list[int]:
         return []
 
 
-def instance_memory(sd: Systemd, unit_names: list[str]) -> Memory | None:
+def instance_memory(sd: Systemd, unit_names: list[str],
+                    slice_unit: str | None = None) -> Memory | None:
+    """The largest old instance's footprint: the most its cgroup has held
+    (memory.peak, or memory.current where the peak cannot be read), else its
+    processes' RSS; and what a new one may take: the host's MemAvailable,
+    or less when the service's slice has a MemoryMax= (slice.memory_max)."""
     sizes, source = [], "cgroup"
     for unit in unit_names:
         size = sd.memory_current(unit)
+        peak = sd.memory_peak(unit) if size is not None else None
+        if peak is not None and size is not None and peak > size:
+            size, source = peak, "cgroup peak"
         if size is None:
             source, size = "rss", 0
             for pid in _processes_or_none(sd, unit):
@@ -364,7 +446,11 @@ def instance_memory(sd: Systemd, unit_names: list[str]) -> Memory | None:
         sizes.append(size)
     if not sizes or not max(sizes):
         return None
-    return Memory(max(sizes), psutil.virtual_memory().available, source)
+    available = psutil.virtual_memory().available
+    room = sd.slice_room(slice_unit) if slice_unit else None
+    if room is not None and room < available:
+        available, source = room, f"{source}; room left in {slice_unit}"
+    return Memory(max(sizes), available, source)
 
 
 MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
@@ -509,7 +595,8 @@ def plan(paths: Paths, name: str, version: str) -> dict[str, Any]:
     with Systemd() as sd:
         old = serving_version(svc, sd, state, exclude=version)
         olds = instances_of(svc, sd).get(old, []) if old else []
-        mem = instance_memory(sd, [units.instance_unit(name, x) for x in olds])
+        mem = instance_memory(sd, [units.instance_unit(name, x) for x in olds],
+                              units.slice_unit(name))
     batches: list[rollout.Batch] = []
     headroom = ""
     if old != version:

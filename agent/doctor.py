@@ -18,6 +18,7 @@ from . import deploy, units
 from .config import ServiceConfig, load_all
 from .errors import ZddError
 from .servers import probe_blind, read_head
+from .settings import Host, effective_nofile, explain, this_host
 from .state import StateStore
 from .swap import Memory, fit_plan
 
@@ -160,16 +161,35 @@ def process_findings(svc: ServiceConfig, pid: int) -> list[Finding]:
             fix=f"handle {sig}, or set drain.signal to the one it drains on"))
     elif how == "caught":
         out.append(Finding("ok", "drain-signal", name, cause=f"PID {pid} ({comm}) handles {sig}"))
-    limit = open_files_limit(pid)
-    if limit is not None and limit < MIN_NOFILE:
-        out.append(Finding(
-            "warn", "open-files", name,
-            symptom="accept(2) fails with EMFILE under load: connections wait or are reset",
-            cause=f"PID {pid} may open {limit} files",
-            verify=f"grep 'Max open files' /proc/{pid}/limits",
-            fix="LimitNOFILE=65536 in a drop-in: systemctl edit "
-                f"{units.template_unit(name)}"))
+    out += open_files_findings(svc, pid, open_files_limit(pid), this_host())
     return out
+
+
+def open_files_findings(svc: ServiceConfig, pid: int, limit: int | None,
+                        host: Host) -> list[Finding]:
+    """The serving process's soft open-files limit against what the config
+    gives new instances (limits.nofile or the host's default)."""
+    want = effective_nofile(svc.settings, host)
+    if limit is None or limit >= want:
+        return []
+    low = limit < MIN_NOFILE
+    return [Finding(
+        "warn", "open-files", svc.name,
+        symptom=(f"accept(2) fails with EMFILE beyond about {limit} connections: "
+                 "connections wait or are reset") if low else "",
+        cause=f"PID {pid} may open {limit} files; instances the config starts get {want}",
+        verify=f"grep 'Max open files' /proc/{pid}/limits",
+        fix=f"zdd-agent swap {svc.name} (the next instances start with {want})"
+            + ("" if svc.settings.limits.nofile else
+               ", or set limits.nofile in the config"))]
+
+
+def settings_findings(svc: ServiceConfig, host: Host) -> list[Finding]:
+    """What each of the unit's settings does on this host (settings.explain)."""
+    return [Finding(level, "settings", svc.name, cause=line,
+                    verify=f"systemctl show {units.template_unit(svc.name)}"
+                    if level == "warn" else "")
+            for level, line in explain(svc.settings, host, user=svc.user)]
 
 
 def memory_findings(svc: ServiceConfig, olds: int, mem: Memory | None) -> list[Finding]:
@@ -227,7 +247,7 @@ def run(paths: deploy.Paths) -> list[Finding]:
         findings += systemd_findings(None)
     for svc in services:  # without systemd: from the config alone
         if svc.name not in done:
-            findings += config_findings(svc)
+            findings += config_findings(svc) + settings_findings(svc, this_host())
     return findings
 
 
@@ -237,7 +257,8 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
         serving = deploy.serving_version(svc, sd, store.load(svc.name))
     except ZddError as e:
         return config_findings(svc) + [Finding("warn", "state", svc.name, cause=str(e))]
-    return (config_findings(svc, serving) + _serving_findings(svc, sd, serving)
+    return (config_findings(svc, serving) + settings_findings(svc, this_host())
+            + _serving_findings(svc, sd, serving)
             + down_findings(svc, sd, store) + stray_findings(svc, deploy.stray_listeners(svc, sd))
             + unix_findings(svc, deploy.unix_listeners(svc) if svc.unix_paths else []))
 

@@ -315,6 +315,36 @@ class Systemd:
             return None
         return None if value >= 2**64 - 1 else value
 
+    def memory_peak(self, unit: str) -> int | None:
+        """The most memory the unit's cgroup has held since it started
+        (cgroup v2 memory.peak, Linux 5.19+; v1 memory.max_usage_in_bytes):
+        an instance's start-up peak, which memory.current no longer shows.
+        None where neither can be read."""
+        try:
+            cg = _s(self._unit(unit).Service.ControlGroup)
+        except Exception:
+            return None
+        return cgroup_memory(cg, "memory.peak", "memory.max_usage_in_bytes")
+
+    def slice_room(self, unit: str) -> int | None:
+        """Bytes a slice may still take before its MemoryMax= (MemoryMax
+        minus MemoryCurrent); None without a limit or accounting."""
+        try:
+            sl = self._unit(unit).Slice
+            limit, current = int(sl.MemoryMax), int(sl.MemoryCurrent)
+        except Exception:
+            return None
+        if limit >= 2**64 - 1 or current >= 2**64 - 1:
+            return None
+        return max(0, limit - current)
+
+    def main_start_monotonic(self, unit: str) -> int:
+        """CLOCK_MONOTONIC microseconds when the unit's main process last started."""
+        try:
+            return int(self._unit(unit).Service.ExecMainStartTimestampMonotonic)
+        except Exception:
+            return 0
+
     def version(self) -> int | None:
         """systemd's major version ("252.38-1~deb12u1" -> 252)."""
         import re
@@ -340,6 +370,21 @@ def _cgroup_pids(path: str) -> list[int] | None:
             with open(f"{base}{path}/cgroup.procs") as f:
                 return sorted({int(x) for x in f.read().split() if int(x)})
         except (OSError, ValueError):
+            continue
+    return None
+
+
+def cgroup_memory(path: str, v2: str, v1: str) -> int | None:
+    """A memory controller file of a cgroup of systemd's hierarchy: `v2` on
+    the unified hierarchy, `v1` on the legacy memory controller (hybrid
+    hosts: systemd.special(7)); None if neither can be read."""
+    if not path:
+        return None
+    for name in (f"/sys/fs/cgroup{path}/{v2}", f"/sys/fs/cgroup/memory{path}/{v1}"):
+        try:
+            with open(name) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
             continue
     return None
 

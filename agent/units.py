@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from . import settings as unit_settings
 from .config import (DEFAULT_SOCKET_MODE, ServiceConfig, check_instance, check_name,
                      check_version, format_duration)
 
@@ -37,6 +38,11 @@ def socket_unit(name: str) -> str:
 
 def template_unit(name: str) -> str:
     return f"zdd-{check_name(name)}@.service"
+
+
+def slice_unit(name: str) -> str:
+    """All instances of a service: systemd.slice(5); its "-" nest it under zdd.slice."""
+    return f"zdd-{check_name(name)}.slice"
 
 
 def hold_unit(name: str) -> str:
@@ -94,6 +100,14 @@ Sockets=zdd-{name}.socket
 # version failed at start: the old one accepted a connection and hung).
 NonBlocking=yes
 """
+SLICE = """\
+# Rendered by zdd-agent for service {name}: do not edit, change {config} instead.
+# Every instance of {name}; its limits hold for all of them together.
+[Unit]
+Description=zdd-agent instances of {name}
+
+[Slice]
+"""
 REUSEPORT_SERVICE = """\
 # socket: reuseport. Each instance binds ZDD_LISTEN itself with SO_REUSEPORT;
 # net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves the connections queued on a
@@ -127,12 +141,26 @@ def _instance_lines(svc: ServiceConfig, version: str, instance: str,
     return " ".join(escape_word(e) for e in env), exec_start(svc.argv(version))
 
 
-def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
+def _lines(lines: list[str]) -> str:
+    return "".join(f"{ln}\n" for ln in lines)
+
+
+def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) -> UnitFiles:
+    """The service's units. `nofile`: LimitNOFILE= where limits.nofile is
+    not set (default: settings.default_nofile for this host)."""
     common = {"name": svc.name, "config": str(svc.path)}
     env = "".join(f"Environment={escape_word(f'{k}={v}')}\n" for k, v in svc.environment)
+    s = svc.settings
+    if nofile is None:
+        nofile = unit_settings.this_host().default_nofile
+    env += f"Slice={slice_unit(svc.name)}\n" + _lines(unit_settings.fixed_lines(s, nofile))
     if version_in_template(svc):
         environment, command = _instance_lines(svc, _VERSION, _VERSION, None)
         env += (f"Environment={environment}\nExecStart={command}\n").replace(_VERSION, "%i")
+        # %i is the instance name, which is the version here (no replicas)
+        env += _lines(unit_settings.version_lines(s, "%i"))
+    elif not s.versioned:
+        env += _lines(unit_settings.version_lines(s, ""))
     user = f"User={svc.user}\n" if svc.user else ""
     inherit = svc.socket == "inherit"
     access = ip_access(svc)
@@ -148,6 +176,8 @@ def render_service(svc: ServiceConfig, backlog: int) -> UnitFiles:
             grace=format_duration(svc.drain.grace_period),
             start_timeout=format_duration(svc.ready.deadline + 10)),
         TARGET: (TEMPLATE_DIR / TARGET).read_text(),
+        slice_unit(svc.name): SLICE.format(name=svc.name, config=svc.path) + _lines(
+            unit_settings.resource_lines(s.slice)),
     }
     if inherit:
         files[socket_unit(svc.name)] = _template("zdd-service.socket.in").substitute(
@@ -203,8 +233,10 @@ def render_instance_dropin(svc: ServiceConfig, version: str, instance_port: int 
     check_version(version)
     unit = instance_unit(svc.name, instance or version)
     environment, command = _instance_lines(svc, version, instance or version, instance_port)
+    versioned = svc.settings.versioned and not version_in_template(svc)
     return _template("zdd-instance.conf.in").substitute(
-        unit=unit, environment=environment, exec_start=command)
+        unit=unit, environment=environment, exec_start=command,
+        settings=_lines(unit_settings.version_lines(svc.settings, version)) if versioned else "")
 
 
 def dropin_path(name: str, instance: str) -> str:

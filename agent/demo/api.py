@@ -111,6 +111,12 @@ class Api:
             if url.path == "/hold":
                 await self._hold(writer)
                 return
+            if url.path == "/info":  # what systemd gave this process (tests of unit settings)
+                writer.write(self.response(200, info(parse_qs(url.query).get("w", [])), close))
+                await writer.drain()
+                if close:
+                    return
+                continue
             if url.path == "/slow":
                 ms = int(parse_qs(url.query).get("ms", ["100"])[0])
                 await asyncio.sleep(min(ms, 60000) / 1000)
@@ -175,6 +181,20 @@ class Api:
             await asyncio.sleep(0.05)
 
 
+def info(paths: list[str]) -> bytes:
+    """The process's credentials, working directory, APP_* environment,
+    open-files limit and, for each path asked, whether it may write there
+    (access(2): EROFS under ProtectSystem= counts as no)."""
+    import resource
+
+    return json.dumps({
+        "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+        "cwd": os.getcwd(), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "env": {k: v for k, v in os.environ.items() if k.startswith("APP_")},
+        "writable": {p: os.access(p, os.W_OK) for p in paths[:8]},
+    }).encode() + b"\n"
+
+
 async def main_async(args: argparse.Namespace) -> int:
     api = Api(args.version, args.never_ready)
     loop = asyncio.get_running_loop()
@@ -232,6 +252,8 @@ def main() -> int:
                     help="at SIGTERM stop accepting but keep the listener open this long")
     ap.add_argument("--never-accept", action="store_true",
                     help="hold the listeners and say READY=1, but never accept() on them")
+    ap.add_argument("--allocate", type=int, default=0, metavar="MIB",
+                    help="allocate and touch this much memory at start-up, before READY=1")
     ap.add_argument("--fail-instance", metavar="INSTANCE",
                     help="exit 1 at once when ZDD_INSTANCE is INSTANCE (one replica fails)")
     args = ap.parse_args()
@@ -242,6 +264,11 @@ def main() -> int:
     if args.fail_at_start:
         print(f"demo api {args.version}: failing at start as asked", file=sys.stderr)
         return 1
+    held = []  # a release that needs memory at start-up (a cache, a model)
+    for _ in range(args.allocate // 8):
+        chunk = bytearray(8 << 20)
+        chunk[::4096] = b"x" * len(range(0, len(chunk), 4096))  # touch every page
+        held.append(chunk)
     return asyncio.run(main_async(args))
 
 

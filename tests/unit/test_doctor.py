@@ -180,3 +180,19 @@ def test_a_foreign_listener_is_a_finding_with_its_pid() -> None:
     assert f.level == "warn" and f.check == "stray-listener"
     assert "pid 4321 (python3) listens on 127.0.0.1:8080 outside zdd-agent" in f.cause
     assert stray_findings(svc, []) == []
+
+
+def test_open_files_of_the_serving_process_against_what_new_instances_get() -> None:
+    from agent import settings
+
+    host = settings.Host(cpus=2, nr_open=1048576, manager_nofile=None, mem_total=8 << 30)
+    svc = parse_service(Path("/etc/zdd-agent/services/api.yaml"),
+                        {"name": "api", "command": "/bin/x", "listen": 8080}, "api")
+    [f] = doctor.open_files_findings(svc, 42, 1024, host)
+    assert f.level == "warn" and "EMFILE beyond about 1024" in f.symptom
+    assert "instances the config starts get 65536" in f.cause and "limits.nofile" in f.fix
+    assert doctor.open_files_findings(svc, 42, 65536, host) == []
+    capped = settings.Host(cpus=2, nr_open=1048576, manager_nofile=20000, mem_total=8 << 30)
+    assert doctor.open_files_findings(svc, 42, 20000, capped) == []
+    [s] = [f for f in doctor.settings_findings(svc, capped) if "nofile" in f.cause]
+    assert s.level == "warn" and "instances get 20000" in s.cause

@@ -14,18 +14,6 @@ from agent.trust import check_root_argv, untrusted
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
 
-@pytest.fixture
-def root_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root-owned 0755 directory under /run (/tmp and /var/tmp are world-writable)."""
-    base = Path("/run") / f"zdd-trust-{os.getpid()}"
-    base.mkdir(mode=0o755)
-    os.chmod(base, 0o755)
-    yield base
-    for p in sorted(base.rglob("*"), key=lambda p: -len(p.parts)):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    base.rmdir()
-
-
 def script(path: Path, mode: int = 0o755) -> Path:
     path.write_text("#!/bin/sh\nexit 0\n")
     os.chmod(path, mode)

@@ -48,7 +48,7 @@ def test_escape_word() -> None:
 def test_service_units() -> None:
     files = units.render_service(svc(), backlog=4096).files
     assert set(files) == {"zdd-api.socket", "zdd-api@.service", "zdd-api-hold.service",
-                          "zdd.target"}
+                          "zdd.target", "zdd-api.slice"}
     sock = files["zdd-api.socket"]
     assert "ListenStream=127.0.0.1:8080\nListenStream=9090\n" in sock
     assert "ReusePort=yes" in sock and "Backlog=4096" in sock
@@ -77,7 +77,7 @@ def test_instance_dropin() -> None:
 
 def test_reuseport_units_have_no_socket_unit() -> None:
     files = units.render_service(svc(socket="reuseport"), backlog=4096).files
-    assert set(files) == {"zdd-api@.service", "zdd.target"}
+    assert set(files) == {"zdd-api@.service", "zdd.target", "zdd-api.slice"}
     tmpl = files["zdd-api@.service"]
     assert "Sockets=" not in tmpl and "Requires=zdd-api.socket" not in tmpl
     assert "tcp_migrate_req" in tmpl
