@@ -692,7 +692,15 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
 
             # what each setting does to an instance on this host; a warning
             # (the instances cannot hold the connections asked for) on stderr
-            for level, line in explain(svc.settings, this_host(), user=svc.user):
+            lines = explain(svc.settings, this_host(), user=svc.user)
+            if svc.fast_open:
+                who = ("the agent sets it on the socket unit's listeners at each swap"
+                       if svc.socket == "inherit" else
+                       "the program must set TCP_FASTOPEN on its own listener (ZDD_FAST_OPEN)")
+                lines.append(("ok", f"fast_open {svc.fast_open}: up to {svc.fast_open} "
+                                    "pending TCP Fast Open connections per listener; "
+                                    f"{who}; a first request may be replayed (RFC 7413)"))
+            for level, line in lines:
                 if level == "warn":
                     click.echo(f"zdd-agent: warning: {line}", err=True)
                 else:

@@ -208,6 +208,7 @@ class ServiceConfig:
     watch: float = DEFAULT_WATCH  # seconds after a swap; 0: nothing watches
     allow_from: tuple[str, ...] = ()  # peers allowed to reach the listeners (CIDRs); (): any
     settings: UnitSettings = field(default_factory=UnitSettings)  # settings.py: the unit's own
+    fast_open: int = 0  # TCP Fast Open queue length (RFC 7413) of the listeners; 0: off
 
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
@@ -421,6 +422,10 @@ def _parse_socket_file(chk: _Checker, listen: tuple[Listen, ...],
                                  "one Unix socket path (SO_REUSEPORT is for TCP; a second bind "
                                  "fails or takes the path over) (allowed: inherit, whose socket "
                                  "unit owns the file)")
+    if unix and len(unix) == len(listen) and chk.get("fast_open"):
+        raise chk.fail("fast_open", "TCP Fast Open is for TCP listeners, and every listener "
+                                    "here is a unix: socket (allowed: 0, or a host:port "
+                                    "listener beside it)")
     if unix and len(unix) == len(listen) and chk.get("allow_from") is not None:
         raise chk.fail("allow_from", "applies to IP listeners, and every listener here is a "
                                      "unix: socket (allowed: socket_user, socket_group and "
@@ -605,7 +610,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     chk = _Checker(path, data)
     chk.reject_unknown(("name", "command", "listen", *SOCKET_KEYS, "user", "environment",
                         "ready", "drain", "hooks", "replicas", "strategy", "allow_from",
-                        *SETTINGS_KEYS))
+                        "fast_open", *SETTINGS_KEYS))
     for required in ("name", "command", "listen"):
         if required not in data:
             raise chk.fail(required, "required key is missing")
@@ -648,6 +653,8 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     hooks = _parse_hooks(path, chk.mapping("hooks"), ready)
     assert hasattr(signal, drain.signal)
     replicas = chk.integer("replicas", 1, 1, 64)
+    # off by default: data in a SYN may be replayed (RFC 7413 section 6.3.1)
+    fast_open = chk.integer("fast_open", 0, 0, 65535)
     schk = _Checker(path, chk.mapping("strategy"), "strategy.")
     schk.reject_unknown(("max_surge", "max_unavailable", "min_ready", "watch"))
     min_ready = schk.duration("min_ready", DEFAULT_MIN_READY, 0.0, 3600.0)
@@ -684,7 +691,8 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                          socket_mode=sock_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,
                          allow_from=allow_from, max_surge=counts[0], max_unavailable=counts[1],
-                         min_ready=min_ready, watch=watch, settings=settings)
+                         min_ready=min_ready, watch=watch, fast_open=fast_open,
+                         settings=settings)
 
 
 def _check_families(chk: _Checker, settings: UnitSettings, socket_mode: str,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import commands, deploy, protocol
+from . import commands, deploy, protocol, units
 from .config import AgentConfig, load_agent_config, load_all
 from .errors import LockedError, SwapFailed, ZddError
 from .log import SwapLogger, log
@@ -387,9 +387,32 @@ class Daemon:
         ticker.start()
         try:
             self.reconcile()
+            self.settle_oom_scores()
         finally:
             done.set()
             ticker.join()
+
+    def settle_oom_scores(self) -> None:
+        """Serving instances started at boot (by zdd.target) start as the OOM
+        killer's first pick, like every new instance (oom.py); no swap admits
+        them, so the daemon gives them their admitted score at its start."""
+        store = StateStore(self.paths.state_dir)
+        try:
+            services = load_all(self.paths.config_dir)
+        except ZddError:
+            return  # reported by reconcile and by every command
+        try:
+            with deploy.Systemd() as sd:
+                for svc in services:
+                    state = store.load(svc.name)
+                    if state.intent or not state.serving:
+                        continue
+                    for instance in deploy.instances_of(svc, sd).get(state.serving, []):
+                        deploy.settle_oom_score(svc, sd, units.instance_unit(svc.name,
+                                                                             instance))
+        except (ZddError, OSError) as e:
+            log("daemon", f"cannot set the serving instances' oom_score_adj: {e}",
+                syslog.LOG_WARNING)
 
     def recovery_limit(self) -> float:
         """Seconds recovery may take at most: for every service, each replica

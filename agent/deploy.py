@@ -477,6 +477,62 @@ def ensure_migrate_req(paths: Paths, emit: Emit | None) -> None:
                                    "reuseport"})
 
 
+def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
+                     emit: Emit | None) -> list[str]:
+    """socket: inherit: TCP_FASTOPEN = fast_open on the socket unit's
+    listeners (systemd has no FastOpen=; fastopen.py), started first if it
+    is not running, with the sysctl's server bit. At every swap: a restarted
+    socket unit has new sockets with no TFO queue. fast_open 0 turns a queue
+    set earlier off again. Returns the warnings: TFO is an optimisation, a
+    host that refuses it does not stop a swap. reuseport programs set it
+    themselves (ZDD_FAST_OPEN)."""
+    from . import fastopen
+
+    if svc.socket != "inherit":
+        return []
+    sock = units.socket_unit(svc.name)
+    running = sd.state(sock).active == "active"
+    if not svc.fast_open:
+        if running:
+            try:  # nothing was asked: a host that refuses the look is not warned about
+                fastopen.ensure(svc.ports, [1], 0)
+            except (fastopen.FastOpenError, OSError):
+                pass
+        return []
+    warnings = []
+    s = Sysctl(paths.state_dir)
+    value = s.read(fastopen.SYSCTL)
+    if value is not None and not fastopen.server_enabled(value):
+        overrides = dict(load_agent_config(paths.agent_config).sysctl)
+        if fastopen.SYSCTL in overrides and overrides[fastopen.SYSCTL] is None:
+            warnings.append(f"{fastopen.SYSCTL} is {value} (no server bit 0x2) and agent.yaml "
+                            "tells the agent to leave it alone: fast_open has no effect")
+        else:
+            new = str(int(value, 0) | fastopen.SERVER_ENABLE)
+            s.apply([Change(fastopen.SYSCTL, value, new)])
+            warnings.append(f"set {fastopen.SYSCTL} = {new} (was {value}) for fast_open")
+    if not running:
+        sd.start(sock)  # what the first instance's Requires= would do a moment later
+        deadline = time.monotonic() + 5.0
+        while sd.state(sock).active != "active" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    try:
+        found, changes = fastopen.ensure(svc.ports, [1], svc.fast_open)
+    except (fastopen.FastOpenError, OSError) as e:
+        found, changes = [], []
+        warnings.append(f"cannot enable TCP Fast Open on {sock}'s listeners: {e}; clients "
+                        "fall back to a normal handshake")
+    else:
+        if not found:
+            warnings.append(f"no listener of {sock} found held by PID 1 on ports "
+                            f"{', '.join(map(str, svc.ports))}: TCP Fast Open not enabled")
+    for c in changes:
+        (emit or (lambda kind, data: None))(
+            "fast_open", {"address": c.listener.address, "old": c.old,
+                          "qlen": c.listener.qlen, "unit": sock})
+    return warnings
+
+
 def _backlog(paths: Paths) -> int:
     overrides = dict(load_agent_config(paths.agent_config).sysctl)
     value = overrides.get("net.core.somaxconn", DEFAULTS["net.core.somaxconn"])
@@ -643,6 +699,7 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
                 f"a process outside zdd-agent listens on {s['address']} (pid {s['pid']} "
                 f"{s['comm']}): it takes a share of new connections and no swap replaces it"
                 for s in stray_listeners(svc, sd)]
+            warnings += ensure_fast_open(svc, sd, paths, emit)
             for w in warnings:
                 say("warning", {"message": w})
             state.watch = None  # a new swap ends any watch of the last one

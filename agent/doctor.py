@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from . import deploy, units
+from . import deploy, oom, units
 from .config import ServiceConfig, load_all
 from .errors import ZddError
 from .servers import probe_blind, read_head
@@ -104,6 +104,115 @@ def sysctl_findings(paths: deploy.Paths) -> list[Finding]:
                             "start and stop; ephemeral ports colliding with service ports",
                     cause="; ".join(f"{c.key} is {c.old}, wanted {c.new}" for c in differ),
                     verify="zdd-agent sysctl check", fix="zdd-agent sysctl apply")]
+
+
+FASTOPEN_SYSCTL = Path("/proc/sys/net/ipv4/tcp_fastopen")
+FASTOPEN_VERIFY = "nstat -az TcpExtTCPFastOpenPassive TcpExtTCPFastOpenCookieReqd"
+
+
+def fastopen_host_findings(services: list[ServiceConfig],
+                           value: str | None = None) -> list[Finding]:
+    """With a service's fast_open set: the namespace's tcp_fastopen must have
+    the server bit (0x2), or no listener gives a cookie (ip-sysctl.rst)."""
+    from . import fastopen
+
+    users = [s.name for s in services if s.fast_open]
+    if not users:
+        return []
+    if value is None:
+        try:
+            value = FASTOPEN_SYSCTL.read_text().strip()
+        except OSError:
+            value = None
+    if not fastopen.server_enabled(value):
+        return [Finding("fail", "fast-open", "host",
+                        symptom="fast_open of " + ", ".join(users) + " has no effect: TFO "
+                                "clients never get a cookie and send their data after the "
+                                "handshake",
+                        cause=f"net.ipv4.tcp_fastopen is {value}: no server bit (0x2)",
+                        verify="sysctl net.ipv4.tcp_fastopen",
+                        fix="zdd-agent sysctl apply (sets 3; a swap of a fast_open service "
+                            "also sets the bit)")]
+    return [Finding("ok", "fast-open", "host",
+                    cause=f"net.ipv4.tcp_fastopen={value}: the server side is on")]
+
+
+def fastopen_findings(svc: ServiceConfig, sd: deploy.Systemd, serving: str | None,
+                      manager_pid: int = 1) -> list[Finding]:
+    """Each listener's TFO queue (TCP_FASTOPEN read back through a duplicate of
+    its descriptor, fastopen.py) against fast_open: the socket unit's
+    (held by systemd, `manager_pid`) for inherit, each running instance's
+    own for reuseport."""
+    from . import fastopen
+
+    name = svc.name
+    want = fastopen.effective(svc.fast_open, fastopen.somaxconn())
+    if svc.socket == "inherit":
+        sock = units.socket_unit(name)
+        if sd.state(sock).active != "active":
+            return []
+        groups = {sock: [manager_pid]}
+    elif not svc.fast_open:
+        return []  # the program's own business
+    else:
+        groups = {}
+        for xs in deploy.instances_of(svc, sd).values():
+            for x in xs:
+                unit = units.instance_unit(name, x)
+                try:
+                    groups[unit] = sd.processes(unit)
+                except ZddError:
+                    continue
+    out: list[Finding] = []
+    seen = []
+    for owner, pids in groups.items():
+        try:
+            found = fastopen.read(svc.ports, pids)
+        except (ZddError, OSError) as e:
+            if not svc.fast_open:
+                return []  # nothing asked: a host that refuses the look is not a finding
+            return [Finding("warn", "fast-open", name,
+                            cause=f"cannot read TCP_FASTOPEN of {owner}'s listeners: {e}")]
+        for ln in found:
+            seen.append(ln)
+            if ln.qlen == want:
+                continue
+            if svc.fast_open and svc.socket == "reuseport":
+                out.append(Finding(
+                    "warn", "fast-open", name,
+                    symptom="TFO clients wait a round trip on connections this listener "
+                            "takes: it accepts no data in a SYN",
+                    cause=f"{ln.address} of {owner} (PID {ln.pid}) has TFO queue {ln.qlen}, "
+                          f"fast_open is {svc.fast_open}: the program does not set "
+                          "TCP_FASTOPEN",
+                    verify=FASTOPEN_VERIFY,
+                    fix="setsockopt(IPPROTO_TCP, TCP_FASTOPEN, $ZDD_FAST_OPEN) before "
+                        "listen() (docs/fast-open.md)"))
+            elif svc.fast_open:
+                out.append(Finding(
+                    "warn", "fast-open", name,
+                    symptom="TFO clients wait a round trip: the listener accepts no data in "
+                            "a SYN (TCPFastOpenCookieReqd rises, TCPFastOpenPassive does not)",
+                    cause=f"{ln.address} of {owner} has TFO queue {ln.qlen}, wanted {want} "
+                          "(fast_open): the socket unit was restarted since the last swap",
+                    verify=FASTOPEN_VERIFY,
+                    fix=f"zdd-agent swap {name} --version {serving or 'VERSION'} (sets it "
+                        "again; a swap to the serving version changes nothing else)"))
+            else:
+                out.append(Finding(
+                    "warn", "fast-open", name,
+                    symptom="data in a SYN reaches the program though fast_open is off: a "
+                            "first request may be replayed (RFC 7413 section 6.3.1)",
+                    cause=f"{ln.address} of {owner} has TFO queue {ln.qlen}, fast_open is 0",
+                    verify=FASTOPEN_VERIFY,
+                    fix=f"zdd-agent swap {name} --version {serving or 'VERSION'} (turns it "
+                        "off), or unset bit 0x400 of net.ipv4.tcp_fastopen (TFO on every "
+                        "listener) and restart the socket unit"))
+    if not out and svc.fast_open and seen:
+        out.append(Finding("ok", "fast-open", name,
+                           cause=f"TFO queue {want} on "
+                                 + ", ".join(sorted({ln.address for ln in seen}))))
+    return out
 
 
 def systemd_findings(version: int | None) -> list[Finding]:
@@ -234,7 +343,8 @@ def config_findings(svc: ServiceConfig, version: str | None = None,
 
 def run(paths: deploy.Paths) -> list[Finding]:
     services = load_all(paths.config_dir)
-    findings = kernel_findings(services) + sysctl_findings(paths)
+    findings = (kernel_findings(services) + sysctl_findings(paths)
+                + fastopen_host_findings(services))
     done: set[str] = set()
     try:
         with deploy.Systemd() as sd:
@@ -260,6 +370,7 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
     return (config_findings(svc, serving) + settings_findings(svc, this_host())
             + _serving_findings(svc, sd, serving)
             + down_findings(svc, sd, store) + stray_findings(svc, deploy.stray_listeners(svc, sd))
+            + fastopen_findings(svc, sd, serving)
             + unix_findings(svc, deploy.unix_listeners(svc) if svc.unix_paths else []))
 
 
@@ -344,8 +455,27 @@ def _serving_findings(svc: ServiceConfig, sd: deploy.Systemd,
     pid = sd.state(unit).main_pid
     if not pid:
         return [Finding("warn", "serving", svc.name, cause=f"{unit} has no main process")]
-    mem = deploy.instance_memory(sd, [units.instance_unit(svc.name, x) for x in olds])
-    return process_findings(svc, pid) + memory_findings(svc, len(olds), mem)
+    mem = deploy.instance_memory(sd, [units.instance_unit(svc.name, x) for x in olds],
+                                 units.slice_unit(svc.name))
+    return (process_findings(svc, pid) + memory_findings(svc, len(olds), mem)
+            + oom_findings(svc, pid, oom.score(pid)))
+
+
+def oom_findings(svc: ServiceConfig, pid: int, score: int | None) -> list[Finding]:
+    """A serving process still at the surge's oom_score_adj (oom.py): started
+    outside a swap (systemd restarted it, or the daemon was not running at
+    boot), it is the OOM killer's first pick."""
+    if score != oom.SURGE_OOM_SCORE_ADJ or svc.settings.oom_score_adjust == score:
+        return []
+    return [Finding("warn", "oom-score", svc.name,
+                    symptom="when memory runs out, the OOM killer ends the serving instance "
+                            "first",
+                    cause=f"PID {pid} has oom_score_adj {score}, the value new instances start "
+                          "with until a swap admits them: it started outside a swap (a restart "
+                          "by systemd, or a boot without the daemon)",
+                    verify=f"cat /proc/{pid}/oom_score_adj",
+                    fix="systemctl restart zdd-agent (its start gives serving instances their "
+                        "admitted value)")]
 
 
 def summary(findings: list[Finding]) -> dict[str, Any]:

@@ -138,6 +138,8 @@ def _instance_lines(svc: ServiceConfig, version: str, instance: str,
         env.append(f"ZDD_INSTANCE_PORT={instance_port}")
     if svc.socket == "reuseport":
         env.append("ZDD_LISTEN=" + " ".join(str(lst) for lst in svc.listen))
+        if svc.fast_open:  # the program's own setsockopt(TCP_FASTOPEN) before listen()
+            env.append(f"ZDD_FAST_OPEN={svc.fast_open}")
     return " ".join(escape_word(e) for e in env), exec_start(svc.argv(version))
 
 

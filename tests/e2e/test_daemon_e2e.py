@@ -537,3 +537,33 @@ def test_drain_host_flips_the_readiness_endpoint_across_restarts(host: DemoHost)
     assert "already" in host.zdd("drain-host").stdout
     assert host.zdd("undrain-host").returncode == 0
     assert ready()[0] == 200
+
+
+def test_after_a_reboot_the_daemon_gives_serving_instances_their_admitted_oom_score(
+        dhost: DemoHost) -> None:
+    """Instances start at OOMScoreAdjust=1000 (the surge's first pick); at
+    boot zdd.target starts the serving one with no swap to admit it: the
+    daemon's start does."""
+    code, r = dhost.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+
+    def score() -> str:
+        out = dhost.sb.run(["systemctl", "show", "-pMainPID", "zdd-demo@v1.service"],
+                           capture=True).stdout
+        pid = int(out.strip().split("=")[1])
+        try:
+            return dhost.sb.path(f"/proc/{pid}/oom_score_adj").read_text().strip() if pid else ""
+        except OSError:  # between a restart's PIDs
+            return ""
+
+    before = score()
+    dhost.sb.reboot()
+    # the sandbox boots zdd.target (SANDBOX.md); a host's multi-user.target
+    # starts the daemon too
+    wait_for(lambda: score() == "1000", 30, "the serving instance started by zdd.target")
+    dhost.sb.run(["systemctl", "start", "zdd-agent.service"])
+    wait_for(lambda: daemon_active(dhost), 30, "zdd-agent.service active after the reboot")
+    wait_for(lambda: score() == "0", 20, "the serving instance at oom_score_adj 0")
+    print(f"oom_score_adj of the serving instance: {before} after its swap, 1000 when "
+          "zdd.target started it at boot, 0 once the daemon started")
+    assert before == "0"

@@ -196,3 +196,13 @@ def test_open_files_of_the_serving_process_against_what_new_instances_get() -> N
     assert doctor.open_files_findings(svc, 42, 20000, capped) == []
     [s] = [f for f in doctor.settings_findings(svc, capped) if "nofile" in f.cause]
     assert s.level == "warn" and "instances get 20000" in s.cause
+
+
+def test_a_serving_process_at_the_surge_score_is_flagged() -> None:
+    svc = parse_service(Path("/etc/zdd-agent/services/api.yaml"),
+                        {"name": "api", "command": "/bin/x", "listen": 8080}, "api")
+    [f] = doctor.oom_findings(svc, 42, 1000)
+    assert f.level == "warn" and "first" in f.symptom and "restart zdd-agent" in f.fix
+    assert doctor.oom_findings(svc, 42, 0) == [] and doctor.oom_findings(svc, 42, None) == []
+    chosen = replace(svc, settings=replace(svc.settings, oom_score_adjust=1000))
+    assert doctor.oom_findings(chosen, 42, 1000) == []  # what the operator asked for

@@ -271,3 +271,35 @@ def test_a_root_service_refuses_an_environment_file_others_can_change(root_dir: 
         deploy.check_settings(parse(environment_files=[str(env)]), "v1")
     os.chmod(env, 0o644)
     deploy.check_settings(parse(environment_files=[str(env)]), "v1")
+
+
+def test_check_config_explains_each_setting(root_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    monkeypatch.setattr(settings, "this_host", lambda: HOST)
+    path = root_dir / "api.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **PRODUCTION, "fast_open": 16}))
+    r = CliRunner().invoke(cli, ["check-config", str(path)])
+    assert r.exit_code == 0, r.output
+    out = r.stdout.splitlines()
+    assert out[0] == f"{path}: a valid config of service api"
+    for start in ("  limits.nofile 131072: up to 65,536 connections", "  resources.memory_max 2.0",
+                  "  oom_score_adjust -100: a new instance starts at 1000", "  kill_mode mixed",
+                  "  hardening ProtectSystem=strict", "  fast_open 16: up to 16 pending"):
+        assert any(line.startswith(start) for line in out), (start, out)
+    assert r.stderr == ""
+
+
+def test_the_readme_production_config_is_valid() -> None:
+    """README's production example parses and renders as it says."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("# /etc/zdd-agent/services/shop.yaml")
+    block = readme[start:readme.index("```", start)]
+    svc = parse_service(Path("/etc/zdd-agent/services/shop.yaml"), yaml.safe_load(block), "shop")
+    text = units.render_service(svc, 4096, nofile=65536).files["zdd-shop@.service"]
+    assert "\nWorkingDirectory=/srv/shop/%i\n" in text and "\nLimitNOFILE=131072\n" in text
+    assert "MemoryMax=8589934592" in units.render_service(svc, 4096, 65536).files[
+        "zdd-shop.slice"]

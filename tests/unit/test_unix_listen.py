@@ -82,6 +82,7 @@ def test_mixed_tcp_and_unix_listeners() -> None:
     ({"socket_group": "www data"}, "socket_group", "not a group name"),
     ({"socket_group": 33}, "socket_group", "not a group name"),
     ({"allow_from": ["10.0.0.0/8"]}, "allow_from", "applies to IP listeners"),
+    ({"fast_open": 256}, "fast_open", "TCP Fast Open is for TCP listeners"),
     ({"listen": ["127.0.0.1:8080"], "socket_group": "www-data"}, "socket_group",
      "only for unix: listeners"),
     ({"listen": ["127.0.0.1:8080"], "socket_mode": "0660"}, "socket_mode",
