@@ -1,5 +1,6 @@
 """Connection census: how many ESTABLISHED TCP connections on a service's
-ports a set of processes holds, through NETLINK_SOCK_DIAG (sock_diag(7)).
+ports (and accepted connections of its unix: listeners, unixdiag.py) a set
+of processes holds, through NETLINK_SOCK_DIAG (sock_diag(7)).
 
 Sockets are attributed to processes by socket inode (the inode in each
 inet_diag_msg, matched against the targets of /proc/PID/fd/*): accepted
@@ -19,6 +20,8 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+from . import unixdiag
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -250,7 +253,9 @@ class _Holding:
 
 
 class Census:
-    """Counts the established connections on `ports` held by given processes.
+    """Counts the established connections on `ports`, and the accepted
+    connections of the Unix-socket listeners at `unix_paths`, held by given
+    processes (socket inodes are unique across families: one set holds both).
 
     Walking /proc/PID/fd costs about 6 us per descriptor (readlink), more than
     the netlink dump itself, so a group's walk is kept and reused while none
@@ -263,16 +268,19 @@ class Census:
     """
 
     def __init__(self, ports: Iterable[int], families: Iterable[int] = (socket.AF_INET,
-                                                                          socket.AF_INET6)) -> None:
+                                                                          socket.AF_INET6),
+                 unix_paths: Iterable[str] = ()) -> None:
         self.ports = frozenset(ports)
-        self.families = tuple(families)
+        self.families = tuple(families) if self.ports else ()  # no ports: no TCP dump at all
+        self.unix_paths = tuple(unix_paths)
+        self.unix_inodes: set[int] = set()  # the unix connections of the last dump
         self._bytecode = port_filter(self.ports) if self.ports else b""
         self._seq = 0
         self._held: dict[frozenset[int], _Holding] = {}
 
     @classmethod
     def for_listen(cls, listen: Iterable[tuple[str | None, int]],
-                   own_sockets: bool = False) -> Census:
+                   own_sockets: bool = False, unix_paths: Iterable[str] = ()) -> Census:
         """The socket unit's IPv4 listeners accept AF_INET sockets; IPv6 and
         any-address ones (systemd binds [::] dual-stack) AF_INET6 sockets
         only. A program that binds its own listener (socket: reuseport) may
@@ -281,12 +289,14 @@ class Census:
         entries = list(listen)
         fams = {socket.AF_INET if host and ":" not in host else socket.AF_INET6
                 for host, _ in entries}
-        if own_sockets:
+        if own_sockets and entries:
             fams = {socket.AF_INET, socket.AF_INET6}
-        return cls({port for _, port in entries}, sorted(fams))
+        return cls({port for _, port in entries}, sorted(fams), unix_paths)
 
     def _dump(self, states: int) -> set[int]:
         inodes: set[int] = set()
+        if not self.families:
+            return inodes
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
             for family in self.families:
                 self._seq += 1
@@ -295,11 +305,19 @@ class Census:
         return inodes
 
     def established_inodes(self) -> set[int]:
-        """Inodes of ESTABLISHED TCP sockets whose local port is ours."""
-        return self._dump(1 << TCP_ESTABLISHED)
+        """Inodes of ESTABLISHED TCP sockets whose local port is ours, and of
+        the connections our unix: listeners accepted."""
+        inodes = self._dump(1 << TCP_ESTABLISHED)
+        if self.unix_paths:
+            self.unix_inodes = unixdiag.established(self.unix_paths)
+            inodes |= self.unix_inodes
+        return inodes
 
     def listener_inodes(self) -> set[int]:
-        return self._dump(1 << TCP_LISTEN)
+        inodes = self._dump(1 << TCP_LISTEN)
+        if self.unix_paths:
+            inodes.update(s.inode for s in unixdiag.listening(self.unix_paths))
+        return inodes
 
     def _collect(self, s: socket.socket, inodes: set[int]) -> None:
         while True:
@@ -347,10 +365,23 @@ class Census:
             off += (length + 3) & ~3
         return False
 
+    def unix_peers(self, inodes: set[int]) -> dict[int, int]:
+        """server-side inode -> client-side inode, for some of the connections
+        our unix: listeners accepted."""
+        return unixdiag.peers(self.unix_paths, inodes) if self.unix_paths and inodes else {}
+
     def peers(self, inodes: set[int]) -> dict[int, str]:
         """inode -> "peer-ip:port" for some established sockets (a full decode:
-        for listing the few long-lived connections left in a drain)."""
+        for listing the few long-lived connections left in a drain); for a
+        unix: connection "unix:PATH<-socket:[N]", N the client's inode (as
+        `ss -xp` shows it, with the process that holds it)."""
         out: dict[int, str] = {}
+        if self.unix_paths and inodes:
+            for s in unixdiag.sockets(1 << unixdiag.ESTABLISHED, paths=self.unix_paths):
+                if s.inode in inodes:
+                    out[s.inode] = f"unix:{s.name}<-socket:[{s.peer}]"
+        if not self.ports:
+            return out
         for buf, off, _length in diag_raw(self.families, 1 << TCP_ESTABLISHED, self.ports,
                                           inodes=inodes):
             ino = _INODE.unpack_from(buf, off + 84)[0]

@@ -393,6 +393,23 @@ def rollback(ctx: Ctx, service: str, as_json: bool, local: bool) -> None:
     _swap_cmd(ctx, "rollback", {"service": service}, as_json, local)
 
 
+def _unix_state(u: dict[str, Any]) -> str:
+    """A unix: listener's line in `status`: its file's access, and whether
+    the socket unit's listener is there to take connections."""
+    f = u.get("file")
+    if f is None:
+        where = "no file (clients get ENOENT)"
+    elif not f["socket"]:
+        where = "not a socket file"
+    else:
+        where = f"{f['owner']}:{f['group']} {f['mode']}"
+        if u["listening"] and not f["bound"]:
+            where += " (not the listener's file: replaced since it was bound)"
+    if not u["listening"]:
+        return f"{where}, nothing listens"
+    return f"{where}, listening, {u['queued']} waiting to be accepted"
+
+
 def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -417,6 +434,8 @@ def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
                 last_text if i == 0 else "")
     Console(width=200).print(table)
     for row in rows:
+        for u in (row.get("socket") or {}).get("unix") or []:
+            click.echo(f"{row['service']}: unix:{u['path']} {_unix_state(u)}")
         if row.get("down"):
             click.echo(f"{row['service']} is DOWN: no instance runs (exit "
                        f"{int(Exit.DOWN)}); `zdd-agent doctor` says why", err=True)

@@ -105,9 +105,16 @@ def format_duration(seconds: float) -> str:
 @dataclass(frozen=True)
 class Listen:
     host: str | None  # None: all addresses
-    port: int
+    port: int  # 0 for a Unix-domain listener
+    path: str | None = None  # "unix:PATH": a Unix-domain stream socket, owned by the socket unit
+
+    @property
+    def unix(self) -> bool:
+        return self.path is not None
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return UNIX_PREFIX + self.path
         if self.host is None:
             return str(self.port)
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -184,6 +191,11 @@ class ServiceConfig:
     listen: tuple[Listen, ...]
     path: Path = Path("<memory>")
     socket: str = "inherit"
+    # the Unix-domain listeners' file (SocketUser=, SocketGroup=, SocketMode=):
+    # who may connect, e.g. group www-data for nginx; None without unix: listeners
+    socket_user: str | None = None
+    socket_group: str | None = None
+    socket_mode: str | None = None
     user: str | None = None
     environment: tuple[tuple[str, str], ...] = ()
     ready: Ready = field(default_factory=Ready)
@@ -208,7 +220,13 @@ class ServiceConfig:
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return tuple(sorted({lst.port for lst in self.listen}))
+        """The TCP ports of the listen addresses (none for unix: listeners)."""
+        return tuple(sorted({lst.port for lst in self.listen if not lst.unix}))
+
+    @property
+    def unix_paths(self) -> tuple[str, ...]:
+        """The socket files of the unix: listeners, in config order."""
+        return tuple(lst.path for lst in self.listen if lst.path is not None)
 
     @property
     def needs_instance_port(self) -> bool:
@@ -306,19 +324,70 @@ class _Checker:
         return tuple(parts)
 
 
+UNIX_PREFIX = "unix:"
+# sun_path holds 108 bytes with the terminating NUL (unix(7)); systemd refuses longer
+SUN_PATH_MAX = 107
+_UNIX_PATH_RE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
+# Where a unix: listener's file may not be. Directories other users may write
+# (sticky /tmp and the like, a user's /run/user/UID): they may create the name
+# first, or a link on the way, and systemd binds as root and unlinks whatever
+# is at the path when bind(2) says EADDRINUSE; PrivateTmp= also gives each
+# unit its own /tmp. The kernel's and the system's own places: a listener
+# there would replace systemd's, D-Bus's or the agent's own sockets.
+UNIX_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/run/user")
+UNIX_SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/run/systemd", "/run/dbus", "/run/zdd-agent")
+
+
+def _parse_unix(chk: _Checker, text: str) -> Listen:
+    """"unix:/run/api/api.sock": an absolute, normalised path of safe
+    characters, short enough for sun_path, outside UNIX_SHARED_DIRS and
+    UNIX_SYSTEM_DIRS. (What is on the host is preflight's to check.)"""
+    path = text[len(UNIX_PREFIX):]
+    allowed = "(allowed: unix:/run/NAME/NAME.sock, an absolute path)"
+    if path.startswith("@"):
+        raise chk.fail("listen", f"{text!r}: abstract sockets are refused: they have no "
+                                 "owner or mode, anyone in the network namespace may connect "
+                                 f"{allowed}")
+    if not path.startswith("/"):
+        raise chk.fail("listen", f"{text!r}: the path must be absolute {allowed}")
+    if os.path.normpath(path) != path or any(c in (".", "..") for c in path.split("/")):
+        raise chk.fail("listen", f"{text!r}: the path is not normalised (write "
+                                 f"{UNIX_PREFIX}{os.path.normpath(path)})")
+    if not _UNIX_PATH_RE.fullmatch(path):
+        raise chk.fail("listen", f"{text!r}: the path may hold only letters, digits, '_', '.', "
+                                 f"'+', '-' and '/' between names {allowed}")
+    if len(path.encode()) > SUN_PATH_MAX:
+        raise chk.fail("listen", f"{text!r}: the path has {len(path.encode())} bytes "
+                                 f"(allowed: at most {SUN_PATH_MAX}, sun_path in unix(7))")
+    for dirs, why in ((UNIX_SHARED_DIRS, "other users may write there (create the name or a "
+                                         "link on its way first)"),
+                      (UNIX_SYSTEM_DIRS, "the system's own sockets live there")):
+        for d in dirs:
+            if path == d or path.startswith(d + "/"):
+                raise chk.fail("listen", f"{text!r} is under {d}: {why} {allowed}")
+    return Listen(None, 0, path)
+
+
 def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
     if isinstance(raw, (str, int)) and not isinstance(raw, bool):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
-        raise chk.fail("listen", "must be a non-empty list of host:port")
+        raise chk.fail("listen", "must be a non-empty list of host:port or unix:PATH")
     out: list[Listen] = []
     for item in raw:
         text = str(item)
         host: str | None
+        if text.startswith(UNIX_PREFIX):
+            entry = _parse_unix(chk, text)
+            if entry in out:
+                raise chk.fail("listen", f"{text!r} is listed twice")
+            out.append(entry)
+            continue
         m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]:|([0-9.]+):)?(\d{1,5})", text)
         if not m:
             raise chk.fail("listen", f"{text!r} is not host:port "
-                                     "(allowed: 127.0.0.1:8080, [::1]:8080 or 8080)")
+                                     "(allowed: 127.0.0.1:8080, [::1]:8080, 8080 or "
+                                     "unix:/run/NAME/NAME.sock)")
         host = m.group(1) or m.group(2)
         if host is not None:
             try:
@@ -333,6 +402,61 @@ def _parse_listen(chk: _Checker, raw: Any) -> tuple[Listen, ...]:
             raise chk.fail("listen", f"{text!r} is listed twice")
         out.append(entry)
     return tuple(out)
+
+
+SOCKET_FILE_KEYS = ("socket_user", "socket_group", "socket_mode")
+SOCKET_KEYS = ("socket", *SOCKET_FILE_KEYS)
+DEFAULT_SOCKET_MODE = "0660"  # owner and group; systemd's own default, 0666, lets anyone in
+
+
+def _parse_socket_file(chk: _Checker, listen: tuple[Listen, ...],
+                       mode: str) -> tuple[str | None, str | None, str | None]:
+    """socket_user, socket_group, socket_mode: who owns the unix: listeners'
+    file and who may connect (connect(2) needs write permission on it,
+    unix(7)). Only with unix: listeners, which only socket: inherit can
+    share: SO_REUSEPORT is for TCP and UDP, so two instances cannot bind one
+    path (the second gets EADDRINUSE, or unlinks the first one's file)."""
+    unix = [str(lst) for lst in listen if lst.unix]
+    if unix and mode != "inherit":
+        raise chk.fail("socket", f"{mode!r} cannot serve {unix[0]}: instances cannot each bind "
+                                 "one Unix socket path (SO_REUSEPORT is for TCP; a second bind "
+                                 "fails or takes the path over) (allowed: inherit, whose socket "
+                                 "unit owns the file)")
+    if unix and len(unix) == len(listen) and chk.get("fast_open"):
+        raise chk.fail("fast_open", "TCP Fast Open is for TCP listeners, and every listener "
+                                    "here is a unix: socket (allowed: 0, or a host:port "
+                                    "listener beside it)")
+    if unix and len(unix) == len(listen) and chk.get("allow_from") is not None:
+        raise chk.fail("allow_from", "applies to IP listeners, and every listener here is a "
+                                     "unix: socket (allowed: socket_user, socket_group and "
+                                     "socket_mode say who may connect to it)")
+    given = [k for k in SOCKET_FILE_KEYS if chk.get(k) is not None]
+    if given and not unix:
+        raise chk.fail(given[0], "only for unix: listeners (allowed: with listen "
+                                 "[\"unix:/run/NAME/NAME.sock\"])")
+    if not unix:
+        return None, None, None
+    names = []
+    for key in ("socket_user", "socket_group"):
+        value = chk.get(key)
+        if value is not None and (not isinstance(value, str) or not USER_RE.fullmatch(value)):
+            raise chk.fail(key, f"{value!r} is not a {key[7:]} name "
+                                "(allowed: [a-z_][a-z0-9_-]{0,31})")
+        names.append(value)
+    raw = chk.get("socket_mode", DEFAULT_SOCKET_MODE)
+    if not isinstance(raw, str):
+        hint = f" (YAML reads an unquoted 0{raw:o} as {raw}: quote it, '0{raw:o}')" \
+            if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= 0o777 else ""
+        raise chk.fail("socket_mode", f"{raw!r} is not an octal mode string{hint} "
+                                      "(allowed: a quoted octal mode, e.g. '0660')")
+    if not re.fullmatch(r"0?[0-7]{3}", raw):
+        raise chk.fail("socket_mode", f"{raw!r} is not an octal mode without special bits "
+                                      "(allowed: '0200'..'0777', e.g. '0660')")
+    if not int(raw, 8) & 0o200:
+        raise chk.fail("socket_mode", f"{raw!r} leaves the owner without write permission, "
+                                      "which connect(2) needs (allowed: a mode with the "
+                                      "owner's write bit, e.g. '0660')")
+    return names[0], names[1], "0" + raw[-3:]
 
 
 def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...]) -> Ready:
@@ -367,7 +491,7 @@ def _parse_ready(path: Path, raw: Mapping[str, Any], listen: tuple[Listen, ...])
         if command is None:
             raise chk.fail("command", "required for type exec (an argv; exit 0 = ready)")
         argv = chk.argv("command", command)
-        shared = {lst.port for lst in listen}
+        shared = {lst.port for lst in listen if not lst.unix}
         for a in argv:
             for m in re.finditer(r":([0-9]{1,5})(?![0-9])", a):
                 if int(m.group(1)) in shared:
@@ -484,7 +608,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         raise ConfigError(f"{path}: the file must hold a mapping of keys, "
                           f"got {type(data).__name__}", file=str(path), key="")
     chk = _Checker(path, data)
-    chk.reject_unknown(("name", "command", "listen", "socket", "user", "environment",
+    chk.reject_unknown(("name", "command", "listen", *SOCKET_KEYS, "user", "environment",
                         "ready", "drain", "hooks", "replicas", "strategy", "allow_from",
                         "fast_open", *SETTINGS_KEYS))
     for required in ("name", "command", "listen"):
@@ -500,6 +624,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     command = chk.argv("command", data["command"])
     listen = _parse_listen(chk, data["listen"])
     socket_mode = chk.choice("socket", "inherit", SOCKET_MODES)
+    sock_user, sock_group, sock_mode = _parse_socket_file(chk, listen, socket_mode)
     user = data.get("user")
     if user is not None and (not isinstance(user, str) or not USER_RE.fullmatch(user)):
         raise chk.fail("user", f"{user!r} is not a user name (allowed: [a-z_][a-z0-9_-]{{0,31}}"
@@ -562,7 +687,8 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     settings = unit_settings.parse(chk, data)
     _check_families(chk, settings, socket_mode, listen, ready)
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
-                         socket=socket_mode, user=user, environment=tuple(env),
+                         socket=socket_mode, socket_user=sock_user, socket_group=sock_group,
+                         socket_mode=sock_mode, user=user, environment=tuple(env),
                          ready=ready, drain=drain, hooks=hooks, replicas=replicas,
                          allow_from=allow_from, max_surge=counts[0], max_unavailable=counts[1],
                          min_ready=min_ready, watch=watch, fast_open=fast_open,
@@ -779,13 +905,14 @@ def load_all(config_dir: Path) -> list[ServiceConfig]:
         return []
     services = [parse_service(p, read_yaml(p), expected_name=p.stem)
                 for p in sorted(config_dir.glob("*.yaml"))]
-    seen: dict[int, str] = {}
+    seen: dict[int | str, str] = {}
     for svc in services:
-        for port in svc.ports:
-            if port in seen:
-                raise ConfigError(f"{svc.path}: listen: port {port} is also used by service "
-                                  f"{seen[port]!r}", file=str(svc.path), key="listen")
-            seen[port] = svc.name
+        for where in (*svc.ports, *svc.unix_paths):
+            what = f"port {where}" if isinstance(where, int) else UNIX_PREFIX + where
+            if where in seen:
+                raise ConfigError(f"{svc.path}: listen: {what} is also used by service "
+                                  f"{seen[where]!r}", file=str(svc.path), key="listen")
+            seen[where] = svc.name
     return services
 
 

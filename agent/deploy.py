@@ -5,9 +5,11 @@ The decisions themselves are in swap.py."""
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import pwd
 import secrets
+import stat
 
 import psutil
 import time
@@ -52,6 +54,7 @@ def preflight(svc: ServiceConfig, version: str) -> None:
         unit = units.instance_unit(svc.name, version)
         raise ConfigError(f"{svc.path}: command: cannot start {unit}: {exe} {what}",
                           file=str(svc.path), key="command")
+    _check_socket_files(svc)
     for key, argv in _agent_runs(svc, version):
         if not _executable(argv[0]):
             raise ConfigError(f"{svc.path}: {key}: {argv[0]} is not an executable file",
@@ -79,6 +82,53 @@ def preflight(svc: ServiceConfig, version: str) -> None:
             raise ConfigError(f"{svc.path}: environment.{bad[0]}: hooks and probes run as root "
                               f"with it, but {bad[1]}: only root may be able to change what "
                               "it names", file=str(svc.path), key=f"environment.{bad[0]}")
+
+
+def unix_path_problem(path: str) -> str | None:
+    """Why systemd (as root) should not create the unix: listener's file at
+    `path`, or None. What is there must be a socket: when bind(2) says
+    EADDRINUSE systemd unlinks whatever the path names and binds again
+    (src/basic/socket-util.c), a regular file too. And the directories on
+    its way that exist must be root's alone (trust.untrusted): whoever may
+    write one can put a link there and have root create (or unlink) a file
+    elsewhere. The missing ones systemd creates, 0755 (DirectoryMode=)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return e.strerror or str(e)
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            return ("exists and is not a socket: systemd would unlink it to bind there "
+                    "(remove or move it, or choose another path)")
+    parent = os.path.dirname(path)
+    while parent != "/" and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    why = untrusted(parent)
+    if why is not None:
+        return (f"{why}: the directories on its way must be root's alone (systemd creates "
+                "the socket as root; whoever may write there may put a link in its place)")
+    return None
+
+
+def _check_socket_files(svc: ServiceConfig) -> None:
+    """unix: listeners: a path systemd may bind at, and a socket_user and
+    socket_group that exist (systemd would fail the socket unit)."""
+    for path in svc.unix_paths:
+        why = unix_path_problem(path)
+        if why is not None:
+            raise ConfigError(f"{svc.path}: listen: unix:{path}: {why}", file=str(svc.path),
+                              key="listen")
+    for key, name, lookup in (("socket_user", svc.socket_user, pwd.getpwnam),
+                              ("socket_group", svc.socket_group, grp.getgrnam)):
+        if name is None:
+            continue
+        try:
+            lookup(name)
+        except KeyError:
+            raise ConfigError(f"{svc.path}: {key}: no such {key[7:]} {name!r} on this host",
+                              file=str(svc.path), key=key) from None
 
 
 def check_settings(svc: ServiceConfig, version: str) -> None:
@@ -355,8 +405,11 @@ class SystemdOps:
 
         sets = self.connection_sets(instances)
         inodes = set().union(*sets.values()) if sets else set()
+        # TCP only: the kernel sends destroy notifications for inet sockets
+        # alone, so how unix: connections end is not followed (the census
+        # still counts them down)
         watch = CloseWatch(self.census.ports, self.census.families)
-        watch.begin(inodes)
+        watch.begin(inodes - self.census.unix_inodes)
         return watch
 
 
@@ -666,13 +719,15 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
             ensure_migrate_req(paths, emit)
         with Systemd() as sd:
             install_units(svc, sd, backlog)
+            access = apply_socket_access(svc)
             recover(svc, sd, store, state, emit)
             old = serving_version(svc, sd, state, exclude=version)
             if old is None and version in active_versions(svc, sd):
                 old = version  # it runs already (no record of it): nothing to do
-            warnings = [f"a process outside zdd-agent listens on {s['address']} "
-                        f"(pid {s['pid']} {s['comm']}): it takes a share of new connections "
-                        "and no swap replaces it" for s in stray_listeners(svc, sd)]
+            warnings = access + [
+                f"a process outside zdd-agent listens on {s['address']} (pid {s['pid']} "
+                f"{s['comm']}): it takes a share of new connections and no swap replaces it"
+                for s in stray_listeners(svc, sd)]
             warnings += ensure_fast_open(svc, sd, paths, emit)
             for w in warnings:
                 say("warning", {"message": w})
@@ -744,9 +799,108 @@ def stray_listeners(svc: ServiceConfig, sd: Systemd) -> list[dict[str, Any]]:
         except SystemdError:
             return []  # an instance's processes unknown: nothing can be called foreign
     try:
-        return listeners.strays([(lst.host, lst.port) for lst in svc.listen], known)
+        tcp = [(lst.host, lst.port) for lst in svc.listen if not lst.unix]
+        return ((listeners.strays(tcp, known) if tcp else [])
+                + (listeners.strays_unix(svc.unix_paths, known) if svc.unix_paths else []))
     except OSError:
         return []
+
+
+def unix_listeners(svc: ServiceConfig) -> list[dict[str, Any]]:
+    """Each unix: listener as the host shows it: whether a socket listens at
+    its path (unix_diag), its accept queue, and its file: owner, group, mode
+    and whether the file is that listener's own (UNIX_DIAG_VFS: a file
+    removed or replaced since the socket unit bound it leaves the listener
+    unreachable, whatever systemd says)."""
+    from . import unixdiag
+
+    try:
+        socks = unixdiag.listening(svc.unix_paths)
+    except OSError:
+        socks = []
+    out: list[dict[str, Any]] = []
+    for path in svc.unix_paths:
+        mine = [x for x in socks if x.name == path]
+        entry: dict[str, Any] = {"path": path, "listening": bool(mine),
+                                 "queued": sum(x.queued for x in mine),
+                                 "backlog": max((x.backlog for x in mine), default=0),
+                                 "file": None}
+        try:
+            st = os.lstat(path)
+        except OSError:
+            out.append(entry)
+            continue
+        vfs = {(ino, os.makedev(dev >> 20, dev & 0xFFFFF))  # the kernel's dev_t encoding
+               for ino, dev in (x.vfs for x in mine if x.vfs)}
+        entry["file"] = {"owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),
+                         "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+                         "socket": stat.S_ISSOCK(st.st_mode),
+                         "bound": (st.st_ino, st.st_dev) in vfs}
+        out.append(entry)
+    return out
+
+
+def apply_socket_access(svc: ServiceConfig) -> list[str]:
+    """socket_user, socket_group and socket_mode, applied to the live file of
+    each unix: listener. systemd sets them when the socket unit binds
+    (SocketUser=...), and the socket unit is never restarted by a swap (that
+    would drop its queue), so a config changed since would otherwise wait
+    for the next reboot. Only the listener's own file is changed (its inode
+    is the one unix_diag reports for the listener, UNIX_DIAG_VFS), through
+    an O_PATH descriptor opened without following a link. Returns what was
+    changed, or why it could not be, one line each."""
+    from . import unixdiag
+
+    if not svc.unix_paths:
+        return []
+    try:
+        uid = pwd.getpwnam(svc.socket_user or "root").pw_uid
+        gid = grp.getgrnam(svc.socket_group or "root").gr_gid
+        socks = unixdiag.listening(svc.unix_paths)
+    except (KeyError, OSError):
+        return []  # preflight names a missing user or group; no netlink, no change
+    mode = int(svc.socket_mode or "0660", 8)
+    out = []
+    for path in svc.unix_paths:
+        bound = {(ino, os.makedev(dev >> 20, dev & 0xFFFFF))
+                 for ino, dev in (x.vfs for x in socks if x.name == path and x.vfs)}
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # no file yet: the socket unit creates it as configured
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or (st.st_ino, st.st_dev) not in bound:
+                continue  # not the listener's file: doctor says so, nothing to fix here
+            have = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            if have == (uid, gid, mode):
+                continue
+            # chown/chmod of /proc/self/fd/N reach the inode the O_PATH fd holds
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+            out.append(f"{path}: {_user_name(have[0])}:{_group_name(have[1])} {have[2]:04o} -> "
+                       f"{_user_name(uid)}:{_group_name(gid)} {mode:04o} as the config says "
+                       "(the running socket unit keeps its file)")
+        except OSError as e:
+            out.append(f"{path}: cannot apply socket_user/socket_group/socket_mode: "
+                       f"{e.strerror or e}")
+        finally:
+            os.close(fd)
+    return out
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def rollback(paths: Paths, name: str, emit: Emit | None = None,
@@ -813,7 +967,8 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 "since": st.since,
                 "socket": {"mode": svc.socket, "listen": [str(lst) for lst in svc.listen],
                            "unit": sock if svc.socket == "inherit" else None,
-                           "active": sd.state(sock).active if svc.socket == "inherit" else None},
+                           "active": sd.state(sock).active if svc.socket == "inherit" else None,
+                           "unix": unix_listeners(svc)},
                 "instances": instances,
                 "warning": warning,
                 "last_swap": None if last is None else {

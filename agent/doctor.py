@@ -370,7 +370,52 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
     return (config_findings(svc, serving) + settings_findings(svc, this_host())
             + _serving_findings(svc, sd, serving)
             + down_findings(svc, sd, store) + stray_findings(svc, deploy.stray_listeners(svc, sd))
-            + fastopen_findings(svc, sd, serving))
+            + fastopen_findings(svc, sd, serving)
+            + unix_findings(svc, deploy.unix_listeners(svc) if svc.unix_paths else []))
+
+
+def unix_findings(svc: ServiceConfig, entries: list[dict[str, Any]]) -> list[Finding]:
+    """The unix: listeners as deploy.unix_listeners found them: a socket
+    unit's listener at each path, its file still its own, with the owner,
+    group and mode the config asks for (clients such as nginx connect
+    through the file: connect(2) needs write permission on it)."""
+    out = []
+    sock = units.socket_unit(svc.name)
+    want = (svc.socket_user or "root", svc.socket_group or "root", svc.socket_mode)
+    for u in entries:
+        path, f = u["path"], u.get("file")
+        verify = f"ls -l {path}; ss -xlp src {path}"
+        restart = (f"stop every instance and {sock}, then swap again (the instances inherit "
+                   "the listener the socket unit binds at its start)")
+        if not u["listening"]:
+            out.append(Finding("warn", "unix-socket", svc.name,
+                               symptom=f"connections to unix:{path} are refused",
+                               cause=f"nothing listens at {path} ({sock} not running?)",
+                               verify=verify, fix=f"zdd-agent swap {svc.name} --version V "
+                                                  f"(starts {sock})"))
+        elif f is None or not f["socket"] or not f["bound"]:
+            what = ("the file is gone" if f is None else "a file that is not a socket is there"
+                    if not f["socket"] else "another file is there now")
+            out.append(Finding("fail", "unix-socket", svc.name,
+                               symptom=f"clients of unix:{path} fail (ENOENT or "
+                                       "ECONNREFUSED; nginx: 502) while the service runs",
+                               cause=f"{sock} still listens, but {what}: the listener cannot "
+                                     "be reached by its path",
+                               verify=verify, fix=restart))
+        elif (f["owner"], f["group"], f["mode"]) != want:
+            out.append(Finding("warn", "unix-socket", svc.name,
+                               symptom=f"some clients of unix:{path} may be refused (EACCES) "
+                                       "or others let in",
+                               cause=f"{path} is {f['owner']}:{f['group']} {f['mode']}, the "
+                                     f"config asks {want[0]}:{want[1]} {want[2]} (changed "
+                                     f"since {sock} started)",
+                               verify=verify, fix=restart))
+        else:
+            out.append(Finding("ok", "unix-socket", svc.name,
+                               cause=f"unix:{path} {f['owner']}:{f['group']} {f['mode']}, "
+                                     f"{sock}'s listener, {u['queued']} waiting to be "
+                                     "accepted"))
+    return out
 
 
 def down_findings(svc: ServiceConfig, sd: deploy.Systemd, store: StateStore) -> list[Finding]:

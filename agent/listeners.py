@@ -22,6 +22,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from . import unixdiag
 from .census import (
     NETLINK_SOCK_DIAG,
     TCP_LISTEN,
@@ -173,6 +174,45 @@ def missing(listen: Sequence[tuple[str | None, int]], pids: Iterable[int],
     mine = [s for s in sockets if s.inode in held]
     return [_fmt(host, port) for host, port in entries
             if not any(covers(s, host, port) for s in mine)]
+
+
+def missing_unix(paths: Sequence[str], pids: Iterable[int],
+                 sockets: Sequence[unixdiag.UnixSocket] | None = None) -> list[str]:
+    """The unix: listen entries ("unix:/run/api/api.sock") for which none of
+    `pids` holds a LISTEN socket bound to that path (unix_diag), in order."""
+    if sockets is None:
+        sockets = unixdiag.listening(paths)
+    held: set[int] = set()
+    wanted = {s.inode for s in sockets}
+    for pid in set(pids):
+        held.update(ino for ino in fd_inodes(pid).values() if ino in wanted)
+    covered = {s.name for s in sockets if s.inode in held}
+    return [f"unix:{p}" for p in paths if p not in covered]
+
+
+def strays_unix(paths: Sequence[str], known_pids: set[int]) -> list[dict]:
+    """`strays` for unix: listeners: LISTEN sockets bound to one of `paths`
+    held by a process that is neither known nor PID 1 (which holds the
+    socket unit's). Another listener on the path can only be one that
+    unlinked the socket unit's file and bound its own: from then on every
+    new connection goes to it."""
+    socks = unixdiag.listening(paths)
+    if not socks:
+        return []
+    wanted = {s.inode: s for s in socks}
+    holders: dict[int, set[int]] = {}
+    for pid in _all_pids():
+        for ino in fd_inodes(pid).values():
+            if ino in wanted:
+                holders.setdefault(ino, set()).add(pid)
+    out: list[dict] = []
+    for s in socks:
+        pids = holders.get(s.inode, set())
+        for pid in sorted(pids - known_pids - {1}) if pids else [0]:
+            out.append({"address": f"unix:{s.name}", "pid": pid,
+                        "comm": _comm(pid) if pid else "", "inode": s.inode,
+                        "queued": s.queued})
+    return out
 
 
 def _comm(pid: int) -> str:

@@ -27,16 +27,21 @@ class SocketMode:
 
     def __init__(self, svc: ServiceConfig) -> None:
         self.svc = svc
-        self.addresses = [(lst.host, lst.port) for lst in svc.listen]
+        self.addresses = [(lst.host, lst.port) for lst in svc.listen if not lst.unix]
+        self.unix_paths = list(svc.unix_paths)  # inherit only (config refuses the others)
 
     def census(self) -> Census:
-        return Census.for_listen(self.addresses, own_sockets=self.own_listeners)
+        return Census.for_listen(self.addresses, own_sockets=self.own_listeners,
+                                 unix_paths=self.unix_paths)
 
     def missing_listeners(self, pids: list[int]) -> list[str]:
         """Listen addresses none of `pids` holds a LISTEN socket for."""
         from . import listeners
 
-        return listeners.missing(self.addresses, pids)
+        missing = listeners.missing(self.addresses, pids) if self.addresses else []
+        if self.unix_paths:
+            missing += listeners.missing_unix(self.unix_paths, pids)
+        return missing
 
     def close_listeners(self, pids: list[int]) -> int:
         return 0
@@ -44,9 +49,12 @@ class SocketMode:
     def accept_queue(self, pids: list[int]) -> int:
         """Connections waiting to be accepted on the listeners that serve
         `pids` (idiag_rqueue of LISTEN sockets, sock_diag(7))."""
-        from . import listeners
+        from . import listeners, unixdiag
 
-        return sum(s.queued for s in listeners.listening(self.svc.ports))
+        queued = sum(s.queued for s in listeners.listening(self.svc.ports))
+        if self.unix_paths:  # UNIX_DIAG_RQLEN of a listener: connections not yet accepted
+            queued += sum(s.queued for s in unixdiag.listening(self.unix_paths))
+        return queued
 
 
 class Inherit(SocketMode):

@@ -12,7 +12,9 @@ So when the census suggests that a new instance does not accept, the bake
 asks the kernel directly: the agent opens connections, one at a time, to
 the service's listen address, and finds which instance's processes hold the
 server side of each (sock_diag ESTABLISHED dump, peer port matched to the
-client socket's port, inode matched to /proc/PID/fd). The agent's connections
+client socket's port, inode matched to /proc/PID/fd). To a unix: listener
+the connections are AF_UNIX ones, matched by inode: unix_diag gives each
+accepted socket's peer, the inode of the agent's client socket. The agent's connections
 stay open until they are attributed, so every one is seen: no lifetime bias.
 They carry no data and are closed with a FIN (a server sees a client that
 left before sending a request).
@@ -20,6 +22,7 @@ left before sending a request).
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -50,10 +53,12 @@ class TrialResult:
                 "accepted": dict(self.accepted), "unaccepted": self.unaccepted}
 
 
-def connect_address(lst: Listen) -> tuple[int, tuple[str, int]]:
+def connect_address(lst: Listen) -> tuple[int, tuple[str, int] | str]:
     """Where the agent connects for a listen address: the address itself, or
     loopback for a wildcard one (systemd binds [::] dual-stack, so IPv4
-    loopback reaches it too)."""
+    loopback reaches it too); a unix: listener's path."""
+    if lst.path is not None:
+        return socket.AF_UNIX, lst.path
     host = lst.host
     if host in (None, "", "0.0.0.0"):
         return socket.AF_INET, ("127.0.0.1", lst.port)
@@ -62,30 +67,42 @@ def connect_address(lst: Listen) -> tuple[int, tuple[str, int]]:
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, lst.port)
 
 
-def _holders(census: Census, groups: Mapping[str, list[int]]) -> dict[int, str]:
-    """client port -> the group whose processes hold the server side."""
+def _holders(census: Census, groups: Mapping[str, list[int]], unix: bool) -> dict[int, str]:
+    """client port (unix: the client socket's inode) -> the group whose
+    processes hold the server side."""
     sets = census.inodes_many(groups)
     owner = {ino: name for name, inodes in sets.items() for ino in inodes}
+    if unix:
+        return {client: owner[ino] for ino, client in census.unix_peers(set(owner)).items()}
     out: dict[int, str] = {}
     for ino, peer in census.peers(set(owner)).items():
-        out[int(peer.rsplit(":", 1)[1])] = owner[ino]
+        if not peer.startswith("unix:"):
+            out[int(peer.rsplit(":", 1)[1])] = owner[ino]
     return out
+
+
+def _target(family: int, addr: tuple[str, int] | str) -> str:
+    if family == socket.AF_UNIX:
+        return f"unix:{addr}"
+    assert isinstance(addr, tuple)
+    return f"{addr[0]}:{addr[1]}" if family == socket.AF_INET else f"[{addr[0]}]:{addr[1]}"
 
 
 def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
                  target: Listen, count: int,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> TrialResult:
-    """Open `count` TCP connections to `target`, one at a time, each waiting
-    up to TRIAL_WAIT until some group of processes holds its server side;
-    count them per group. `groups()` gives each instance's PIDs (asked
-    again at every look: a process may fork or exit meanwhile).
+    """Open `count` connections (TCP; AF_UNIX to a unix: listener) to
+    `target`, one at a time, each waiting up to TRIAL_WAIT until some group
+    of processes holds its server side; count them per group. `groups()`
+    gives each instance's PIDs (asked again at every look: a process may
+    fork or exit meanwhile).
 
     OSError when the address cannot be reached (connect refused, timeout)
     or the census fails: then nothing is known."""
     family, addr = connect_address(target)
-    res = TrialResult(target=f"{addr[0]}:{addr[1]}" if family == socket.AF_INET
-                      else f"[{addr[0]}]:{addr[1]}")
+    unix = family == socket.AF_UNIX
+    res = TrialResult(target=_target(family, addr))
     mine: dict[int, socket.socket] = {}
     seen: dict[int, str] = {}
     end = monotonic() + TRIAL_BUDGET
@@ -100,17 +117,20 @@ def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
             except OSError:
                 s.close()
                 raise
-            port = s.getsockname()[1]
+            # what names this connection in the server side's peer: its
+            # port, or (AF_UNIX) its socket's inode
+            port = os.fstat(s.fileno()).st_ino if unix else s.getsockname()[1]
             mine[port] = s
             res.opened += 1
             wait_end = min(end, monotonic() + TRIAL_WAIT)
             while True:
-                seen.update({p: g for p, g in _holders(census, groups()).items() if p in mine})
+                seen.update({p: g for p, g in _holders(census, groups(), unix).items()
+                             if p in mine})
                 if port in seen or monotonic() >= wait_end:
                     break
                 sleep(TRIAL_POLL)
         # a last look: late accepts count too
-        seen.update({p: g for p, g in _holders(census, groups()).items() if p in mine})
+        seen.update({p: g for p, g in _holders(census, groups(), unix).items() if p in mine})
     finally:
         for s in mine.values():
             s.close()

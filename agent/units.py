@@ -14,7 +14,8 @@ from pathlib import Path
 from string import Template
 
 from . import settings as unit_settings
-from .config import ServiceConfig, check_instance, check_name, check_version, format_duration
+from .config import (DEFAULT_SOCKET_MODE, ServiceConfig, check_instance, check_name,
+                     check_version, format_duration)
 
 def data_dir(name: str) -> Path:
     """units/ or sysctl.d/: beside the package in a checkout (and an editable
@@ -181,11 +182,40 @@ def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) 
             unit_settings.resource_lines(s.slice)),
     }
     if inherit:
-        listen = "\n".join(f"ListenStream={lst}" for lst in svc.listen)
         files[socket_unit(svc.name)] = _template("zdd-service.socket.in").substitute(
-            common, listen=listen, backlog=backlog, ip_access=access)
+            common, listen=socket_listen(svc), backlog=backlog, ip_access=access)
         files[hold_unit(svc.name)] = _template("zdd-service-hold.service.in").substitute(common)
     return UnitFiles(files)
+
+
+UNIX_SOCKET_FILE = """\
+# The socket file belongs to this unit: created (with its directories) when it
+# starts, left in place when it stops (RemoveOnStop=no), and never touched by a
+# swap: clients such as nginx keep connecting to the same file throughout.
+SocketUser={user}
+SocketGroup={group}
+SocketMode={mode}
+DirectoryMode=0755
+RemoveOnStop=no
+"""
+
+
+def socket_listen(svc: ServiceConfig) -> str:
+    """The [Socket] lines for the listen entries: ListenStream= each (a unix:
+    listener by its path), ReusePort=yes where there is a TCP one (the kernel
+    refuses SO_REUSEPORT on a Unix socket, EOPNOTSUPP, and systemd logs it),
+    and who owns a unix: listener's file. The path and the names were
+    validated by config (letters, digits, _.+-/ only: nothing to escape)."""
+    lines = [f"ListenStream={lst.path if lst.path is not None else lst}" for lst in svc.listen]
+    if svc.ports:
+        lines.append("ReusePort=yes")
+    text = "\n".join(lines)
+    if svc.unix_paths:
+        text += "\n" + UNIX_SOCKET_FILE.format(user=svc.socket_user or "root",
+                                               group=svc.socket_group or "root",
+                                               mode=svc.socket_mode or DEFAULT_SOCKET_MODE)
+        text = text.rstrip("\n")
+    return text
 
 
 def ip_access(svc: ServiceConfig) -> str:

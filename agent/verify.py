@@ -116,6 +116,13 @@ def check(opts: Options) -> ServiceConfig:
     if opts.from_version == opts.to_version:
         raise ConfigError("--from and --to are the same version: nothing to swap")
     svc = parse_service(opts.config, read_yaml(opts.config))
+    if not svc.ports:
+        # the load clients (Node's http, websockets, grpcio) dial host:port
+        raise ConfigError(f"{opts.config}: listen: verify drives its load at a TCP address, "
+                          f"and {', '.join(str(lst) for lst in svc.listen)} has none "
+                          "(allowed: add a host:port listener beside the unix: one, e.g. "
+                          "127.0.0.1:8080, to verify through it)",
+                          file=str(opts.config), key="listen")
     for v in (opts.from_version, opts.to_version):
         exe = svc.argv(v)[0]
         if any(exe.startswith(d) for d in PRIVATE_DIRS):
@@ -135,8 +142,9 @@ def check(opts: Options) -> ServiceConfig:
 
 
 def first_address(svc: ServiceConfig) -> str:
-    """host:port of the first listen address, as a client in the sandbox reaches it."""
-    lst = svc.listen[0]
+    """host:port of the first TCP listen address, as a client in the sandbox
+    reaches it (check() refused a service without one)."""
+    lst = next(x for x in svc.listen if not x.unix)
     host = lst.host if lst.host and lst.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"[{host}]:{lst.port}" if ":" in host else f"{host}:{lst.port}"
 

@@ -15,9 +15,10 @@ fi
 # clients (node runs the HTTP/2 client: Node's http2); util-linux has unshare/nsenter;
 # iproute2 has ss (census benchmark) and ip; the fleet test reaches its simulated
 # hosts with ssh (openssh-server runs inside each sandbox), balances them with
-# haproxy, and Ansible's apt module there needs python3-apt.
+# haproxy, and Ansible's apt module there needs python3-apt; nginx proxies to a
+# service's Unix-socket listener in the e2e of `listen: ["unix:..."]`.
 packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2 nodejs
-          util-linux openssh-server openssh-client haproxy python3-apt)
+          util-linux openssh-server openssh-client haproxy python3-apt nginx)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -26,8 +27,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}" >&2
     apt-get update -qq
-    # Without systemd as PID 1, Debian's maintainer scripts would start sshd
-    # and haproxy on this machine: a policy-rc.d that refuses (exit 101) keeps
+    # Without systemd as PID 1, Debian's maintainer scripts would start sshd,
+    # haproxy and nginx on this machine: a policy-rc.d that refuses (exit 101) keeps
     # them stopped; it is removed again unless it was there before.
     policy=/usr/sbin/policy-rc.d
     if [ ! -e "$policy" ]; then
