@@ -145,14 +145,26 @@ def _swap_summary(r: dict[str, Any]) -> str:
     return text + ")" + _tcp_note(r)
 
 
+
+class SafePath(click.Path):
+    """click.Path that refuses a NUL byte as a usage error (exit 2): os.stat
+    raises ValueError on one, which click lets through as a traceback."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, (str, bytes)) and ("\x00" in value if isinstance(value, str)
+                                                 else b"\x00" in value):
+            self.fail(f"{value!r} contains a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config-dir", type=click.Path(path_type=Path), envvar="ZDD_CONFIG_DIR",
+@click.option("--config-dir", type=SafePath(path_type=Path), envvar="ZDD_CONFIG_DIR",
               default=DEFAULT_CONFIG_DIR, show_default=True,
               help="Directory of service configs, one NAME.yaml per service [env ZDD_CONFIG_DIR].")
-@click.option("--state-dir", type=click.Path(path_type=Path), envvar="ZDD_STATE_DIR",
+@click.option("--state-dir", type=SafePath(path_type=Path), envvar="ZDD_STATE_DIR",
               default=DEFAULT_STATE_DIR, show_default=True,
               help="Where the agent records serving versions and history [env ZDD_STATE_DIR].")
-@click.option("--agent-config", type=click.Path(path_type=Path), envvar="ZDD_AGENT_CONFIG",
+@click.option("--agent-config", type=SafePath(path_type=Path), envvar="ZDD_AGENT_CONFIG",
               default=DEFAULT_AGENT_CONFIG, show_default=True,
               help="The agent's own config (sysctl overrides) [env ZDD_AGENT_CONFIG].")
 @click.pass_context
@@ -478,7 +490,7 @@ def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
                   "with grpc.health.v1 Check (the config's ready.grpc_service), ws with "
                   "echo clients on --path.")
 @click.option("--config", "config_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              type=SafePath(exists=True, dir_okay=False, path_type=Path),
               help="The service's config (the same YAML as in /etc/zdd-agent/services).")
 @click.option("--from", "from_version", required=True, help="The version deployed first.")
 @click.option("--to", "to_version", required=True, help="The version swapped to (and back).")
@@ -490,7 +502,7 @@ def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
 @click.option("--protocol", type=click.Choice(["http1", "h2", "grpc", "ws"]), default="http1",
               show_default=True)
 @click.option("--path", help="Request path (http: /, ws: /ws).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", type=SafePath(dir_okay=False, path_type=Path),
               help="Write a PNG of the run over time: requests/s, failures, latency, "
                    "connections per instance, the swaps' phases.")
 @click.option("--max-p99-ratio", type=click.FloatRange(1, 1000), default=5.0,
@@ -673,7 +685,7 @@ def daemon(ctx: Ctx) -> None:
                                     "A valid config that cannot work (a port probe of "
                                     "gunicorn or uvicorn under socket: inherit) gets a "
                                     "warning line on stderr; the exit stays 0.")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=SafePath(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="The service the file will be installed as (default: the file's "
                              "name without .yaml).")
 @click.option("--agent", "is_agent", is_flag=True, help="FILE is the agent's own agent.yaml.")

@@ -69,3 +69,13 @@ def test_the_installed_command_goes_through_the_entry_point() -> None:
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "zdd-agent"]
     assert ep.value == "agent.entry:main"
+
+
+def test_a_nul_byte_in_a_path_is_a_usage_error_not_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    for argv in (["check-config", "a\x00b"], ["--config-dir", "/etc\x00", "status"]):
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 2 and "contains a NUL byte" in r.output, (argv, r.output)
