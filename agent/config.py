@@ -834,6 +834,26 @@ class ConfigLoader(yaml.SafeLoader):
         return value
 
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A key given twice is refused at its second line: YAML's last-wins
+        would let `ProtectSystem: "no"` below `ProtectSystem: strict` pass
+        unseen in review."""
+        seen: dict[Any, Any] = {}
+        for key_node, _value in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and \
+                    key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=False)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r:.60} given twice (first at line "
+                            f"{seen[key].line + 1}): write it once", key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: SafeConstructor says so
+                    pass
+        return super().construct_mapping(node, deep)
+
+
 ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
 
 

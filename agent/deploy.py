@@ -193,8 +193,10 @@ def service_census(svc: ServiceConfig) -> Census:
 class SystemdOps:
     """InstanceOps on a real host: pystemd, netlink census, probes."""
 
-    def __init__(self, svc: ServiceConfig, sd: Systemd) -> None:
+    def __init__(self, svc: ServiceConfig, sd: Systemd,
+                 backup: dict[str, str | None] | None = None) -> None:
         self.svc, self.sd = svc, sd
+        self.backup = dict(backup or {})  # unit files this swap changed: what they held
         self.mode = mode_for(svc)
         self.census = self.mode.census()
         self.ports: dict[str, int | None] = {}
@@ -323,6 +325,19 @@ class SystemdOps:
 
     def journal(self, version: str) -> list[str]:
         return journal_tail(self.unit(version), 20)
+
+    def restore_units(self) -> list[str]:
+        """Write back the unit files this swap changed (install_units) and
+        reload, so the old version restarts with the settings it ran with.
+        A file this swap created stays (nothing ran from an older one)."""
+        back = {rel: text for rel, text in self.backup.items() if text is not None}
+        if not back:
+            return []
+        changed = self.sd.write_unit_files(back)
+        if changed:
+            self.sd.reload()
+        self.backup = {}
+        return sorted(changed)
 
     def tcp_counters(self) -> dict[str, int]:
         return tcpstats.read()
@@ -517,10 +532,10 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
     themselves (ZDD_FAST_OPEN)."""
     from . import fastopen
 
-    if svc.socket != "inherit":
+    if svc.socket != "inherit" and not svc.fast_open:
         return []
     sock = units.socket_unit(svc.name)
-    running = sd.state(sock).active == "active"
+    running = svc.socket == "inherit" and sd.state(sock).active == "active"
     if not svc.fast_open:
         if running:
             try:  # nothing was asked: a host that refuses the look is not warned about
@@ -529,6 +544,8 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
                 pass
         return []
     warnings = []
+    # the server bit, for the socket unit's listeners and a reuseport
+    # program's own alike
     s = Sysctl(paths.state_dir)
     value = s.read(fastopen.SYSCTL)
     if value is not None and not fastopen.server_enabled(value):
@@ -540,6 +557,8 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
             new = str(int(value, 0) | fastopen.SERVER_ENABLE)
             s.apply([Change(fastopen.SYSCTL, value, new)])
             warnings.append(f"set {fastopen.SYSCTL} = {new} (was {value}) for fast_open")
+    if svc.socket != "inherit":
+        return warnings  # the program sets TCP_FASTOPEN itself (ZDD_FAST_OPEN)
     if not running:
         sd.start(sock)  # what the first instance's Requires= would do a moment later
         deadline = time.monotonic() + 5.0
@@ -568,8 +587,10 @@ def _backlog(paths: Paths) -> int:
     return int(value or DEFAULTS["net.core.somaxconn"])
 
 
-def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
-    """Render and write the service's units; refuse to move a running listener."""
+def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> dict[str, str | None]:
+    """Render and write the service's units; refuse to move a running
+    listener. Returns what the files that changed held before (None: new),
+    for a rollback to put back (SystemdOps.restore_units)."""
     rendered = units.render_service(svc, backlog).files
     sock = units.socket_unit(svc.name)
     installed = sd.read_unit_file(sock)
@@ -591,12 +612,13 @@ def install_units(svc: ServiceConfig, sd: Systemd, backlog: int) -> list[str]:
             text = sd.read_unit_file(rel) if rel else None
             if rel and text and "\nExecStart=\n" not in text:
                 rendered[rel] = text.replace("\nExecStart=", "\nExecStart=\nExecStart=", 1)
+    previous = {rel: sd.read_unit_file(rel) for rel in rendered}
     changed = sd.write_unit_files(rendered)
     if changed:
         sd.reload()
     if sd.is_enabled(units.TARGET) != "enabled":
         sd.enable(units.TARGET)
-    return changed
+    return {rel: previous[rel] for rel in changed}
 
 
 def instance_version(svc: ServiceConfig, sd: Systemd, instance: str) -> str:
@@ -644,13 +666,14 @@ def _serving_or_none(svc: ServiceConfig, sd: Systemd, st: ServiceState) -> str |
 
 
 def _runner(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
-            emit: Emit | None, interrupted: Callable[[], bool] | None = None) -> Swap:
+            emit: Emit | None, interrupted: Callable[[], bool] | None = None,
+            backup: dict[str, str | None] | None = None) -> Swap:
     def intent(old: str | None, new: str, phase: str, extra: dict[str, Any]) -> None:
         state.intent = {"from": old, "to": new, "phase": phase, "pid": os.getpid(),
                         "at": time.time(), **extra}
         store.save(state)
 
-    return Swap(svc, SystemdOps(svc, sd), SystemClock(), emit, intent, interrupted)
+    return Swap(svc, SystemdOps(svc, sd, backup), SystemClock(), emit, intent, interrupted)
 
 
 def _finish(store: StateStore, state: ServiceState, result: SwapResult) -> None:
@@ -718,7 +741,7 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
         if svc.socket == "reuseport":
             ensure_migrate_req(paths, emit)
         with Systemd() as sd:
-            install_units(svc, sd, backlog)
+            backup = install_units(svc, sd, backlog)
             access = apply_socket_access(svc)
             recover(svc, sd, store, state, emit)
             old = serving_version(svc, sd, state, exclude=version)
@@ -732,7 +755,7 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
             for w in warnings:
                 say("warning", {"message": w})
             state.watch = None  # a new swap ends any watch of the last one
-            runner = _runner(svc, sd, store, state, emit, interrupted)
+            runner = _runner(svc, sd, store, state, emit, interrupted, backup)
             try:
                 result = runner.run(old, version)
             except SwapFailed as e:

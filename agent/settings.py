@@ -44,7 +44,11 @@ GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 # A path that reaches a unit file: absolute, normalised, and of characters
 # that systemd's parser takes literally ({version} is replaced before).
 _PATH_CHARS = re.compile(r"/[A-Za-z0-9._@+,:=/-]*")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?")
+# ASCII digits only: int() and float() take any Unicode digit, but a
+# percentage is rendered as written and systemd reads ASCII
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?")
+_PERCENT_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,2})?%")  # systemd: permyriad at most
+MIN_MEMORY = 1024 * 1024  # below 1 MiB a memory limit is a typo (1 for 1G), not a limit
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # fs.nr_open's ceiling (include/linux/fs.h: sysctl_nr_open_max, about 2^30)
 NOFILE_MAX = 1073741816
@@ -186,14 +190,14 @@ def parse(chk: _Checker, data: Mapping[str, Any]) -> UnitSettings:
     group = data.get("group")
     if group is not None:
         group = _group(chk, "group", group)
-    groups = data.get("supplementary_groups", [])
+    groups = data.get("supplementary_groups") or []
     if not isinstance(groups, list):
         raise chk.fail("supplementary_groups", f"{groups!r} must be a list of group names")
     sup = tuple(dict.fromkeys(_group(chk, "supplementary_groups", g) for g in groups))
     wd = data.get("working_directory")
     if wd is not None:
         wd = _path(chk, "working_directory", wd)
-    files = data.get("environment_files", [])
+    files = data.get("environment_files") or []
     if isinstance(files, str):
         files = [files]
     if not isinstance(files, list):
@@ -203,12 +207,13 @@ def parse(chk: _Checker, data: Mapping[str, Any]) -> UnitSettings:
     if oom is not None:
         oom = chk.integer("oom_score_adjust", 0, -1000, 1000)
     kill_mode = data.get("kill_mode", "control-group")
-    if kill_mode not in KILL_MODES:
+    if not isinstance(kill_mode, str) or kill_mode not in KILL_MODES:
         why = {"process": "only the main process would be stopped: a retired version's "
                           "other processes would keep serving its connections",
                "none": "no process would be stopped: a retired version would keep running"}
         raise chk.fail("kill_mode", f"{kill_mode!r} is not allowed"
-                                    + (f" ({why[kill_mode]})" if kill_mode in why else "")
+                                    + (f" ({why[kill_mode]})" if isinstance(kill_mode, str)
+                                       and kill_mode in why else "")
                                     + f" (allowed: {', '.join(KILL_MODES)})")
     return UnitSettings(
         working_directory=wd, group=group, supplementary_groups=sup,
@@ -223,10 +228,17 @@ def _group(chk: _Checker, key: str, value: Any) -> str:
     return value
 
 
-def _path(chk: _Checker, key: str, value: Any) -> str:
-    """An absolute, normalised path of safe characters; {version} allowed."""
+def _path(chk: _Checker, key: str, value: Any, version: bool = True) -> str:
+    """An absolute, normalised path of safe characters; {version} allowed
+    where `version` (substituted per instance)."""
     if not isinstance(value, str) or not value:
-        raise chk.fail(key, f"{value!r} must be an absolute path")
+        raise chk.fail(key, f"{value!r:.80} must be an absolute path")
+    if len(value) > 4096:
+        raise chk.fail(key, f"{value[:40]!r}... is {len(value)} characters (allowed: a path "
+                            "of at most 4096, PATH_MAX)")
+    if not version and VERSION in value:
+        raise chk.fail(key, f"{value!r}: {VERSION} is not substituted here (allowed: in "
+                            "command, working_directory and environment_files)")
     bare = value.replace(VERSION, "v")
     if not bare.startswith("/"):
         raise chk.fail(key, f"{value!r} must be an absolute path")
@@ -236,7 +248,7 @@ def _path(chk: _Checker, key: str, value: Any) -> str:
                             f"({' '.join(repr(c) for c in bad)}; allowed: letters, digits, "
                             "._@+,:=-/ and {version})")
     parts = bare.split("/")[1:]
-    if len(value) > 4096 or any(p in ("", ".", "..") for p in parts) and bare != "/":
+    if any(p in ("", ".", "..") for p in parts) and bare != "/":
         raise chk.fail(key, f"{value!r} is not a normalised path (no //, /./, /../ or "
                             "trailing /)")
     return value
@@ -256,7 +268,7 @@ def parse_size(value: Any, percent: bool = True) -> int | str:
         text = value.strip()
         if text == "infinity":
             return text
-        if percent and re.fullmatch(r"\d{1,3}(\.\d+)?%", text) and 0 < float(text[:-1]) <= 100:
+        if percent and _PERCENT_RE.fullmatch(text) and 0 < float(text[:-1]) <= 100:
             return text
         m = _SIZE_RE.fullmatch(text)
         if m:
@@ -279,8 +291,8 @@ def _limits(chk: _Checker) -> Limits:
         nproc = lchk.integer("nproc", 0, 1, 4194304)
     core = lchk.get("core")
     if core is not None:
-        if core == 0:
-            pass
+        if core in (0, "0") and not isinstance(core, (bool, float)):
+            core = 0
         else:
             try:
                 core = parse_size(core, percent=False)
@@ -302,6 +314,11 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
             sizes[key] = None if raw is None else parse_size(raw)
         except ValueError as e:
             raise rchk.fail(key, f"{e} (allowed: bytes, K/M/G/T, N% or infinity)") from None
+        value = sizes[key]
+        if isinstance(value, int) and value < MIN_MEMORY:
+            raise rchk.fail(key, f"{raw!r} is {value} bytes: too small to run anything "
+                                 "(allowed: at least 1M; sizes without a unit are bytes, "
+                                 "write 1G for a gibibyte)")
     hi, mx = sizes["memory_high"], sizes["memory_max"]
     if isinstance(hi, int) and isinstance(mx, int) and hi > mx:
         raise rchk.fail("memory_high", f"{rchk.get('memory_high')!r} is above memory_max "
@@ -310,18 +327,19 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
     quota = rchk.get("cpu_quota")
     if quota is not None:
         text = str(quota).strip()
-        m = re.fullmatch(r"(\d{1,6})%?", text) if not isinstance(quota, bool) else None
+        m = re.fullmatch(r"([0-9]{1,6})%?", text) if not isinstance(quota, bool) else None
         if not m or not 1 <= int(m.group(1)) <= 100000:
             raise rchk.fail("cpu_quota", f"{quota!r} is not a CPU quota (allowed: 1%..100000%, "
                                          "percent of one CPU, e.g. 150% for one and a half)")
         quota = int(m.group(1))
     tasks = rchk.get("tasks_max")
     if tasks is not None and tasks != "infinity":
-        if isinstance(tasks, str) and re.fullmatch(r"\d{1,3}%", tasks) and \
+        if isinstance(tasks, str) and re.fullmatch(r"[0-9]{1,3}%", tasks) and \
                 0 < int(tasks[:-1]) <= 100:
             pass
-        else:
-            tasks = rchk.integer("tasks_max", 0, 1, 4194304)
+        elif isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= 4194304:
+            raise rchk.fail("tasks_max", f"{tasks!r} is not allowed (allowed: a count "
+                                         "1..4194304, 1%..100%, or infinity)")
     return Resources(memory_max=mx, memory_high=hi, cpu_quota=quota, tasks_max=tasks)
 
 
@@ -362,8 +380,8 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
         if kind == "bool" or "yes" in choices:
             return "yes" if value else "no"
     if kind == "bool":
-        if value in _BOOL:
-            return str(value)
+        if value in _BOOL or value in ("true", "false"):
+            return {"true": "yes", "false": "no"}.get(str(value), str(value))
         raise hchk.fail(key, f"{value!r} is not allowed (allowed: true, false)")
     if kind == "choice":
         if value in choices:
@@ -376,7 +394,10 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
         raise hchk.fail(key, f"{value!r} is not allowed (allowed: an octal string like "
                              "\"0027\"; quote it, or YAML reads 0027 as a number)")
     if kind == "word":
-        if isinstance(value, str) and re.fullmatch(r"E[A-Z0-9]{1,15}|kill|log", value):
+        import errno
+
+        if isinstance(value, str) and (value in ("kill", "log") or
+                                       value in errno.errorcode.values()):
             return value
         raise hchk.fail(key, f"{value!r} is not allowed (allowed: an errno name like EPERM, "
                              "kill or log)")
@@ -389,6 +410,8 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
     if kind == "paths":
         for p in words:
             bare = p[1:] if p[:1] in "-+" else p
+            if VERSION in bare:
+                _path(hchk, key, bare, version=False)
             try:
                 _path(hchk, key, bare)
             except Exception:
@@ -635,7 +658,7 @@ def explain(s: UnitSettings, host: Host, *, user: str | None = None) -> list[tup
                       + " once admitted"))
     if s.kill_mode == "mixed":
         out.append(("ok", "kill_mode mixed: the drain signal goes to the main process alone; "
-                          "whatever remains at the grace period gets SIGKILL"))
+                          "when it exits, whatever remains of the instance gets SIGKILL"))
     if s.working_directory:
         out.append(("ok", f"working_directory {s.working_directory}: must exist when an "
                           "instance starts (checked before a swap)"))

@@ -452,6 +452,13 @@ class Swap:
         self.emit("phase", phase="rollback", reason=reason)
         self._record(ctx, "rollback")
         res.journal = self.ops.journal(instance or (ctx.started or ctx.news)[0])
+        # the old version restarts (now or at its next crash or boot) from
+        # the unit files it ran with, not from those the new config wrote
+        restored = self.ops.restore_units()
+        if restored:
+            res.warnings.append(f"unit files put back as they were before the swap: "
+                                f"{', '.join(restored)} (the config on disk still asks for "
+                                "the new settings: fix it before the next swap)")
         alive = [x for x in ctx.admitted if x != instance and self.ops.status(x).up]
         unadmitted = [x for x in ctx.started if x not in alive]
         out = restore_first(self.host, ctx.old, list(ctx.signalled), alive, unadmitted,
@@ -463,8 +470,8 @@ class Swap:
         if broken and out.ok:
             reason += f"; {ctx.old} restarted and serving again"
         if not out.ok:
-            kept = (f"{', '.join(out.kept)} of {ctx.new} keep serving" if out.kept
-                    else "nothing serves")
+            serving = [*out.kept, *[x for x in ctx.serving_olds() if self.ops.status(x).up]]
+            kept = (f"{', '.join(serving)} keep serving" if serving else "nothing serves")
             reason += f"; restoring {ctx.old} failed: {out.detail}; {kept}"
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
         self._hook(res, "on_rollback", res.from_version, ctx.new)

@@ -107,6 +107,11 @@ def bind_reuseport(address: str, backlog: int = 4096) -> socket.socket:
                       socket.IPPROTO_TCP)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # zdd-agent's fast_open (TCP Fast Open queue, RFC 7413): set before
+    # listen(2), as tcp(7) asks; 0 or unset leaves it off
+    qlen = int(os.environ.get("ZDD_FAST_OPEN", "0") or 0)
+    if qlen > 0:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, qlen)
     s.bind((host, int(port)))
     s.listen(backlog)
     return s

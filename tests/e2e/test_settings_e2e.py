@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -263,3 +264,44 @@ def test_a_new_instance_the_oom_killer_takes_rolls_back_and_the_old_one_serves(
     assert code3 == 0 and r3["result"] == "ok", r3
     assert show(host, "zdd-demo@v3.service", "OOMScoreAdjust")["OOMScoreAdjust"] == "1000"
     assert host.sb.path(f"/proc/{v3}/oom_score_adj").read_text().strip() == "0"
+
+
+def test_a_rollback_puts_the_old_versions_unit_files_back(host: DemoHost) -> None:
+    """A config whose hardening kills v2 rolls back; v1 must restart (a
+    crash, a reboot) with the unit it ran with, not the rejected one."""
+    for v in ("v1", "v2"):
+        host.release(v)
+    base = textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        listen: ["127.0.0.1:8080"]
+        ready: {{type: notify, deadline: 20s}}
+        drain: {{grace_period: 5s}}
+        strategy: {{min_ready: 1s}}
+        """)
+    host.configure(text=base)
+    code, r = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    template = host.sb.path("/etc/systemd/system/zdd-demo@.service")
+    before = template.read_text()
+    host.configure(text=base + 'hardening: {SystemCallFilter: ["~@network-io"]}\n')
+    code, r = host.zdd_json("swap", "demo", "--version", "v2")
+    assert code == 4 and r["result"] == "rolled_back", r
+    assert "SIGSYS" in r["reason"], r["reason"]
+    assert template.read_text() == before
+    assert any("unit files put back" in w for w in r["warnings"]), r["warnings"]
+    pid = main_pid(host, "zdd-demo@v1.service")
+    host.sb.run(["kill", "-9", str(pid)])  # v1 crashes: systemd restarts it from its unit
+    deadline = time.monotonic() + 20
+    while True:
+        st = show(host, "zdd-demo@v1.service", "MainPID", "NRestarts", "ActiveState")
+        if st["ActiveState"] == "active" and st["MainPID"] not in ("0", str(pid)):
+            try:
+                if host.get()["version"] == "v1":
+                    break
+            except Exception:
+                pass
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    print(f"rollback of a v2 its hardening kills: {r['reason']}; unit files put back; v1 "
+          f"restarted after a SIGKILL ({st}) and serves")

@@ -693,3 +693,11 @@ def test_allow_from_is_normalised(tmp_path: Path) -> None:
                                "192.0.2.10/32]\n")
     assert load_service(p.parent, "api").allow_from == ("10.0.0.0/8", "192.0.2.10/32",
                                                         "2001:db8::/32")
+
+
+def test_a_key_given_twice_is_refused_at_its_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "name: api\ncommand: /bin/x\nlisten: [8080]\nhardening:\n"
+                        "  ProtectSystem: strict\n  ProtectSystem: 'no'\n")
+    with pytest.raises(ConfigError, match=r"key 'ProtectSystem' given twice \(first at line 5\)"
+                                          r".*line 6"):
+        read_yaml(p)

@@ -346,3 +346,22 @@ def test_doctor_reads_each_reuseport_instances_own_listener() -> None:
         assert doctor.fastopen_findings(off, sd, "v1") == []  # type: ignore[arg-type]
     finally:
         a.close()
+
+
+def test_the_drain_kit_sets_the_queue_from_zdd_fast_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket as so
+
+    import zdd_drain
+
+    monkeypatch.setenv("ZDD_FAST_OPEN", "32")
+    s = zdd_drain.bind_reuseport("127.0.0.1:0")
+    try:
+        assert s.getsockopt(so.IPPROTO_TCP, so.TCP_FASTOPEN) == 32
+    finally:
+        s.close()
+    monkeypatch.delenv("ZDD_FAST_OPEN")
+    s = zdd_drain.bind_reuseport("127.0.0.1:0")
+    try:
+        assert s.getsockopt(so.IPPROTO_TCP, so.TCP_FASTOPEN) == 0
+    finally:
+        s.close()

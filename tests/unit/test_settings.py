@@ -151,7 +151,22 @@ BAD = [
      "above memory_max"),
     ({"resources": {"cpu_quota": "fast"}}, "resources.cpu_quota", "CPU quota"),
     ({"resources": {"cpu_quota": "0%"}}, "resources.cpu_quota", "CPU quota"),
-    ({"resources": {"tasks_max": 0}}, "resources.tasks_max", "out of range"),
+    ({"resources": {"tasks_max": 0}}, "resources.tasks_max", "a count 1..4194304, 1%..100%"),
+    ({"resources": {"tasks_max": "50.5%"}}, "resources.tasks_max", "1%..100%, or infinity"),
+    ({"resources": {"tasks_max": "\u0665\u0660%"}}, "resources.tasks_max", "not allowed"),
+    ({"resources": {"memory_max": "\u0665\u0660%"}}, "resources.memory_max", "not a size"),
+    ({"resources": {"memory_max": "50.12345%"}}, "resources.memory_max", "not a size"),
+    ({"resources": {"memory_max": 1}}, "resources.memory_max", "write 1G for a gibibyte"),
+    ({"resources": {"memory_high": "1.5"}}, "resources.memory_high", "at least 1M"),
+    ({"limits": {"core": False}}, "limits.core", "boolean"),
+    ({"limits": {"core": 0.0}}, "limits.core", "not a size"),
+    ({"kill_mode": ["mixed"]}, "kill_mode", "control-group, mixed"),
+    ({"kill_mode": {"a": 1}}, "kill_mode", "control-group, mixed"),
+    ({"hardening": {"SystemCallErrorNumber": "EFOOBAR"}}, "hardening.SystemCallErrorNumber",
+     "errno name"),
+    ({"hardening": {"ReadWritePaths": ["/var/lib/{version}"]}}, "hardening.ReadWritePaths",
+     "{version} is not substituted here"),
+    ({"working_directory": "/" + "a" * 5000}, "working_directory", "at most 4096"),
     ({"resources": {"io_weight": 10}}, "resources.io_weight", "unknown key"),
     ({"oom_score_adjust": 1001}, "oom_score_adjust", "-1000..1000"),
     ({"oom_score_adjust": "low"}, "oom_score_adjust", "not an integer"),
@@ -200,6 +215,17 @@ def test_bad_settings_name_the_key_and_what_is_allowed(extra: dict[str, Any], ke
     assert e.value.details["key"] == key, str(e.value)
     assert words in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_quoted_and_null_forms_an_operator_writes_are_taken() -> None:
+    got = parse(limits={"core": "0"}, supplementary_groups=None, environment_files=None,
+                hardening={"NoNewPrivileges": "true", "PrivateTmp": "false",
+                           "SystemCallErrorNumber": "EPERM"},
+                resources={"memory_max": "50.5%"}).settings
+    assert got.limits.core == 0 and got.supplementary_groups == () == got.environment_files
+    assert dict(got.hardening) == {"NoNewPrivileges": "yes", "PrivateTmp": "no",
+                                   "SystemCallErrorNumber": "EPERM"}
+    assert got.resources.memory_max == "50.5%"
 
 
 def test_address_families_the_swap_needs_follow_the_mode() -> None:

@@ -183,6 +183,10 @@ class FakeHost:
     def journal(self, version: str) -> list[str]:
         return [f"{version}: something went wrong"]
 
+    def restore_units(self) -> list[str]:
+        self._log("restore_units", "")
+        return []
+
     def tcp_counters(self) -> dict[str, int]:
         self.counter_reads += 1
         return {"EstabResets": 10 * self.counter_reads}
