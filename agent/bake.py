@@ -146,6 +146,11 @@ class BakeOutcome:
     evidence: list[str] = field(default_factory=list)
 
 
+# After a new instance's listener is found gone: up to 1 s (0.05 s polls) for
+# systemd to report its exit, the better reason when that is what it does.
+EXIT_WAIT_POLLS = 20
+
+
 def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
              serving_olds: list[str]) -> BakeOutcome:
     """Keep `group` (already in `admitted`) under watch for min_ready beside
@@ -192,8 +197,20 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                 for x in group:
                     missing = ops.missing_listeners(x)  # None: unknown this time
                     if missing:
-                        return fail(x, f"{svc.name} {x} no longer holds a LISTEN socket on "
-                                       f"{', '.join(missing)}")
+                        # a program that is exiting closes its listeners first
+                        # (gunicorn's arbiter when no worker boots): its exit
+                        # is the better reason, when systemd has seen it
+                        bad = check_admitted(host, admitted)
+                        for _ in range(EXIT_WAIT_POLLS):
+                            if bad:
+                                break
+                            clock.sleep(0.05)
+                            bad = check_admitted(host, admitted)
+                        why = bad[1] if bad else (f"{svc.name} {x} no longer holds a LISTEN "
+                                                  f"socket on {', '.join(missing)}")
+                        return fail(bad[0] if bad else x,
+                                    f"{why}, {clock.monotonic() - t0:.1f}s into the bake "
+                                    f"(min_ready {svc.min_ready:g}s)")
                     if x in queues and queues[x].observe(ops.accept_queue([x])):
                         return fail(x, f"{svc.name} {x} does not accept: on its own "
                                        f"listener {queues[x].describe()}, "
