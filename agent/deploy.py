@@ -197,6 +197,7 @@ class SystemdOps:
                  backup: dict[str, str | None] | None = None) -> None:
         self.svc, self.sd = svc, sd
         self.backup = dict(backup or {})  # unit files this swap changed: what they held
+        self.removed: dict[str, str] = {}  # instance -> the drop-in cleanup() removed
         self.mode = mode_for(svc)
         self.census = self.mode.census()
         self.ports: dict[str, int | None] = {}
@@ -208,13 +209,24 @@ class SystemdOps:
     def instances(self, version: str) -> list[str]:
         return instances_of(self.svc, self.sd).get(version, [])
 
-    def prepare(self, instance: str, version: str) -> None:
+    def prepare(self, instance: str, version: str, keep: bool = False) -> None:
         """What the instance runs: the template's own ExecStart (%i), or a
-        drop-in (replicas, or a readiness port per start) and a reload."""
+        drop-in (replicas, or a readiness port per start) and a reload.
+        `keep`: a rollback starts an old instance again with the drop-in it
+        ran with (on disk, or the one this swap's cleanup removed), not one
+        rendered from the new config."""
         port = free_port() if self.svc.needs_instance_port else None
         self.ports[instance] = port
         self.sd.reset_failed(self.unit(instance))
         path = units.dropin_path(self.svc.name, instance)
+        kept = (self.sd.read_unit_file(path) or self.removed.get(instance)) if keep else None
+        if kept is not None and units.dropin_version(kept) == version:
+            # an old instance started again by a rollback: the drop-in it ran
+            # with (its command, port, working directory), not the new config's
+            self.ports[instance] = units.dropin_port(kept)
+            if self.sd.write_unit_files({path: kept}):
+                self.sd.reload()
+            return
         if units.version_in_template(self.svc) and instance == version:
             if self.sd.remove_unit_file(path):  # left from another config: reload once
                 self.sd.reload()
@@ -320,7 +332,11 @@ class SystemdOps:
         self.sd.disable(self.unit(version))
 
     def cleanup(self, version: str) -> None:
-        self.sd.remove_unit_file(units.dropin_path(self.svc.name, version))
+        path = units.dropin_path(self.svc.name, version)
+        text = self.sd.read_unit_file(path)
+        if text is not None:
+            self.removed[version] = text  # for a rollback in this swap (prepare)
+        self.sd.remove_unit_file(path)
         self.sd.reset_failed(self.unit(version))
 
     def journal(self, version: str) -> list[str]:
@@ -742,39 +758,63 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
             ensure_migrate_req(paths, emit)
         with Systemd() as sd:
             backup = install_units(svc, sd, backlog)
-            access = apply_socket_access(svc)
-            recover(svc, sd, store, state, emit)
-            old = serving_version(svc, sd, state, exclude=version)
-            if old is None and version in active_versions(svc, sd):
-                old = version  # it runs already (no record of it): nothing to do
-            warnings = access + [
-                f"a process outside zdd-agent listens on {s['address']} (pid {s['pid']} "
-                f"{s['comm']}): it takes a share of new connections and no swap replaces it"
-                for s in stray_listeners(svc, sd)]
-            warnings += ensure_fast_open(svc, sd, paths, emit)
-            for w in warnings:
-                say("warning", {"message": w})
-            state.watch = None  # a new swap ends any watch of the last one
-            runner = _runner(svc, sd, store, state, emit, interrupted, backup)
             try:
-                result = runner.run(old, version)
-            except SwapFailed as e:
-                res = e.details["result"]
-                assert isinstance(res, SwapResult)
-                res.warnings[:0] = warnings
-                _finish(store, state, res)
+                return _swap_installed(svc, sd, store, state, paths, version, emit,
+                                       interrupted, watched, auto_revert, backup)
+            except SwapFailed:
+                raise  # the swap put the units back itself
+            except BaseException:
+                SystemdOps(svc, sd, backup).restore_units()
                 raise
-            result.warnings[:0] = warnings
-            if auto_revert is not None and result.result == "ok":
-                result.result = "auto_reverted"
-                result.reason = auto_revert
-            if result.result in ("ok", "auto_reverted"):
-                disable_others(svc, sd, set(instance_ids(version, svc.replicas)))
-                result.watch = watch_note(svc, version, old, watched, time.time())
-                if watched and svc.watch > 0:
-                    state.watch = dict(result.watch)
-            _finish(store, state, result)
-            return result
+
+
+def _swap_installed(svc: ServiceConfig, sd: Systemd, store: StateStore, state: ServiceState,
+                    paths: Paths, version: str, emit: Emit | None,
+                    interrupted: Callable[[], bool] | None, watched: bool,
+                    auto_revert: str | None, backup: dict[str, str | None]) -> SwapResult:
+    """swap() once the units are written: under the lock, with systemd."""
+    say = emit or (lambda kind, data: None)
+    access = apply_socket_access(svc)
+    recover(svc, sd, store, state, emit)
+    old = serving_version(svc, sd, state, exclude=version)
+    if old is None and version in active_versions(svc, sd):
+        old = version  # it runs already (no record of it): nothing to do
+    warnings = access + [
+        f"a process outside zdd-agent listens on {s['address']} (pid {s['pid']} "
+        f"{s['comm']}): it takes a share of new connections and no swap replaces it"
+        for s in stray_listeners(svc, sd)]
+    warnings += ensure_fast_open(svc, sd, paths, emit)
+    for w in warnings:
+        say("warning", {"message": w})
+    state.watch = None  # a new swap ends any watch of the last one
+    runner = _runner(svc, sd, store, state, emit, interrupted, backup)
+    try:
+        result = runner.run(old, version)
+    except SwapFailed as e:
+        res = e.details["result"]
+        assert isinstance(res, SwapResult)
+        res.warnings[:0] = warnings
+        _finish(store, state, res)
+        raise
+    result.warnings[:0] = warnings
+    if auto_revert is not None and result.result == "ok":
+        result.result = "auto_reverted"
+        result.reason = auto_revert
+    if result.result == "unchanged":
+        # nothing new started, so nothing proves new unit files: the serving
+        # version keeps the ones it runs with until a swap to another version
+        put_back = SystemdOps(svc, sd, backup).restore_units()
+        if put_back:
+            result.warnings.append(f"{', '.join(put_back)} left as the serving version runs "
+                                   "them: the config's changes take effect at the next swap "
+                                   "to another version")
+    if result.result in ("ok", "auto_reverted"):
+        disable_others(svc, sd, set(instance_ids(version, svc.replicas)))
+        result.watch = watch_note(svc, version, old, watched, time.time())
+        if watched and svc.watch > 0:
+            state.watch = dict(result.watch)
+    _finish(store, state, result)
+    return result
 
 
 def watch_note(svc: ServiceConfig, version: str, old: str | None, watched: bool,

@@ -52,7 +52,9 @@ class InstanceOps(Protocol):
     """What the swap needs from the host, per instance of one service."""
 
     def instances(self, version: str) -> list[str]: ...  # a version's active instances
-    def prepare(self, instance: str, version: str) -> None: ...  # its drop-in, reload
+    def prepare(self, instance: str, version: str,
+                keep: bool = False) -> None: ...  # its drop-in, reload; keep: a rollback
+    #   restarting an old instance keeps the drop-in it ran with
     def start(self, instance: str) -> None: ...  # start job queued (returns at once)
     def stop(self, instance: str) -> None: ...  # stop job queued: the drain signal
     def status(self, instance: str) -> InstanceStatus: ...

@@ -56,7 +56,7 @@ def restore(host: Host, old: str, instances: list[str]) -> None:
     """Start old instances again (start jobs queue behind a running drain)."""
     host.emit("restore", version=old, instances=instances)
     for x in instances:
-        host.ops.prepare(x, old)
+        host.ops.prepare(x, old, keep=True)
         host.ops.start(x)
 
 
@@ -87,6 +87,10 @@ def restore_first(host: Host, old: str | None, drained: list[str], admitted: lis
         if gate.verdict != "ready":
             out.ok, out.detail = False, gate.reason
             out.kept = news
+            # an old instance that cannot come back is stopped, not left in
+            # systemd's restart loop (Restart=on-failure, no start limit)
+            if gate.failed is not None:
+                discard(host, [gate.failed])
             return out
         for x in step:
             host.ops.enable(x)

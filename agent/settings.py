@@ -206,7 +206,7 @@ def parse(chk: _Checker, data: Mapping[str, Any]) -> UnitSettings:
     oom = data.get("oom_score_adjust")
     if oom is not None:
         oom = chk.integer("oom_score_adjust", 0, -1000, 1000)
-    kill_mode = data.get("kill_mode", "control-group")
+    kill_mode = data.get("kill_mode") or "control-group"
     if not isinstance(kill_mode, str) or kill_mode not in KILL_MODES:
         why = {"process": "only the main process would be stopped: a retired version's "
                           "other processes would keep serving its connections",
@@ -320,7 +320,9 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
                                  "(allowed: at least 1M; sizes without a unit are bytes, "
                                  "write 1G for a gibibyte)")
     hi, mx = sizes["memory_high"], sizes["memory_max"]
-    if isinstance(hi, int) and isinstance(mx, int) and hi > mx:
+    if isinstance(hi, str) and isinstance(mx, str) and hi.endswith("%") and mx.endswith("%") \
+            and float(hi[:-1]) > float(mx[:-1]) or \
+            isinstance(hi, int) and isinstance(mx, int) and hi > mx:
         raise rchk.fail("memory_high", f"{rchk.get('memory_high')!r} is above memory_max "
                                        f"{rchk.get('memory_max')!r}: throttling would never "
                                        "start before the OOM killer (allowed: below memory_max)")
@@ -333,6 +335,8 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
                                          "percent of one CPU, e.g. 150% for one and a half)")
         quota = int(m.group(1))
     tasks = rchk.get("tasks_max")
+    if isinstance(tasks, str) and tasks.isascii() and tasks.isdigit():
+        tasks = int(tasks)
     if tasks is not None and tasks != "infinity":
         if isinstance(tasks, str) and re.fullmatch(r"[0-9]{1,3}%", tasks) and \
                 0 < int(tasks[:-1]) <= 100:
@@ -364,6 +368,8 @@ def _hardening(chk: _Checker) -> tuple[tuple[str, str], ...]:
     hchk = Checker(chk.path, chk.mapping("hardening"), chk.prefix + "hardening.")
     out: list[tuple[str, str]] = []
     for key, value in hchk.data.items():
+        if value is None and key in HARDENING:
+            continue  # null: not set, as for every other key
         if key not in HARDENING:
             redirect = REDIRECTS.get(str(key))
             raise hchk.fail(str(key), (f"not allowed here: {redirect}" if redirect else
@@ -396,8 +402,8 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
     if kind == "word":
         import errno
 
-        if isinstance(value, str) and (value in ("kill", "log") or
-                                       value in errno.errorcode.values()):
+        names = {n for n in dir(errno) if n.startswith("E") and n.isupper()}  # aliases too
+        if isinstance(value, str) and (value in ("kill", "log") or value in names):
             return value
         raise hchk.fail(key, f"{value!r} is not allowed (allowed: an errno name like EPERM, "
                              "kill or log)")
@@ -412,12 +418,14 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
             bare = p[1:] if p[:1] in "-+" else p
             if VERSION in bare:
                 _path(hchk, key, bare, version=False)
+            if len(bare) > 4096:
+                _path(hchk, key, bare)  # says so, without echoing it all
             try:
                 _path(hchk, key, bare)
             except Exception:
-                raise hchk.fail(key, f"{p!r} is not an absolute, normalised path of letters, "
-                                     "digits and ._@+,:=-/ (a leading - ignores a missing "
-                                     "path)") from None
+                raise hchk.fail(key, f"{p!r:.120} is not an absolute, normalised path of "
+                                     "letters, digits and ._@+,:=-/ (a leading - ignores a "
+                                     "missing path)") from None
         return " ".join(words)
     if kind == "caps":
         bad = [n for n in names if n not in CAPABILITIES]

@@ -342,7 +342,23 @@ class Swap:
             "final": ctx.final, "olds": ctx.olds, "news": ctx.news,
             "signalled": ctx.signalled, "admitted": sorted(ctx.admitted)})
 
+    def _restore_units(self, res: SwapResult) -> None:
+        """The old version restarts (now, or at its next crash or boot) from
+        the unit files it ran with, not from those the new config wrote. Best
+        effort: a rollback goes on without it, and says so."""
+        try:
+            restored = self.ops.restore_units()
+        except Exception as e:  # SystemdError, OSError: the rollback must not stop here
+            res.warnings.append(f"cannot put the unit files back as they were before the "
+                                f"swap: {e}; the old version restarts with the new settings")
+            return
+        if restored:
+            res.warnings.append(f"unit files put back as they were before the swap: "
+                                f"{', '.join(restored)} (the config on disk still asks for "
+                                "the new settings: fix it before the next swap)")
+
     def _abort(self, res: SwapResult, t0: float, reason: str) -> NoReturn:
+        self._restore_units(res)
         res.result, res.reason = results.ABORTED, reason
         res.seconds = self.clock.monotonic() - t0
         self.emit("done", result=res.result, reason=res.reason)
@@ -452,13 +468,7 @@ class Swap:
         self.emit("phase", phase="rollback", reason=reason)
         self._record(ctx, "rollback")
         res.journal = self.ops.journal(instance or (ctx.started or ctx.news)[0])
-        # the old version restarts (now or at its next crash or boot) from
-        # the unit files it ran with, not from those the new config wrote
-        restored = self.ops.restore_units()
-        if restored:
-            res.warnings.append(f"unit files put back as they were before the swap: "
-                                f"{', '.join(restored)} (the config on disk still asks for "
-                                "the new settings: fix it before the next swap)")
+        self._restore_units(res)
         alive = [x for x in ctx.admitted if x != instance and self.ops.status(x).up]
         unadmitted = [x for x in ctx.started if x not in alive]
         out = restore_first(self.host, ctx.old, list(ctx.signalled), alive, unadmitted,

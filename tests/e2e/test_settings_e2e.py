@@ -305,3 +305,50 @@ def test_a_rollback_puts_the_old_versions_unit_files_back(host: DemoHost) -> Non
         time.sleep(0.2)
     print(f"rollback of a v2 its hardening kills: {r['reason']}; unit files put back; v1 "
           f"restarted after a SIGKILL ({st}) and serves")
+
+
+def test_a_rollback_restarts_old_replicas_from_their_own_drop_ins(host: DemoHost) -> None:
+    """replicas 2, stop-first (max_surge 0): v1-1 is drained before v2-1
+    starts; v2-1 fails, and the rollback starts v1-1 again with the drop-in
+    it ran with, not one rendered from the new config's command. A swap the
+    pre_swap hook aborts puts the template back too."""
+    for v in ("v1", "v2"):
+        host.release(v)
+    bad = host.sb.path(f"{RELEASES}/v2/bin/api2")
+    bad.write_text("#!/bin/sh\nexit 1\n")
+    bad.chmod(0o755)
+    base = textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        listen: ["127.0.0.1:8080"]
+        replicas: 2
+        ready: {{type: notify, deadline: 20s}}
+        drain: {{grace_period: 5s}}
+        strategy: {{min_ready: 1s, max_surge: 0, max_unavailable: 1}}
+        """)
+    host.configure(text=base)
+    code, r = host.zdd_json("swap", "demo", "--version", "v1")
+    assert code == 0, r
+    dropin = host.sb.path("/etc/systemd/system/zdd-demo@v1-1.service.d/zdd-instance.conf")
+    before = dropin.read_text()
+    host.configure(text=base.replace("/bin/api\n", "/bin/api2\n"))
+    load = host.load(8, seconds=30)
+    try:
+        code, r = host.zdd_json("swap", "demo", "--version", "v2")
+    finally:
+        res = load.stop(timeout=60)
+    assert code == 4 and r["result"] == "rolled_back", r
+    assert dropin.read_text() == before
+    states = {x: show(host, f"zdd-demo@{x}.service", "ActiveState")["ActiveState"]
+              for x in ("v1-1", "v1-2", "v2-1")}
+    assert states == {"v1-1": "active", "v1-2": "active", "v2-1": "inactive"}, states
+    # an abort (pre_swap fails) after the new units were written
+    template = host.sb.path("/etc/systemd/system/zdd-demo@.service").read_text()
+    host.configure(text=base + 'hardening: {PrivateTmp: true}\n'
+                   "hooks: {pre_swap: {command: /bin/false}}\n")
+    code, ra = host.zdd_json("swap", "demo", "--version", "v2")
+    assert code != 0 and ra["result"] == "aborted", ra
+    assert host.sb.path("/etc/systemd/system/zdd-demo@.service").read_text() == template
+    print(f"stop-first rollback: {r['reason']}; v1-1's drop-in kept; {states}; load "
+          f"{res.requests} requests, {res.failed} failed; abort: {ra['warnings']}")
+    assert res.failed == 0, res

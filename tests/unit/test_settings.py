@@ -329,3 +329,15 @@ def test_the_readme_production_config_is_valid() -> None:
     assert "\nWorkingDirectory=/srv/shop/%i\n" in text and "\nLimitNOFILE=131072\n" in text
     assert "MemoryMax=8589934592" in units.render_service(svc, 4096, 65536).files[
         "zdd-shop.slice"]
+
+
+def test_second_review_forms() -> None:
+    got = parse(kill_mode=None, resources={"tasks_max": "512"},
+                hardening={"ReadWritePaths": None, "SystemCallErrorNumber": "EWOULDBLOCK"})
+    assert got.settings.kill_mode == "control-group" and got.settings.resources.tasks_max == 512
+    assert dict(got.settings.hardening) == {"SystemCallErrorNumber": "EWOULDBLOCK"}
+    with pytest.raises(ConfigError, match="above memory_max"):
+        parse(resources={"memory_max": "50%", "memory_high": "60%"})
+    with pytest.raises(ConfigError, match="at most 4096") as e:
+        parse(hardening={"ReadWritePaths": ["/" + "a" * 5000]})
+    assert len(str(e.value)) < 400

@@ -67,7 +67,7 @@ class FakeHost:
     def instances(self, version: str) -> list[str]:
         return [v for v in self.started if v == version or v.startswith(version + "-")]
 
-    def prepare(self, instance: str, version: str) -> None:
+    def prepare(self, instance: str, version: str, keep: bool = False) -> None:
         self._log("prepare", instance)
 
     def start(self, version: str) -> None:
@@ -434,7 +434,20 @@ def test_failing_pre_swap_hook_aborts_before_anything_starts() -> None:
     assert isinstance(res, SwapFailed)
     r = res.details["result"]
     assert r.result == "aborted" and "pre_swap hook failed: failed: exit 1" in r.reason
-    assert host.calls == [("pre_swap", "v2")]
+    # nothing started; the unit files the new config wrote are put back
+    assert host.calls == [("pre_swap", "v2"), ("restore_units", "")]
+
+
+def test_a_rollback_survives_unit_files_that_cannot_be_put_back() -> None:
+    def broken(h: Any) -> None:
+        def fail() -> list[str]:
+            raise OSError(30, "Read-only file system")
+        h.restore_units = fail
+    host, res = run_with(broken, service(), "v1", "v3")  # v3 exits at start
+    assert isinstance(res, SwapFailed)
+    r = res.details["result"]
+    assert r.result == "rolled_back", r.reason
+    assert any("cannot put the unit files back" in w for w in r.warnings), r.warnings
 
 
 def test_hooks_run_around_a_swap_and_a_rollback() -> None:
