@@ -223,30 +223,37 @@ def test_bad_requests_are_answered_and_counted_and_one_request_per_connection(
 
 def test_connection_limits_close_new_connections_at_once_and_idle_ones_time_out(
         tmp_path: Path) -> None:
+    # request_timeout long enough that no idle connection times out before
+    # the fifth connects, on a loaded CI machine (1.5 s did not hold there)
     with serving(tmp_path, "0.0.0.0", max_connections=4, max_per_peer=2,
-                 request_timeout=1.5) as server:
+                 request_timeout=4.0) as server:
         port = server.port
-        idle = [connect(port, "127.0.0.2"), connect(port, "127.0.0.2")]
-        assert eventually(lambda: server.active == 2)
-        # a third from the same peer: closed at once, unanswered
-        out, took = exchange(connect(port, "127.0.0.2"), GET)
-        assert (out, took < 0.5) == (b"", True)
-        assert server.refusals.totals[hostready.PEER_BUSY] == 1
-        # another peer is still served
-        assert exchange(connect(port), GET)[0].endswith(b"ready\n")
-        idle += [connect(port, "127.0.0.3"), connect(port, "127.0.0.3")]
-        assert eventually(lambda: server.active == 4)
-        out, took = exchange(connect(port), GET)  # 4 of 4 taken: closed at once
-        assert (out, took < 0.5) == (b"", True)
-        assert server.refusals.totals[hostready.BUSY] == 1
-        assert server.httpd.peak == 4
-        # the idle ones are closed by the server after request_timeout, unanswered
-        for c in idle:
-            out, took = exchange(c, b"", wait=5)
-            assert out == b"" and took < 2.5
-        assert eventually(lambda: server.refusals.totals[hostready.TIMED_OUT] == 4)
-        assert eventually(lambda: server.active == 0)  # the workers end after counting
-        assert exchange(connect(port), GET)[0].endswith(b"ready\n")
+        idle: list[socket.socket] = []
+        try:
+            idle += [connect(port, "127.0.0.2"), connect(port, "127.0.0.2")]
+            assert eventually(lambda: server.active == 2)
+            # a third from the same peer: closed at once, unanswered
+            out, took = exchange(connect(port, "127.0.0.2"), GET)
+            assert (out, took < 0.5) == (b"", True)
+            assert server.refusals.totals[hostready.PEER_BUSY] == 1
+            # another peer is still served
+            assert exchange(connect(port), GET)[0].endswith(b"ready\n")
+            idle += [connect(port, "127.0.0.3"), connect(port, "127.0.0.3")]
+            assert eventually(lambda: server.active == 4)
+            out, took = exchange(connect(port), GET)  # 4 of 4 taken: closed at once
+            assert (out, took < 0.5) == (b"", True)
+            assert server.refusals.totals[hostready.BUSY] == 1
+            assert server.httpd.peak == 4
+            # the idle ones are closed by the server after request_timeout, unanswered
+            for c in idle:
+                out, took = exchange(c, b"", wait=8)
+                assert out == b"" and took < 5.0
+            assert eventually(lambda: server.refusals.totals[hostready.TIMED_OUT] == 4)
+            assert eventually(lambda: server.active == 0)  # the workers end after counting
+            assert exchange(connect(port), GET)[0].endswith(b"ready\n")
+        finally:  # a failed assertion must not leave them to the next test's GC
+            for c in idle:
+                c.close()
     # the first refusal was logged at once, the rest counted into one line at stop()
     assert len(server.lines) == 2, server.lines  # type: ignore[attr-defined]
     assert server.lines[0].startswith("host_ready: refused 1 connection")  # type: ignore
@@ -523,7 +530,7 @@ def test_host_ready_config_errors_are_one_line_and_name_the_key(tmp_path: Path,
 # comes from a second namespace (B) over a veth pair, from STORM_PEERS
 # addresses: clients that connect and then send nothing, or a byte a second.
 STORM_SERVER = r"""
-import http.client, json, subprocess, sys, tempfile, threading, time
+import http.client, json, os, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from agent.hostready import ReadyServer, RefusalLog
 
@@ -540,6 +547,12 @@ child = subprocess.Popen(["unshare", "-n", sys.executable, "-c", clients, "10.21
                           str(server.port), n, str(storm_s), ",".join(sources)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 try:
+    # unshare(1) is this process's child until it has made its namespace:
+    # a veth end moved to its pid before then lands in ours (a race seen in CI)
+    mine, deadline = os.readlink("/proc/self/ns/net"), time.monotonic() + 10
+    while os.readlink(f"/proc/{child.pid}/ns/net") == mine:
+        assert time.monotonic() < deadline, "unshare -n made no namespace in 10 s"
+        time.sleep(0.01)
     run("ip", "link", "add", "zr0", "type", "veth", "peer", "name", "zs0", "netns",
         str(child.pid))
     run("ip", "addr", "add", "10.213.0.1/24", "dev", "zr0")
