@@ -22,21 +22,20 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from . import unixdiag
+from .netlink import NLMSG_DONE, NLMSG_ERROR, messages
+from .netlink import NLMSGHDR as _NLMSGHDR
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_JMP = 1
 INET_DIAG_BC_S_EQ = 11  # linux/inet_diag.h: source (local) port equals
 TCP_ESTABLISHED = 1
 TCP_LISTEN = 10
 
-_NLMSGHDR = struct.Struct("=IHHII")
 # struct inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid
 _REQ = struct.Struct("=BBBxI48s")
 _OP = struct.Struct("=BBH")
@@ -188,22 +187,13 @@ def diag_raw(families: Iterable[int], states: int, ports: Iterable[int] = (), ex
             done = False
             while not done:
                 buf = s.recv(1 << 20)
-                off = 0
-                while off + 16 <= len(buf):
-                    length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+                for off, length, mtype in messages(buf, "sock_diag dump"):
                     if mtype == NLMSG_DONE:
                         done = True
-                        break
-                    if mtype == NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", buf, off + 16)
-                        raise OSError(-err, f"sock_diag dump: {os.strerror(-err)}")
-                    if length < 16:
-                        raise OSError("sock_diag: malformed message")
-                    if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
+                    elif mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
                             inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes) \
                             and (cookies is None or msg_cookie(buf, off) in cookies):
                         yield buf, off, length
-                    off += (length + 3) & ~3
     finally:
         if own:
             s.close()
@@ -347,22 +337,14 @@ class Census:
 
     def _slow(self, buf: bytes, inodes: set[int]) -> bool:
         """Walk one buffer message by message; True at NLMSG_DONE."""
-        off, end = 0, len(buf)
-        while off + 16 <= end:
-            length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+        for off, length, mtype in messages(buf, "sock_diag"):
             if mtype == NLMSG_DONE:
                 return True
-            if mtype == NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", buf, off + 16)
-                raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
-            if length < 16:
-                raise OSError("sock_diag: malformed message")
             if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN \
                     and _SPORT.unpack_from(buf, off + 20)[0] in self.ports:
                 ino = _INODE.unpack_from(buf, off + 84)[0]
                 if ino:  # 0: still in the accept queue, owned by no process
                     inodes.add(ino)
-            off += (length + 3) & ~3
         return False
 
     def unix_peers(self, inodes: set[int]) -> dict[int, int]:

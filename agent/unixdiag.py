@@ -27,12 +27,13 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from .netlink import NLMSG_DONE, NLMSG_ERROR, messages
+from .netlink import NLMSGHDR as _NLMSGHDR
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 # udiag_show bits and attribute types (linux/unix_diag.h)
 UDIAG_SHOW_NAME = 0x01
 UDIAG_SHOW_VFS = 0x02
@@ -46,7 +47,6 @@ UNIX_DIAG_RQLEN = 4
 ESTABLISHED = 1
 LISTEN = 10
 
-_NLMSGHDR = struct.Struct("=IHHII")
 # struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2]
 _REQ = struct.Struct("=BBHIIIII")
 _NLATTR = struct.Struct("=HH")
@@ -90,33 +90,19 @@ def _dump(states: int, show: int) -> Iterator[bytes]:
 
 def _ends(buf: bytes) -> bool:
     """Whether the buffer holds NLMSG_DONE (a walk over the headers only)."""
-    off, end = 0, len(buf)
-    while off + 16 <= end:
-        length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
-        if mtype == NLMSG_DONE:
-            return True
-        if mtype == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", buf, off + 16)
-            raise OSError(-err, f"unix_diag: {os.strerror(-err)}")
-        if length < 16:
-            raise OSError("unix_diag: malformed message")
-        off += (length + 3) & ~3
-    return False
+    return any(mtype == NLMSG_DONE for _off, _length, mtype in messages(buf, "unix_diag"))
 
 
 def _messages(states: int, show: int) -> Iterator[tuple[bytes, int, int]]:
     """(buffer, offset of the nlmsghdr, length) of each SOCK_STREAM socket of
     one dump."""
     for buf in _dump(states, show):
-        off, end = 0, len(buf)
-        while off + 16 <= end:
-            length, mtype = _NLMSGHDR.unpack_from(buf, off)[:2]
+        for off, length, mtype in messages(buf, "unix_diag"):
             if mtype == NLMSG_DONE:
                 return
             if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_LEN \
                     and buf[off + 17] == socket.SOCK_STREAM:
                 yield buf, off, length
-            off += (length + 3) & ~3
 
 
 def _name_attr(path: str) -> bytes:
@@ -140,6 +126,16 @@ class UnixSocket:
     queued: int = 0
     backlog: int = 0
     vfs: tuple[int, int] | None = None  # (inode, dev) of the socket file
+
+    @property
+    def file_id(self) -> tuple[int, int] | None:
+        """(st_ino, st_dev) of the socket file, as os.stat reports it: the
+        kernel sends the device in its internal encoding (MAJOR << 20 |
+        MINOR, include/linux/kdev_t.h), not the one stat(2) returns."""
+        if self.vfs is None:
+            return None
+        ino, dev = self.vfs
+        return ino, os.makedev(dev >> 20, dev & 0xFFFFF)
 
     @classmethod
     def decode(cls, buf: bytes, off: int, length: int) -> UnixSocket:
