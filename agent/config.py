@@ -23,7 +23,8 @@ import yaml
 
 from .trust import untrusted
 from .errors import ConfigError
-from .settings import KEYS as SETTINGS_KEYS, UnitSettings, families_needed
+from .settings import GROUP_RE, KEYS as SETTINGS_KEYS, UnitSettings, families_needed
+from .settings import parse as parse_settings
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -286,6 +287,11 @@ class _Checker:
         if raw not in allowed:
             raise self.fail(key, f"{raw!r} is not allowed (allowed: {', '.join(allowed)})")
         return str(raw)
+
+    def section(self, key: str) -> _Checker:
+        """The checker of the mapping under `key` (absent: empty), its
+        messages prefixed with this one's dotted key."""
+        return _Checker(self.path, self.mapping(key), f"{self.prefix}{key}.")
 
     def mapping(self, key: str) -> Mapping[str, Any]:
         raw = self.data.get(key)
@@ -555,7 +561,7 @@ def _parse_hooks(path: Path, raw: Mapping[str, Any], ready: Ready) -> tuple[tupl
     for hname in HOOKS:
         if hchk.get(hname) is None:
             continue
-        one = _Checker(path, hchk.mapping(hname), f"hooks.{hname}.")
+        one = hchk.section(hname)
         one.reject_unknown(("command", "timeout"))
         if one.get("command") is None:
             raise one.fail("command", "required (an argv, run without a shell)")
@@ -645,7 +651,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
         env.append((key, text))
     allow_from = parse_networks(chk, "allow_from", data.get("allow_from"))
     ready = _parse_ready(path, chk.mapping("ready"), listen)
-    dchk = _Checker(path, chk.mapping("drain"), "drain.")
+    dchk = chk.section("drain")
     dchk.reject_unknown(("grace_period", "signal", "pre_stop_delay"))
     drain = Drain(grace_period=dchk.duration("grace_period", 30.0, 1.0, 3600.0),
                   signal=dchk.choice("signal", "SIGTERM", DRAIN_SIGNALS),
@@ -655,7 +661,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     replicas = chk.integer("replicas", 1, 1, 64)
     # off by default: data in a SYN may be replayed (RFC 7413 section 6.3.1)
     fast_open = chk.integer("fast_open", 0, 0, 65535)
-    schk = _Checker(path, chk.mapping("strategy"), "strategy.")
+    schk = chk.section("strategy")
     schk.reject_unknown(("max_surge", "max_unavailable", "min_ready", "watch"))
     min_ready = schk.duration("min_ready", DEFAULT_MIN_READY, 0.0, 3600.0)
     watch = schk.duration("watch", DEFAULT_WATCH, 0.0, 86400.0)
@@ -682,9 +688,7 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
                                            "listens: connections are refused (allowed: "
                                            f"0..{replicas - 1} with reuseport, or socket: "
                                            "inherit, whose socket unit keeps the queue)")
-    from . import settings as unit_settings
-
-    settings = unit_settings.parse(chk, data)
+    settings = parse_settings(chk, data)
     _check_families(chk, settings, socket_mode, listen, ready)
     return ServiceConfig(name=name, command=command, listen=listen, path=path,
                          socket=socket_mode, socket_user=sock_user, socket_group=sock_group,
@@ -936,7 +940,6 @@ def load_all(config_dir: Path) -> list[ServiceConfig]:
     return services
 
 
-GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -972,14 +975,14 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not isinstance(group, str) or not GROUP_RE.fullmatch(group):
         raise chk.fail("admin_group", f"{group!r} is not a group name "
                                       "(allowed: [a-z_][a-z0-9_-]{0,31})")
-    mchk = _Checker(path, chk.mapping("metrics"), "metrics.")
+    mchk = chk.section("metrics")
     mchk.reject_unknown(("listen",))
     metrics_listen = mchk.get("listen")
     if metrics_listen is not None:
         from .metrics import parse_listen
 
         parse_listen(str(metrics_listen), f"{path}: metrics.listen")
-    hchk = _Checker(path, chk.mapping("host_ready"), "host_ready.")
+    hchk = chk.section("host_ready")
     hchk.reject_unknown(("listen", "tls", "allow_from"))
     host_ready = hchk.get("listen")
     if host_ready is not None:
@@ -992,7 +995,7 @@ def load_agent_config(path: Path) -> AgentConfig:
                 port == parse_listen(str(metrics_listen), f"{path}: metrics.listen")[1]:
             raise hchk.fail("listen", f"{host_ready} uses the port of metrics.listen "
                                       f"({metrics_listen})")
-    ready_tls = _host_ready_tls(_Checker(path, hchk.mapping("tls"), "host_ready.tls."))
+    ready_tls = _host_ready_tls(hchk.section("tls"))
     allow_from = _allow_from(hchk)
     from .sysctl import DEFAULTS  # the keys the agent manages
 

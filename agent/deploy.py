@@ -120,15 +120,20 @@ def _check_socket_files(svc: ServiceConfig) -> None:
         if why is not None:
             raise ConfigError(f"{svc.path}: listen: unix:{path}: {why}", file=str(svc.path),
                               key="listen")
-    for key, name, lookup in (("socket_user", svc.socket_user, pwd.getpwnam),
-                              ("socket_group", svc.socket_group, grp.getgrnam)):
-        if name is None:
-            continue
-        try:
-            lookup(name)
-        except KeyError:
-            raise ConfigError(f"{svc.path}: {key}: no such {key[7:]} {name!r} on this host",
-                              file=str(svc.path), key=key) from None
+    _must_exist(svc, "socket_user", "user", svc.socket_user)
+    _must_exist(svc, "socket_group", "group", svc.socket_group)
+
+
+def _must_exist(svc: ServiceConfig, key: str, kind: str, name: str | None) -> None:
+    """The user or group a config key names is on this host (systemd would
+    fail the unit: 217/USER, 216/GROUP); None: nothing named."""
+    if name is None:
+        return
+    try:
+        (pwd.getpwnam if kind == "user" else grp.getgrnam)(name)
+    except KeyError:
+        raise ConfigError(f"{svc.path}: {key}: no such {kind} {name!r} on this host",
+                          file=str(svc.path), key=key) from None
 
 
 def check_settings(svc: ServiceConfig, version: str) -> None:
@@ -139,19 +144,10 @@ def check_settings(svc: ServiceConfig, version: str) -> None:
     be root's alone (trust.untrusted): an environment file sets LD_PRELOAD
     or PYTHONPATH for a root process, and `python -m` imports from its
     working directory."""
-    import grp
-    import stat
-
     s = svc.settings
-    for key, group in [("group", s.group)] + [("supplementary_groups", g)
-                                              for g in s.supplementary_groups]:
-        if group is None:
-            continue
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            raise ConfigError(f"{svc.path}: {key}: no such group {group!r} on this host",
-                              file=str(svc.path), key=key) from None
+    _must_exist(svc, "group", "group", s.group)
+    for group in s.supplementary_groups:
+        _must_exist(svc, "supplementary_groups", "group", group)
     root = runs_as_root(svc.user)
     for key, path in s.paths(version):
         want = "directory" if key == "working_directory" else "file"
@@ -343,24 +339,15 @@ class SystemdOps:
         return journal_tail(self.unit(version), 20)
 
     def restore_units(self) -> list[str]:
-        """Write back the unit files this swap changed (install_units) and
-        reload, so the old version restarts with the settings it ran with.
-        A file this swap created stays (nothing ran from an older one)."""
-        back = {rel: text for rel, text in self.backup.items() if text is not None}
-        if not back:
-            return []
-        changed = self.sd.write_unit_files(back)
-        if changed:
-            self.sd.reload()
-        self.backup = {}
-        return sorted(changed)
+        """put_back_units for this swap's backup, once."""
+        changed, self.backup = put_back_units(self.sd, self.backup), {}
+        return changed
 
     def tcp_counters(self) -> dict[str, int]:
         return tcpstats.read()
 
     def memory(self, olds: list[str]) -> Memory | None:
-        """The largest old instance's footprint: its cgroup's memory.current
-        when systemd accounts memory, else its processes' RSS."""
+        """instance_memory of the old instances, within the service's slice."""
         return instance_memory(self.sd, [self.unit(x) for x in olds],
                                units.slice_unit(self.svc.name))
 
@@ -444,6 +431,20 @@ class SystemdOps:
         return watch
 
 
+def put_back_units(sd: Systemd, backup: dict[str, str | None]) -> list[str]:
+    """Write back the unit files a swap changed (install_units' backup) and
+    reload, so the old version restarts with the settings it ran with; the
+    files written. A file the swap created stays (nothing ran from an older
+    one)."""
+    back = {rel: text for rel, text in backup.items() if text is not None}
+    if not back:
+        return []
+    changed = sd.write_unit_files(back)
+    if changed:
+        sd.reload()
+    return sorted(changed)
+
+
 def transient_settings(svc: ServiceConfig, version: str | None) -> dict[bytes, Any]:
     """What a hook or an exec probe shares with the service's instances: its
     group and supplementary groups, and (with the version known, for
@@ -457,12 +458,13 @@ def transient_settings(svc: ServiceConfig, version: str | None) -> dict[bytes, A
     if s.supplementary_groups:
         props[b"SupplementaryGroups"] = [g.encode() for g in s.supplementary_groups]
     if version is not None:
-        paths = dict(s.paths(version)) if s.working_directory else {}
-        if "working_directory" in paths:
-            props[b"WorkingDirectory"] = paths["working_directory"].encode()
-        files = [p for k, p in s.paths(version) if k == "environment_files"]
+        paths = s.paths(version)
+        for key, path in paths:
+            if key == "working_directory":
+                props[b"WorkingDirectory"] = path.encode()
+        files = [path for key, path in paths if key == "environment_files"]
         if files:
-            props[b"EnvironmentFiles"] = [(p.encode(), False) for p in files]
+            props[b"EnvironmentFiles"] = [(path.encode(), False) for path in files]
     return props
 
 
@@ -764,7 +766,7 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
             except SwapFailed:
                 raise  # the swap put the units back itself
             except BaseException:
-                SystemdOps(svc, sd, backup).restore_units()
+                put_back_units(sd, backup)
                 raise
 
 
@@ -803,7 +805,7 @@ def _swap_installed(svc: ServiceConfig, sd: Systemd, store: StateStore, state: S
     if result.result == "unchanged":
         # nothing new started, so nothing proves new unit files: the serving
         # version keeps the ones it runs with until a swap to another version
-        put_back = SystemdOps(svc, sd, backup).restore_units()
+        put_back = put_back_units(sd, backup)
         if put_back:
             result.warnings.append(f"{', '.join(put_back)} left as the serving version runs "
                                    "them: the config's changes take effect at the next swap "
@@ -893,8 +895,7 @@ def unix_listeners(svc: ServiceConfig) -> list[dict[str, Any]]:
         except OSError:
             out.append(entry)
             continue
-        vfs = {(ino, os.makedev(dev >> 20, dev & 0xFFFFF))  # the kernel's dev_t encoding
-               for ino, dev in (x.vfs for x in mine if x.vfs)}
+        vfs = {x.file_id for x in mine if x.vfs}
         entry["file"] = {"owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),
                          "mode": f"{stat.S_IMODE(st.st_mode):04o}",
                          "socket": stat.S_ISSOCK(st.st_mode),
@@ -925,8 +926,7 @@ def apply_socket_access(svc: ServiceConfig) -> list[str]:
     mode = int(svc.socket_mode or "0660", 8)
     out = []
     for path in svc.unix_paths:
-        bound = {(ino, os.makedev(dev >> 20, dev & 0xFFFFF))
-                 for ino, dev in (x.vfs for x in socks if x.name == path and x.vfs)}
+        bound = {x.file_id for x in socks if x.name == path and x.vfs}
         try:
             fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

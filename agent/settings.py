@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
 from .oom import SURGE_OOM_SCORE_ADJ
 
 if TYPE_CHECKING:  # config imports this module; the checker is passed in
@@ -279,9 +280,7 @@ def parse_size(value: Any, percent: bool = True) -> int | str:
 
 
 def _limits(chk: _Checker) -> Limits:
-    from .config import _Checker as Checker
-
-    lchk = Checker(chk.path, chk.mapping("limits"), chk.prefix + "limits.")
+    lchk = chk.section("limits")
     lchk.reject_unknown(("nofile", "nproc", "core"))
     nofile = lchk.get("nofile")
     if nofile is not None:
@@ -303,9 +302,7 @@ def _limits(chk: _Checker) -> Limits:
 
 
 def _resources(chk: _Checker, key: str = "resources") -> Resources:
-    from .config import _Checker as Checker
-
-    rchk = Checker(chk.path, chk.mapping(key), chk.prefix + key + ".")
+    rchk = chk.section(key)
     rchk.reject_unknown(("memory_max", "memory_high", "cpu_quota", "tasks_max"))
     sizes: dict[str, int | str | None] = {}
     for key in ("memory_max", "memory_high"):
@@ -320,9 +317,7 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
                                  "(allowed: at least 1M; sizes without a unit are bytes, "
                                  "write 1G for a gibibyte)")
     hi, mx = sizes["memory_high"], sizes["memory_max"]
-    if isinstance(hi, str) and isinstance(mx, str) and hi.endswith("%") and mx.endswith("%") \
-            and float(hi[:-1]) > float(mx[:-1]) or \
-            isinstance(hi, int) and isinstance(mx, int) and hi > mx:
+    if _above(hi, mx):
         raise rchk.fail("memory_high", f"{rchk.get('memory_high')!r} is above memory_max "
                                        f"{rchk.get('memory_max')!r}: throttling would never "
                                        "start before the OOM killer (allowed: below memory_max)")
@@ -347,6 +342,17 @@ def _resources(chk: _Checker, key: str = "resources") -> Resources:
     return Resources(memory_max=mx, memory_high=hi, cpu_quota=quota, tasks_max=tasks)
 
 
+def _above(high: int | str | None, limit: int | str | None) -> bool:
+    """Whether `high` is above `limit`, where both are bytes or both a
+    percentage (other pairs are not comparable without the host)."""
+    if isinstance(high, int) and isinstance(limit, int):
+        return high > limit
+    if isinstance(high, str) and isinstance(limit, str) and high.endswith("%") \
+            and limit.endswith("%"):
+        return float(high[:-1]) > float(limit[:-1])
+    return False
+
+
 def _words(hchk: _Checker, key: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = value.split()
@@ -363,9 +369,7 @@ def _inverted(words: list[str]) -> tuple[bool, list[str]]:
 
 
 def _hardening(chk: _Checker) -> tuple[tuple[str, str], ...]:
-    from .config import _Checker as Checker
-
-    hchk = Checker(chk.path, chk.mapping("hardening"), chk.prefix + "hardening.")
+    hchk = chk.section("hardening")
     out: list[tuple[str, str]] = []
     for key, value in hchk.data.items():
         if value is None and key in HARDENING:
@@ -416,13 +420,11 @@ def _hardening_value(hchk: _Checker, key: str, kind: str, choices: tuple[str, ..
     if kind == "paths":
         for p in words:
             bare = p[1:] if p[:1] in "-+" else p
-            if VERSION in bare:
-                _path(hchk, key, bare, version=False)
-            if len(bare) > 4096:
-                _path(hchk, key, bare)  # says so, without echoing it all
             try:
-                _path(hchk, key, bare)
-            except Exception:
+                _path(hchk, key, bare, version=False)
+            except ConfigError:
+                if VERSION in bare or len(bare) > 4096:
+                    raise  # its own message says why, without echoing all of it
                 raise hchk.fail(key, f"{p!r:.120} is not an absolute, normalised path of "
                                      "letters, digits and ._@+,:=-/ (a leading - ignores a "
                                      "missing path)") from None
