@@ -19,13 +19,10 @@ from agent.demo.run import DEMO_CONFIG, NOTIFY_READY, RELEASES, DemoHost
 CLIENT = r"""
 import json, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
+from agent import tcpstats
 KEYS = ("TCPFastOpenPassive", "TCPFastOpenCookieReqd", "TCPFastOpenPassiveFail")
-def counters():
-    lines = open("/proc/net/netstat").read().splitlines()
-    for names, values in zip(lines[::2], lines[1::2]):
-        if names.startswith("TcpExt:"):
-            d = dict(zip(names.split()[1:], map(int, values.split()[1:])))
-            return {k: d[k] for k in KEYS}
+def counters():  # of this process's network namespace
+    return tcpstats.read(watched={"TcpExt": KEYS})
 before = counters()
 answers = []
 for _ in range(n):

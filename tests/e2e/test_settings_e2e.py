@@ -51,6 +51,20 @@ asyncio.run(main())
 """
 
 
+def demo_config(*extra: str, grace: str = "10s", deadline: str = "20s",
+                strategy: str = "min_ready: 1s") -> str:
+    """The demo API on 127.0.0.1:8080 with notify readiness, `extra` lines
+    appended."""
+    return textwrap.dedent(f"""\
+        name: demo
+        command: {RELEASES}/{{version}}/bin/api
+        listen: ["127.0.0.1:8080"]
+        ready: {{type: notify, deadline: {deadline}}}
+        drain: {{grace_period: {grace}}}
+        strategy: {{{strategy}}}
+        """) + "".join(f"{line}\n" for line in extra)
+
+
 def concurrent(host: DemoHost, n: int, ms: int, deadline: float) -> dict[str, object]:
     path = host.sb.root / "client.py"  # net_only: the machine's file system
     path.write_text(CLIENT)
@@ -79,14 +93,7 @@ def test_open_files_default_holds_3000_concurrent_connections(host: DemoHost) ->
     concurrent clients wait; with the agent's default all are answered."""
     for v in ("v1", "v2"):
         host.release(v)
-    base = textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 10s}}
-        strategy: {{min_ready: 1s}}
-        """)
+    base = demo_config()
     host.configure(text=base + "limits: {nofile: 1024}\n")
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
@@ -230,16 +237,8 @@ def test_a_new_instance_the_oom_killer_takes_rolls_back_and_the_old_one_serves(
     host.release("v1", "--allocate", "32")
     host.release("v2", "--allocate", "304")
     host.release("v3", "--allocate", "32")
-    host.configure(text=textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 30s}}
-        drain: {{grace_period: 10s}}
-        strategy: {{min_ready: 2s}}
-        slice: {{memory_max: 192M}}
-        oom_score_adjust: 0
-        """))
+    host.configure(text=demo_config("slice: {memory_max: 192M}", "oom_score_adjust: 0",
+                                    deadline="30s", strategy="min_ready: 2s"))
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
     v1 = main_pid(host, "zdd-demo@v1.service")
@@ -271,14 +270,7 @@ def test_a_rollback_puts_the_old_versions_unit_files_back(host: DemoHost) -> Non
     crash, a reboot) with the unit it ran with, not the rejected one."""
     for v in ("v1", "v2"):
         host.release(v)
-    base = textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 5s}}
-        strategy: {{min_ready: 1s}}
-        """)
+    base = demo_config(grace="5s")
     host.configure(text=base)
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
@@ -317,15 +309,8 @@ def test_a_rollback_restarts_old_replicas_from_their_own_drop_ins(host: DemoHost
     bad = host.sb.path(f"{RELEASES}/v2/bin/api2")
     bad.write_text("#!/bin/sh\nexit 1\n")
     bad.chmod(0o755)
-    base = textwrap.dedent(f"""\
-        name: demo
-        command: {RELEASES}/{{version}}/bin/api
-        listen: ["127.0.0.1:8080"]
-        replicas: 2
-        ready: {{type: notify, deadline: 20s}}
-        drain: {{grace_period: 5s}}
-        strategy: {{min_ready: 1s, max_surge: 0, max_unavailable: 1}}
-        """)
+    base = demo_config("replicas: 2", grace="5s",
+                       strategy="min_ready: 1s, max_surge: 0, max_unavailable: 1")
     host.configure(text=base)
     code, r = host.zdd_json("swap", "demo", "--version", "v1")
     assert code == 0, r
