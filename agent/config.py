@@ -40,7 +40,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Signals a service may ask to be drained with; SIGKILL/SIGSTOP cannot drain.
 DRAIN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 READY_TYPES = ("notify", "http", "grpc", "tcp", "exec")
-SOCKET_MODES = ("inherit", "reuseport")
+SOCKET_MODES = ("inherit", "reuseport", "nat")
 INSTANCE_PORT = "{instance_port}"
 # A config file larger than this is refused before YAML parses it: a service
 # config is a few hundred bytes, and yaml.safe_load of a huge or deeply nested
@@ -214,10 +214,20 @@ class ServiceConfig:
     def hook(self, name: str) -> Hook | None:
         return dict(self.hooks).get(name)
 
-    def argv(self, version: str) -> list[str]:
-        """The instance's argv: split without a shell, {version} substituted."""
+    def argv(self, version: str, instance_port: int | None = None) -> list[str]:
+        """The instance's argv: split without a shell, {version} substituted,
+        and {instance_port} (socket: nat) where the port is known."""
         check_version(version)
-        return [a.replace("{version}", version) for a in self.command]
+        out = [a.replace("{version}", version) for a in self.command]
+        if instance_port is not None:
+            out = [a.replace(INSTANCE_PORT, str(instance_port)) for a in out]
+        return out
+
+    @property
+    def port_environment(self) -> tuple[tuple[str, str], ...]:
+        """The environment entries that name {instance_port} (socket: nat):
+        rendered per instance, in its drop-in."""
+        return tuple((k, v) for k, v in self.environment if INSTANCE_PORT in v)
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -231,10 +241,12 @@ class ServiceConfig:
 
     @property
     def needs_instance_port(self) -> bool:
-        """Whether each instance gets a private port of its own: its readiness
-        probe or its post_start hook names {instance_port}."""
+        """Whether each instance gets a private port of its own: it binds one
+        (socket: nat), or its command, environment, readiness probe or
+        post_start hook names {instance_port}."""
         hook = self.hook("post_start")
-        return self.ready.needs_instance_port or (
+        named = any(INSTANCE_PORT in a for a in self.command) or bool(self.port_environment)
+        return self.socket == "nat" or named or self.ready.needs_instance_port or (
             hook is not None and any(INSTANCE_PORT in a for a in hook.command))
 
 
@@ -680,13 +692,13 @@ def parse_service(path: Path, data: Any, expected_name: str | None = None) -> Se
     if counts == [0, 0]:
         raise schk.fail("max_unavailable", f"max_surge and max_unavailable are both 0 for "
                                            f"{replicas} replicas (allowed: at least one > 0)")
-    if socket_mode == "reuseport" and counts[1] >= replicas:
+    if socket_mode != "inherit" and counts[1] >= replicas:
         # no socket unit holds the port: with every instance stopped first,
         # nothing listens and connections are refused (inherit queues them)
         raise schk.fail("max_unavailable", f"{counts[1]} of {replicas} replicas may be stopped "
-                                           "at once, and with socket: reuseport nothing then "
-                                           "listens: connections are refused (allowed: "
-                                           f"0..{replicas - 1} with reuseport, or socket: "
+                                           f"at once, and with socket: {socket_mode} nothing "
+                                           "then listens: connections are refused (allowed: "
+                                           f"0..{replicas - 1} with {socket_mode}, or socket: "
                                            "inherit, whose socket unit keeps the queue)")
     settings = parse_settings(chk, data)
     _check_families(chk, settings, socket_mode, listen, ready)
@@ -708,10 +720,11 @@ def _check_families(chk: _Checker, settings: UnitSettings, socket_mode: str,
     needed: dict[str, str] = {}
     if ready.type == "notify":
         needed["AF_UNIX"] = "ready.type notify sends READY=1 over an AF_UNIX socket"
-    if socket_mode == "reuseport":
+    if socket_mode != "inherit":
         for lst in listen:
             fam = "AF_INET6" if lst.host and ":" in lst.host else "AF_INET"
-            needed.setdefault(fam, f"socket: reuseport binds {lst} itself")
+            what = "binds it" if socket_mode == "reuseport" else "binds a private port for it"
+            needed.setdefault(fam, f"socket: {socket_mode} {what} ({lst}) itself")
     if ready.needs_instance_port and ready.url:
         fam = "AF_INET6" if "[" in ready.url else "AF_INET"
         needed.setdefault(fam, f"ready.url {ready.url} is a port the instance binds")

@@ -115,6 +115,14 @@ REUSEPORT_SERVICE = """\
 """
 
 
+NAT_UNIT = "After=zdd-agent-nat.service\n"  # the rules are back before it serves
+NAT_SERVICE = """\
+# socket: nat. Each instance binds its own private port (ZDD_INSTANCE_PORT, in
+# its drop-in); nftables (table inet zdd-agent, restored at boot by
+# zdd-agent-nat.service) sends the public addresses to the serving ones.
+"""
+
+
 # Stands for the version while a command line is escaped, then becomes %i.
 _VERSION = "ZDD.VERSION.PLACEHOLDER.7f3a"
 
@@ -138,9 +146,13 @@ def _instance_lines(svc: ServiceConfig, version: str, instance: str,
         env.append(f"ZDD_INSTANCE_PORT={instance_port}")
     if svc.socket == "reuseport":
         env.append("ZDD_LISTEN=" + " ".join(str(lst) for lst in svc.listen))
-        if svc.fast_open:  # the program's own setsockopt(TCP_FASTOPEN) before listen()
-            env.append(f"ZDD_FAST_OPEN={svc.fast_open}")
-    return " ".join(escape_word(e) for e in env), exec_start(svc.argv(version))
+    if svc.socket != "inherit" and svc.fast_open:
+        # the program's own setsockopt(TCP_FASTOPEN) before listen()
+        env.append(f"ZDD_FAST_OPEN={svc.fast_open}")
+    if instance_port is not None:  # the port the program binds (socket: nat), by any name
+        env += [f"{k}={v.replace('{instance_port}', str(instance_port))}"
+                for k, v in svc.port_environment]
+    return " ".join(escape_word(e) for e in env), exec_start(svc.argv(version, instance_port))
 
 
 def _lines(lines: list[str]) -> str:
@@ -151,7 +163,9 @@ def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) 
     """The service's units. `nofile`: LimitNOFILE= where limits.nofile is
     not set (default: settings.default_nofile for this host)."""
     common = {"name": svc.name, "config": str(svc.path)}
-    env = "".join(f"Environment={escape_word(f'{k}={v}')}\n" for k, v in svc.environment)
+    per_instance = set(svc.port_environment)  # in each instance's drop-in
+    env = "".join(f"Environment={escape_word(f'{k}={v}')}\n" for k, v in svc.environment
+                  if (k, v) not in per_instance)
     s = svc.settings
     if nofile is None:
         nofile = unit_settings.this_host().default_nofile
@@ -169,9 +183,10 @@ def render_service(svc: ServiceConfig, backlog: int, nofile: int | None = None) 
     files = {
         template_unit(svc.name): _template("zdd-service@.service.in").substitute(
             common,
-            unit_socket=INHERIT_UNIT.format(name=svc.name) if inherit else "",
+            unit_socket=(INHERIT_UNIT.format(name=svc.name) if inherit
+                         else NAT_UNIT if svc.socket == "nat" else ""),
             service_socket=(INHERIT_SERVICE.format(name=svc.name) if inherit
-                            else REUSEPORT_SERVICE),
+                            else NAT_SERVICE if svc.socket == "nat" else REUSEPORT_SERVICE),
             service_type="notify" if svc.ready.type == "notify" else "exec",
             user=user, ip_access="" if inherit else access, environment=env,
             kill_signal=svc.drain.signal,
