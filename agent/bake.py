@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .instance import Host
+from .modes import mode_for
 
 BAKE_POLL = 0.25  # seconds between two looks at systemd's state
 ACCEPT_POLL = 0.5  # seconds between two connection censuses (they walk /proc/PID/fd)
@@ -163,9 +164,10 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
     next_probe = {x: t0 + svc.ready.period for x in group}
     failures = {x: 0 for x in group}
     share = AcceptShare()
+    mode = mode_for(svc)
     # own listeners: a new instance's queue is its own (modes.ReusePort)
     queues = ({x: AcceptQueue(ACCEPT_POLL, BAKE_STUCK_SECONDS) for x in group}
-              if svc.socket == "reuseport" else {})
+              if mode.own_listeners and not mode.routes else {})
     counted = list(serving_olds) + list(admitted)
     next_census = t0
 
@@ -223,7 +225,14 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                 break
             host.sleep(min(BAKE_POLL, end - now))
         out.accepted = dict(share.accepted)
-        suspects, old_total = share.idle(group, serving_olds)
+        # routed per instance (nat): nothing reaches the group before the bake
+        # ends, so no share to judge; the agent's own connections to each
+        # one's private port must all be accepted by it instead
+        suspects, old_total = ([], 0) if mode.routes else share.idle(group, serving_olds)
+        for x in group if mode.routes else []:
+            bad_trial = _private_trial(host, out, x)
+            if bad_trial:
+                return fail(x, f"{bad_trial}, {clock.monotonic() - t0:.1f}s into the bake")
         if suspects and svc.min_ready > 0:
             bad = _trial(host, out, suspects, counted)
             if bad:
@@ -249,6 +258,27 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
     finally:
         out.seconds = clock.monotonic() - t0
         out.accepted = dict(share.accepted)
+
+
+def _private_trial(host: Host, out: BakeOutcome, x: str) -> str | None:
+    """Why `x` does not accept on its own port (None: it accepted every one
+    of MIN_TRAFFIC connections the agent opened there)."""
+    try:
+        trial = host.ops.private_trial(x, MIN_TRAFFIC)
+    except OSError as e:
+        return f"{host.svc.name} {x}: the agent cannot connect to its private port: {e}"
+    if trial is None:
+        return None
+    out.trial = trial.as_dict()
+    host.emit("accept_trial", **out.trial)
+    took = trial.accepted.get(x, 0)
+    if took < trial.opened:
+        return (f"{host.svc.name} {x} accepted {took} of the {trial.opened} connections the "
+                f"agent opened to its private port {trial.target} ({trial.unaccepted} never "
+                "accepted): it does not serve (is it calling accept()?)")
+    out.evidence.append(f"{x}: accepted all {trial.opened} connections the agent opened to "
+                        f"its private port {trial.target}")
+    return None
 
 
 def _trial(host: Host, out: BakeOutcome, suspects: list[str], counted: list[str]) -> str | None:

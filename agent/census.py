@@ -35,6 +35,7 @@ INET_DIAG_BC_JMP = 1
 INET_DIAG_BC_S_EQ = 11  # linux/inet_diag.h: source (local) port equals
 TCP_ESTABLISHED = 1
 TCP_LISTEN = 10
+TCP_NEW_SYN_RECV = 12  # a request socket: a handshake in progress on a listener
 
 # struct inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid
 _REQ = struct.Struct("=BBBxI48s")
@@ -267,6 +268,18 @@ class Census:
         self._bytecode = port_filter(self.ports) if self.ports else b""
         self._seq = 0
         self._held: dict[frozenset[int], _Holding] = {}
+
+    def add_ports(self, ports: Iterable[int]) -> None:
+        """Count these ports too (socket: nat: each instance's private port,
+        known once it is given)."""
+        more = frozenset(ports) - self.ports
+        if not more:
+            return
+        self.ports |= more
+        if not self.families:
+            self.families = (socket.AF_INET, socket.AF_INET6)
+        self._bytecode = port_filter(self.ports)
+        self._held = {}  # the listeners on our ports changed: walk again
 
     @classmethod
     def for_listen(cls, listen: Iterable[tuple[str | None, int]],

@@ -195,9 +195,14 @@ class SystemdOps:
         self.backup = dict(backup or {})  # unit files this swap changed: what they held
         self.removed: dict[str, str] = {}  # instance -> the drop-in cleanup() removed
         self.mode = mode_for(svc)
-        self.census = self.mode.census()
         self.ports: dict[str, int | None] = {}
         self._ooms: dict[tuple[str, int], str | None] = {}
+        if self.mode.routes:  # the census counts on the instances' own ports
+            for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+                instance = units.version_of(svc.name, unit)
+                if instance is not None:
+                    self.port_of(instance)
+        self.census = self.mode.census()
 
     def unit(self, version: str) -> str:
         return units.instance_unit(self.svc.name, version)
@@ -213,6 +218,7 @@ class SystemdOps:
         rendered from the new config."""
         port = free_port() if self.svc.needs_instance_port else None
         self.ports[instance] = port
+        self.mode.track(port)
         self.sd.reset_failed(self.unit(instance))
         path = units.dropin_path(self.svc.name, instance)
         kept = (self.sd.read_unit_file(path) or self.removed.get(instance)) if keep else None
@@ -220,6 +226,7 @@ class SystemdOps:
             # an old instance started again by a rollback: the drop-in it ran
             # with (its command, port, working directory), not the new config's
             self.ports[instance] = units.dropin_port(kept)
+            self.mode.track(self.ports[instance])
             if self.sd.write_unit_files({path: kept}):
                 self.sd.reload()
             return
@@ -237,6 +244,7 @@ class SystemdOps:
         if instance not in self.ports:
             text = self.sd.read_unit_file(units.dropin_path(self.svc.name, instance))
             self.ports[instance] = units.dropin_port(text)
+            self.mode.track(self.ports[instance])
         return self.ports[instance]
 
     def start(self, version: str) -> None:
@@ -377,7 +385,7 @@ class SystemdOps:
             return None
         if not pids:
             return [str(lst) for lst in self.svc.listen]
-        return self.mode.missing_listeners(pids)
+        return self.mode.missing_listeners(pids, self.port_of(instance))
 
     def close_listeners(self, instance: str) -> int:
         try:
@@ -401,6 +409,43 @@ class SystemdOps:
             return self.mode.accept_queue(pids)
         except (SystemdError, OSError):
             return None
+
+    def route(self, add: list[str], remove: list[str],
+              only: list[str] | None = None) -> tuple[list[int], list[int]] | None:
+        """SocketMode.route for instances (their private ports). NatError
+        (nat.py) when nftables refuses: the caller decides what it means."""
+        def ports(xs: list[str]) -> list[int]:
+            return [p for p in (self.port_of(x) for x in xs) if p is not None]
+
+        return self.mode.route(ports(add), ports(remove),
+                               None if only is None else ports(only))
+
+    def quiesce(self, instances: list[str]) -> int:
+        """SocketMode.quiesce for the instances' processes, up to QUIESCE_LIMIT."""
+        try:
+            pids = [p for x in instances for p in self.pids(x)]
+        except SystemdError:
+            return 0
+        return self.mode.quiesce(pids, QUIESCE_LIMIT) if pids else 0
+
+    def private_trial(self, instance: str, count: int) -> Any:
+        """accept_trial to the instance's own port, where traffic is routed
+        per instance (nat); None elsewhere or without a port."""
+        from .config import Listen
+        from .trial import accept_trial
+
+        port = self.port_of(instance)
+        if not self.mode.routes or port is None:
+            return None
+        host = self.mode.required(port)[0][0]
+
+        def groups() -> dict[str, list[int]]:
+            try:
+                return {instance: self.pids(instance)}
+            except SystemdError as e:
+                raise OSError(str(e)) from e
+
+        return accept_trial(self.census, groups, Listen(host, port), count)
 
     def accept_trial(self, instances: list[str], count: int) -> Any:
         """trial.TrialResult for `count` connections the agent opens to the
@@ -429,6 +474,11 @@ class SystemdOps:
         watch = CloseWatch(self.census.ports, self.census.families)
         watch.begin(inodes - self.census.unix_inodes)
         return watch
+
+
+# How long an old instance's listener may keep connections waiting to be
+# accepted after it was withdrawn (nat), before it gets its drain signal anyway.
+QUIESCE_LIMIT = 5.0
 
 
 def put_back_units(sd: Systemd, backup: dict[str, str | None]) -> list[str]:

@@ -102,6 +102,7 @@ def run_drain(host: Host, olds: list[str],
     svc, ops, clock = host.svc, host.ops, host.clock
     grace = svc.drain.grace_period
     label = ", ".join(olds)
+    host.withdraw(olds)  # socket: nat: nothing new reaches them, nothing left queued
     d = DrainResult()
     try:
         pids: list[int] | None = sorted({p for x in olds for p in ops.pids(x)})

@@ -84,6 +84,15 @@ class InstanceOps(Protocol):
     #   which instances accept connections the agent opens itself; OSError: unknown
     def accept_queue(self, instances: list[str]) -> int | None: ...  # connections waiting
     #   on the listeners they serve (None: unknown)
+    # Where the agent routes traffic (socket: nat); no-ops where the kernel shares a listener:
+    def route(self, add: list[str], remove: list[str],
+              only: list[str] | None = None) -> tuple[list[int], list[int]] | None: ...
+    #   new connections to `add` and no longer to `remove` (or to exactly `only`), one
+    #   transaction; (ports before, ports after), None where nothing is routed
+    def quiesce(self, instances: list[str]) -> int: ...  # waits until nothing waits for
+    #   them to accept it (withdrawn instances); how many still did at the limit
+    def private_trial(self, instance: str, count: int) -> Any: ...  # trial.TrialResult of
+    #   connections to its private port; None where traffic is not routed per instance
 
 
 class Clock(Protocol):
@@ -120,6 +129,31 @@ class Host:
 
     def emit(self, kind: str, **data: Any) -> None:
         self._emit(kind, data)
+
+    def route(self, add: list[str], remove: list[str],
+              only: list[str] | None = None) -> tuple[list[int], list[int]] | None:
+        """ops.route, told as a "route" event when the ports changed."""
+        out = self.ops.route(add, remove, only)
+        if out is not None and out[0] != out[1]:
+            self.emit("route", before=out[0], after=out[1], add=add, remove=remove)
+        return out
+
+    def withdraw(self, instances: list[str]) -> None:
+        """No new connections to `instances`, and none left waiting for them
+        to accept: what comes before their drain signal or their stop. Never
+        a reason to stop: a failure is said as a warning."""
+        try:
+            routed = self.route([], instances) is not None
+        except Exception as e:  # nat.NatError, OSError
+            self.emit("warning", message=f"cannot withdraw {', '.join(instances)} from the "
+                                         f"NAT rules: {e}")
+            return
+        if routed:
+            left = self.ops.quiesce(instances)
+            if left:
+                self.emit("warning", message=f"{', '.join(instances)} still had {left} "
+                                             "connections waiting to be accepted after they "
+                                             "were withdrawn: signalled anyway")
 
     def sleep(self, seconds: float) -> None:
         """Sleep; raise Interrupted if the operator asked to stop."""

@@ -13,17 +13,46 @@ once per service (`mode_for`); the swap does not care which.
   (Envoy #8031, hypercorn PR #128) would otherwise keep receiving new
   connections, which wait in its queue; with tcp_migrate_req=1 the queued ones
   move to the new listeners (inet_csk_listen_stop).
+- nat: each instance binds a private port (ZDD_INSTANCE_PORT) and nftables
+  sends the public addresses to the serving instances' ports (nat.py).
+  Traffic reaches an instance only once the agent routes it (`routes`):
+  after its bake, in one transaction that also takes out the old instances
+  about to drain. Evidence: its processes hold a LISTEN socket on its port
+  (for each public address, its host: a wildcard one for a wildcard) and
+  accept connections
+  the agent opens to it. Before an old instance gets its drain signal, the
+  agent waits until its listener holds no connection waiting to be accepted
+  nor a handshake in progress (`quiesce`): conntrack keeps established
+  flows where they are, so those are the last it will get.
 """
 
 from __future__ import annotations
 
-from .census import Census
+import time
+
+from .census import TCP_NEW_SYN_RECV, Census
 from .config import ServiceConfig
 
 
 class SocketMode:
     name = ""
     own_listeners = False  # each instance binds its own
+    routes = False  # traffic reaches an instance only once the agent routes it
+
+    def route(self, add: list[int], remove: list[int],
+              only: list[int] | None = None) -> tuple[list[int], list[int]] | None:
+        """Send new connections to the instance ports `add` and no longer to
+        `remove` (or to exactly `only`); (before, after), or None where the
+        mode has nothing to route (the kernel shares one listener)."""
+        return None
+
+    def track(self, port: int | None) -> None:
+        """An instance port the census and the listener checks must know."""
+
+    def quiesce(self, pids: list[int], limit: float) -> int:
+        """Wait (up to `limit` seconds) until no connection waits for `pids`
+        to accept it; how many still did. Only where routing decides."""
+        return 0
 
     def __init__(self, svc: ServiceConfig) -> None:
         self.svc = svc
@@ -34,8 +63,16 @@ class SocketMode:
         return Census.for_listen(self.addresses, own_sockets=self.own_listeners,
                                  unix_paths=self.unix_paths)
 
-    def missing_listeners(self, pids: list[int]) -> list[str]:
-        """Listen addresses none of `pids` holds a LISTEN socket for."""
+    def required(self, port: int) -> list[tuple[str | None, int]]:
+        """What an instance binds on its own `port` (socket: nat): each public address's
+        host with its port. A loopback address's local clients arrive on
+        loopback, another address's on itself (DNAT), a wildcard's on the
+        interface they came in on (redirect, nat.py): a wildcard listener."""
+        return list(dict.fromkeys((host, port) for host, _ in self.addresses))
+
+    def missing_listeners(self, pids: list[int], port: int | None = None) -> list[str]:
+        """Listen addresses none of `pids` holds a LISTEN socket for (`port`:
+        the instance's private port, where it binds one)."""
         from . import listeners
 
         missing = listeners.missing(self.addresses, pids) if self.addresses else []
@@ -87,7 +124,85 @@ class ReusePort(SocketMode):
         return sum(s.queued for s in socks if s.inode in holders)
 
 
-MODES: dict[str, type[SocketMode]] = {"inherit": Inherit, "reuseport": ReusePort}
+QUIESCE_POLL = 0.02  # seconds between two looks at a withdrawn listener's queues
+
+
+class Nat(SocketMode):
+    name = "nat"
+    own_listeners = True
+    routes = True
+
+    def __init__(self, svc: ServiceConfig) -> None:
+        super().__init__(svc)
+        self.instance_ports: set[int] = set()
+        self._census: Census | None = None
+
+    def census(self) -> Census:
+        self._census = Census.for_listen(self.addresses, own_sockets=True)
+        self._census.add_ports(self.instance_ports)
+        return self._census
+
+    def track(self, port: int | None) -> None:
+        if port is None or port in self.instance_ports:
+            return
+        self.instance_ports.add(port)
+        if self._census is not None:
+            self._census.add_ports([port])
+
+    def missing_listeners(self, pids: list[int], port: int | None = None) -> list[str]:
+        from . import listeners
+
+        if port is None:
+            return [f"{lst} (no private port known)" for lst in self.svc.listen]
+        return listeners.missing(self.required(port), pids)
+
+    def accept_queue(self, pids: list[int]) -> int:
+        from . import listeners
+
+        socks = listeners.listening(self.instance_ports)
+        holders = listeners.held_by(pids, socks)
+        return sum(s.queued for s in socks if s.inode in holders)
+
+    def route(self, add: list[int], remove: list[int],
+              only: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """One nftables transaction, when the ports change (nat.py). The
+        kernel's table is where the current ports are read from."""
+        from . import nat
+
+        nft = nat.Nft()
+        have = nat.routed(nft.table()).get(self.svc.name)
+        before = list(have["ports"]) if have else []
+        if only is not None:
+            after = list(dict.fromkeys(only))
+        else:
+            after = [p for p in before if p not in remove]
+            after += [p for p in dict.fromkeys(add) if p not in after and p not in remove]
+        if have is None or after != before or sorted(have["chains"]) != sorted(nat.HOOKS):
+            nft.apply(nat.Route(self.svc.name, tuple(self.addresses), tuple(after)))
+        return before, after
+
+    def quiesce(self, pids: list[int], limit: float) -> int:
+        """Until the listeners `pids` hold have an empty accept queue
+        (idiag_rqueue) and no handshake in progress on their ports
+        (TCP_NEW_SYN_RECV request sockets, inet_diag), at one look."""
+        from . import listeners
+        from .census import diag_dump
+
+        end = time.monotonic() + limit
+        while True:
+            socks = listeners.listening(self.instance_ports)
+            holders = listeners.held_by(pids, socks)
+            mine = [s for s in socks if s.inode in holders]
+            waiting = sum(s.queued for s in mine)
+            ports = {s.port for s in mine}
+            if ports:
+                waiting += len(diag_dump(listeners.FAMILIES, 1 << TCP_NEW_SYN_RECV, ports))
+            if waiting == 0 or time.monotonic() >= end:
+                return waiting
+            time.sleep(QUIESCE_POLL)
+
+
+MODES: dict[str, type[SocketMode]] = {"inherit": Inherit, "reuseport": ReusePort, "nat": Nat}
 
 
 def mode_for(svc: ServiceConfig) -> SocketMode:

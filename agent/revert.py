@@ -38,6 +38,7 @@ def wait_stopped(host: Host, instance: str, limit: float) -> None:
 
 def discard(host: Host, instances: list[str]) -> None:
     """Stop instances that do not serve (never admitted), forget them."""
+    host.withdraw(instances)
     for x in instances:
         host.ops.stop(x)
     for x in instances:
@@ -94,6 +95,11 @@ def restore_first(host: Host, old: str | None, drained: list[str], admitted: lis
             return out
         for x in step:
             host.ops.enable(x)
+        try:
+            host.route(step, [])
+        except Exception as e:  # socket: nat: up, and no connection reaches them
+            out.ok, out.detail, out.kept = False, f"cannot route to {', '.join(step)}: {e}", news
+            return out
         serving_olds += len(step)
         out.drain = _drain_news(host, news[:len(step)], out.drain)
         news = news[len(step):]

@@ -133,6 +133,7 @@ class _Rollout:
     drained: list[str] = field(default_factory=list)  # olds drained and retired
     hooked: set[str] = field(default_factory=set)  # post_start passed
     left: list[str] = field(default_factory=list)  # olds not yet retired
+    pending: list[str] = field(default_factory=list)  # admitted, not yet routed to (nat)
     queue: AcceptQueue = field(default_factory=lambda: AcceptQueue(DRAIN_POLL))
     batch: int = 0
     stage: str = STAGES[0]
@@ -217,6 +218,7 @@ class Swap:
         self.emit("plan", plan=res.plan, replicas=self.svc.replicas, batches=len(batches),
                   headroom=res.headroom)
         before = self.ops.tcp_counters()
+        self._sync_routes(res, olds, t0)
         if not self._hook(res, "pre_swap", old, new):
             self._abort(res, t0, f"pre_swap hook failed: {res.hooks['pre_swap']}; nothing "
                                  "was started")
@@ -330,6 +332,11 @@ class Swap:
             ctx.hooked.add(x)
         for x in group:
             self.ops.enable(x)
+        ctx.pending += [x for x in group if x not in ctx.pending]
+        if not (b.drain and ctx.left):
+            # no old instance drains next in this batch: traffic now (socket: nat);
+            # else in one transaction with their withdrawal (_drain_group)
+            self._route(ctx, ctx.pending, [])
 
     def _stage_drain(self, res: SwapResult, ctx: _Rollout, b: Batch, group: list[str]) -> None:
         if b.drain:
@@ -395,6 +402,7 @@ class Swap:
                 self.host.sleep(min(DRAIN_POLL, end - self.clock.monotonic()))
         self._recheck(ctx, broken=bool(ctx.signalled), when=f"before {victims[0]} was "
                                                             "signalled")
+        self._route(ctx, ctx.pending, victims)
         ctx.relied |= set(ctx.admitted)
         ctx.signalled += fresh
         self._record(ctx, "drain")
@@ -415,6 +423,30 @@ class Swap:
         self._phase(res, "retire", lambda: retire(self.host, victims))
         ctx.left = ctx.left[len(victims):]
         ctx.drained += victims
+
+    def _sync_routes(self, res: SwapResult, olds: list[str], t0: float) -> None:
+        """Before anything starts: new connections go to the serving instances
+        and nowhere else (socket: nat; the kernel's rules may have drifted)."""
+        try:
+            out = self.ops.route([], [], only=olds)
+        except Exception as e:  # nat.NatError, OSError: nothing was started
+            self._abort(res, t0, f"cannot route {self.svc.name}'s connections: {e}")
+        if out is not None and out[0] != out[1]:
+            self.emit("route", before=out[0], after=out[1], add=olds, remove=[])
+            if out[0]:
+                self._warn(f"the NAT rules sent {self.svc.name}'s new connections to ports "
+                           f"{out[0]}, not to the serving instances' {out[1]}: set right")
+
+    def _route(self, ctx: _Rollout, add: list[str], remove: list[str]) -> None:
+        """New connections to `add`, none to `remove`: one transaction."""
+        try:
+            self.host.route(add, remove)
+        except Exception as e:  # nat.NatError, OSError
+            raise _Failure(f"cannot route {self.svc.name}'s new connections to "
+                           f"{', '.join(add) or 'nothing new'} (away from "
+                           f"{', '.join(remove) or 'none'}): {e}", None,
+                           broken=bool(ctx.signalled)) from e
+        ctx.pending = [x for x in ctx.pending if x not in add]
 
     def _recheck(self, ctx: _Rollout, broken: bool, when: str) -> None:
         reason = self._check(ctx)
@@ -467,6 +499,14 @@ class Swap:
         self._shielded = True
         self.emit("phase", phase="rollback", reason=reason)
         self._record(ctx, "rollback")
+        # socket: nat: the old instances not yet signalled take new connections
+        # again, the failed one none (restore_first routes those it restarts)
+        back = [x for x in ctx.serving_olds() if self.ops.status(x).up]
+        try:
+            self.host.route(back, [instance] if instance else [])
+        except Exception as e:
+            self._warn(f"cannot route {self.svc.name}'s new connections back to "
+                       f"{', '.join(back) or 'the old version'}: {e}")
         res.journal = self.ops.journal(instance or (ctx.started or ctx.news)[0])
         self._restore_units(res)
         alive = [x for x in ctx.admitted if x != instance and self.ops.status(x).up]
@@ -493,6 +533,14 @@ class Swap:
 
     # ------------------------------------------------------------ recovery
 
+    def _recover_route(self, instances: list[str]) -> None:
+        """New connections to these instances (socket: nat), best effort."""
+        try:
+            self.host.route(instances, [])
+        except Exception as e:
+            self._warn(f"cannot route {self.svc.name}'s new connections to "
+                       f"{', '.join(instances)}: {e}")
+
     def recover(self, intent: dict[str, Any]) -> SwapResult:
         """Finish or revert a swap whose agent died, so that exactly one version
         serves. The instances' own state in systemd decides; the swap finishes
@@ -511,6 +559,7 @@ class Swap:
         if action == "finish":
             for x in news:
                 self.ops.enable(x)
+            self._recover_route(news)
             running = [x for x in olds if not self.ops.status(x).stopped]
             if running:
                 self._record(ctx, "drain")
@@ -531,6 +580,7 @@ class Swap:
                     restore(self.host, old, down)
                     for x in down:
                         self.ops.enable(x)
+                self._recover_route(olds)
             self._hook(res, "on_rollback", old, new)
             signalled = phase in ("drain", "retire")
             res.result = results.FAILED if signalled else results.ROLLED_BACK

@@ -60,6 +60,9 @@ class FakeHost:
         self.mem: Memory | None = None
         self.trials: list = []
         self.trial_error: OSError | None = None
+        self.nat = False  # socket: nat: the agent routes traffic to instances
+        self.routed: list[str] = list(running)
+        self.routes: list[list[str]] = []  # the routed set after each transaction
 
     def _log(self, what: str, version: str) -> None:
         self.calls.append((what, version))
@@ -148,6 +151,38 @@ class FakeHost:
             else:
                 res.unaccepted += 1
         self.trials.append(res)
+        return res
+
+    def route(self, add: list[str], remove: list[str],
+              only: list[str] | None = None) -> tuple[list[int], list[int]] | None:
+        """socket: nat: one transaction per change; ports are fake (by name)."""
+        if not self.nat:
+            return None
+        before = list(self.routed)
+        after = (list(only) if only is not None else
+                 [x for x in before if x not in remove]
+                 + [x for x in add if x not in before and x not in remove])
+        if after != before:
+            self.routed = after
+            self.routes.append(list(after))
+            self._log("route", ",".join(after))
+        port = {x: 40000 + i for i, x in enumerate(sorted({*self.scripts, *before}))}
+        return [port[x] for x in before], [port[x] for x in after]
+
+    def quiesce(self, instances: list[str]) -> int:
+        self._log("quiesce", ",".join(instances))
+        return 0
+
+    def private_trial(self, instance: str, count: int) -> Any:
+        from agent.trial import TrialResult
+
+        if not self.nat:
+            return None
+        res = TrialResult(target="127.0.0.1:40000", opened=count)
+        if self.scripts[instance].accepts:
+            res.accepted[instance] = count
+        else:
+            res.unaccepted = count
         return res
 
     def probe(self, version: str) -> tuple[bool, str]:
