@@ -270,7 +270,7 @@ def _private_trial(host: Host, out: BakeOutcome, x: str) -> str | None:
     if trial is None:
         return None
     out.trial = trial.as_dict()
-    host.emit("accept_trial", **out.trial)
+    host.emit("accept_trial", private=True, **out.trial)
     took = trial.accepted.get(x, 0)
     if took < trial.opened:
         return (f"{host.svc.name} {x} accepted {took} of the {trial.opened} connections the "

@@ -110,9 +110,15 @@ class Progress:
             self.line(f"  hook {d['hook']}: {'ok' if d['ok'] else 'failed'} {d['detail']}")
         elif kind == "accept_trial":
             took = ", ".join(f"{x} {n}" for x, n in sorted(d["accepted"].items())) or "none"
-            self.line(f"  the census saw a new instance take no connection: the agent opened "
-                      f"{d['opened']} to {d['target']}; accepted by {took}"
+            why = ("" if d.get("private") else
+                   "the census saw a new instance take no connection: ")
+            self.line(f"  {why}the agent opened {d['opened']} connections to {d['target']}; "
+                      f"accepted by {took}"
                       + (f", {d['unaccepted']} never accepted" if d["unaccepted"] else ""))
+        elif kind == "route":
+            self.line(f"  nftables: new connections to port(s) "
+                      f"{', '.join(map(str, d['after'])) or 'none'} (were "
+                      f"{', '.join(map(str, d['before'])) or 'none'})")
         elif kind == "pre_stop":
             self.line(f"  holding {d['version']} {d['delay']:g}s before its drain signal")
 

@@ -336,6 +336,10 @@ class SystemdOps:
         self.sd.disable(self.unit(version))
 
     def cleanup(self, version: str) -> None:
+        """After the instance stopped: its drop-in and failed state go, and
+        what conntrack still maps to its port (nat)."""
+        if self.mode.routes:
+            self.mode.forget(self.port_of(version))
         path = units.dropin_path(self.svc.name, version)
         text = self.sd.read_unit_file(path)
         if text is not None:
@@ -421,12 +425,37 @@ class SystemdOps:
                                None if only is None else ports(only))
 
     def quiesce(self, instances: list[str]) -> int:
-        """SocketMode.quiesce for the instances' processes, up to QUIESCE_LIMIT."""
+        """SocketMode.quiesce for the instances' processes (up to
+        QUIESCE_LIMIT), then, where traffic is routed per instance (nat),
+        their connections let finish by themselves before any signal: until
+        none is left, or the count has not fallen for QUIET_SETTLE seconds
+        (keep-alive clients that stay), within the grace period. A program
+        that dies of its signal (python -m http.server, Node without a
+        handler) then cuts nothing that was going to end anyway."""
         try:
             pids = [p for x in instances for p in self.pids(x)]
         except SystemdError:
             return 0
-        return self.mode.quiesce(pids, QUIESCE_LIMIT) if pids else 0
+        if not pids:
+            return 0
+        left = self.mode.quiesce(pids, QUIESCE_LIMIT)
+        if self.mode.routes:
+            end = time.monotonic() + self.svc.drain.grace_period
+            best, since = None, time.monotonic()
+            while time.monotonic() < end:
+                try:  # one look: queued, handshaking and established together
+                    n = self.mode.quiesce(pids, 0) + self.census.count(pids)
+                except OSError:
+                    break
+                if n == 0:
+                    return 0
+                if best is None or n < best:
+                    best, since = n, time.monotonic()
+                elif time.monotonic() - since >= QUIET_SETTLE:
+                    break
+                time.sleep(0.05)
+            left = self.mode.quiesce(pids, 0)
+        return left
 
     def private_trial(self, instance: str, count: int) -> Any:
         """accept_trial to the instance's own port, where traffic is routed
@@ -479,6 +508,9 @@ class SystemdOps:
 # How long an old instance's listener may keep connections waiting to be
 # accepted after it was withdrawn (nat), before it gets its drain signal anyway.
 QUIESCE_LIMIT = 5.0
+# How long a withdrawn instance's connection count may stay flat before its
+# drain signal (nat): connections that do not end by themselves need it.
+QUIET_SETTLE = 1.0
 
 
 def put_back_units(sd: Systemd, backup: dict[str, str | None]) -> list[str]:

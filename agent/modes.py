@@ -49,6 +49,10 @@ class SocketMode:
     def track(self, port: int | None) -> None:
         """An instance port the census and the listener checks must know."""
 
+    def forget(self, port: int | None) -> None:
+        """The instance on `port` has stopped: what the kernel still maps to
+        it (conntrack) goes."""
+
     def quiesce(self, pids: list[int], limit: float) -> int:
         """Wait (up to `limit` seconds) until no connection waits for `pids`
         to accept it; how many still did. Only where routing decides."""
@@ -179,12 +183,30 @@ class Nat(SocketMode):
             after += [p for p in dict.fromkeys(add) if p not in after and p not in remove]
         if have is None or after != before or sorted(have["chains"]) != sorted(nat.HOOKS):
             nft.apply(nat.Route(self.svc.name, tuple(self.addresses), tuple(after)))
+        gone = [p for p in before if p not in after]
+        if gone:
+            # the SYNs their full accept queues dropped: sent again, they go to
+            # the new ports, not by conntrack to the ones being withdrawn
+            try:
+                nat.forget(gone, unanswered=True)
+            except Exception:  # no conntrack access: doctor says so
+                pass
         return before, after
+
+    def forget(self, port: int | None) -> None:
+        from . import nat
+
+        if port is not None:
+            try:
+                nat.forget([port])
+            except Exception:  # no conntrack access: said by doctor, never a reason to fail
+                pass
 
     def quiesce(self, pids: list[int], limit: float) -> int:
         """Until the listeners `pids` hold have an empty accept queue
         (idiag_rqueue) and no handshake in progress on their ports
-        (TCP_NEW_SYN_RECV request sockets, inet_diag), at one look."""
+        (TCP_NEW_SYN_RECV request sockets, inet_diag), at one look; what
+        was still waiting at the limit (limit 0: one look)."""
         from . import listeners
         from .census import diag_dump
 

@@ -17,8 +17,10 @@ fi
 # hosts with ssh (openssh-server runs inside each sandbox), balances them with
 # haproxy, and Ansible's apt module there needs python3-apt; nginx proxies to a
 # service's Unix-socket listener in the e2e of `listen: ["unix:..."]`.
+# nftables and python3-nftables (libnftables JSON) carry socket: nat.
 packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2 nodejs
-          util-linux openssh-server openssh-client haproxy python3-apt nginx)
+          util-linux openssh-server openssh-client haproxy python3-apt nginx nftables
+          python3-nftables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
