@@ -360,6 +360,15 @@ class Systemd:
                            [], [pattern.encode()])
         return sorted(_s(u[0]) for u in units)
 
+    def manager_property(self, name: str) -> Any:
+        """A property of the manager (org.freedesktop.systemd1.Manager,
+        org.freedesktop.systemd1(5)), e.g. "DefaultLimitNOFILE", as pystemd
+        decodes it (bytes for strings). SystemdError when it cannot be read."""
+        try:
+            return getattr(self._manager.Manager, name)
+        except Exception as e:
+            raise SystemdError(f"cannot read the manager's {name}: {e}") from e
+
 
 
 def _cgroup_pids(path: str) -> list[int] | None:
