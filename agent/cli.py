@@ -365,6 +365,62 @@ def _render_host(out: dict[str, Any], _code: int) -> None:
                    "balancer", err=True)
 
 
+@cli.command(help="Bring a service that runs under a unit of its own (UNIT, e.g. api.service, "
+                  "maybe triggered by api.socket) under zdd-agent. Alone: read UNIT over "
+                  "D-Bus and write CONFIG_DIR/NAME.yaml with everything it can carry "
+                  "(socket: nat for TCP), and list what it could not; nothing runs. "
+                  "--takeover VERSION: start VERSION on a private port, gate and bake it, "
+                  "redirect the public port to it (nftables), then stop and disable UNIT "
+                  "once its connections are done: zero failed requests. Uses the config "
+                  "as it is when it exists (review it first). --undo: start UNIT again, "
+                  "remove the redirect, drain the zdd instances, set the config aside. "
+                  "Nothing of UNIT is ever deleted. Runs in this process, as root.")
+@click.argument("unit")
+@click.option("--name", default=None, help="The service's name under zdd-agent (default: "
+                                           "UNIT without .service).")
+@click.option("--takeover", "takeover_version", metavar="VERSION", default=None,
+              help="Move serving from UNIT to zdd-agent, as VERSION.")
+@click.option("--undo", is_flag=True, help="Give the service back to UNIT.")
+@click.option("--force", is_flag=True, help="Replace an existing config (adopt alone).")
+@json_option
+@click.pass_obj
+def adopt(ctx: Ctx, unit: str, name: str | None, takeover_version: str | None, undo: bool,
+          force: bool, as_json: bool) -> None:
+    if undo and takeover_version:
+        raise click.UsageError("--undo and --takeover exclude each other")
+    args = {"unit": unit, "name": name, "takeover": takeover_version, "undo": undo,
+            "force": force}
+    with Progress(not as_json) as progress:
+        reply = dispatch(ctx, "adopt", args, True, progress)
+    _finish(reply, as_json, _render_adopt)
+
+
+def _render_adopt(out: dict[str, Any], code: int) -> None:
+    if "adopt" in out:
+        a = out["adopt"]
+        where = f" (and {a['socket']})" if a["socket"] else ""
+        click.echo(f"wrote {a['config']} from {a['unit']}{where}: listen "
+                   f"{', '.join(a['listen']) or 'nothing'}")
+        for line in a["not_carried"]:
+            click.echo(f"  not carried: {line}")
+        if not a["unix"]:
+            click.echo(f"review it, then: zdd-agent adopt {a['unit']} --takeover VERSION")
+        return
+    if "takeover" in out:
+        r = out["takeover"]
+        _render_swap(r, code)
+        lg = r.get("legacy") or {}
+        click.echo(f"{lg.get('unit')} stopped ({lg.get('exit')}) and disabled"
+                   + (f" with {lg['socket']}" if lg.get("socket") else "")
+                   + f"; {lg.get('open_at_stop', 0)} connections were open at its stop. "
+                   f"Undo: zdd-agent adopt {lg.get('unit')} --undo")
+        return
+    u = out["undo"]
+    click.echo(f"{u['unit']} serves {u['service']} again; zdd instances "
+               f"{', '.join(u['stopped']) or '(none)'} drained and stopped; config set aside "
+               f"as {u['config']}")
+
+
 @cli.command("drain-host", help="Take this whole host out of its load balancers' rotation: "
                                 "the daemon's GET /ready (host_ready.listen in agent.yaml) "
                                 "answers 503 until undrain-host, across restarts and reboots. "
@@ -589,6 +645,28 @@ def history(ctx: Ctx, service: str | None, limit: int, as_json: bool, local: boo
     if service:
         args["service"] = service
     _finish(dispatch(ctx, "history", args, local), as_json, _render_history)
+
+
+@cli.group(help="The NAT rules of socket: nat services (nftables table inet zdd-agent).")
+def nat() -> None:
+    pass
+
+
+@nat.command("restore", help="Write the rules as the configs and the instances enabled for "
+                             "boot say, one transaction per service; remove the chains of "
+                             "services no longer socket: nat. Run at boot by "
+                             "zdd-agent-nat.service; by hand after the table was lost.")
+@json_option
+@click.pass_obj
+def nat_restore(ctx: Ctx, as_json: bool) -> None:
+    def render(out: list[dict[str, Any]], _code: int) -> None:
+        for r in out:
+            click.echo(f"{r['service']}: removed" if r.get("removed") else
+                       f"{r['service']}: -> port(s) {', '.join(map(str, r['ports'])) or 'none'}")
+        if not out:
+            click.echo("no socket: nat service")
+
+    _finish(dispatch(ctx, "nat-restore", {}, True), as_json, render)
 
 
 @cli.group(help="Kernel settings for zero-downtime swaps (per network namespace).")

@@ -82,6 +82,19 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
         return Exit.OK, {"restored": _changes(Sysctl(paths.state_dir).restore())}
     if cmd in ("drain-host", "undrain-host", "host-state"):
         return Exit.OK, host_state(paths, cmd, str(args.get("reason", "")))
+    if cmd == "nat-restore":
+        return Exit.OK, deploy.nat_restore(paths)
+    if cmd == "adopt":
+        from . import takeover
+
+        unit, name = str(args["unit"]), args.get("name")
+        if args.get("undo"):
+            return Exit.OK, {"undo": takeover.undo(paths, unit, name, emit)}
+        if args.get("takeover"):
+            return Exit.OK, {"takeover": takeover.takeover(paths, unit, str(args["takeover"]),
+                                                           name, emit)}
+        return Exit.OK, {"adopt": takeover.adopt(paths.config_dir, unit, name,
+                                                 force=bool(args.get("force")))}
     raise ValueError(f"unknown command {cmd}")
 
 

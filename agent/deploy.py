@@ -986,6 +986,47 @@ def unix_listeners(svc: ServiceConfig) -> list[dict[str, Any]]:
     return out
 
 
+def nat_ports(svc: ServiceConfig, sd: Systemd, running: bool) -> list[int]:
+    """The private ports new connections should go to (socket: nat): those of
+    the instances enabled for boot (the serving ones), and with `running`
+    only those active now; from their drop-ins."""
+    wants = sd.unit_dir / f"{units.TARGET}.wants"
+    out = []
+    for link in sorted(wants.glob(f"zdd-{svc.name}@*.service")) if wants.is_dir() else []:
+        instance = units.version_of(svc.name, link.name)
+        if instance is None:
+            continue
+        if running and sd.state(link.name).active not in ("active", "reloading"):
+            continue
+        port = units.dropin_port(sd.read_unit_file(units.dropin_path(svc.name, instance)))
+        if port is not None:
+            out.append(port)
+    return out
+
+
+def nat_restore(paths: Paths) -> list[dict[str, Any]]:
+    """The agent's nftables table as the configs and the enabled instances
+    say, in one transaction per service: at boot before the instances
+    start (zdd-agent-nat.service), when the table was lost or changed by
+    hand. Chains of services that are no longer socket: nat go."""
+    from . import nat
+
+    services = [s for s in load_all(paths.config_dir) if s.socket == "nat"]
+    nft = nat.Nft()
+    out = []
+    with Systemd() as sd:
+        for svc in services:
+            ports = nat_ports(svc, sd, running=False)
+            nft.apply(nat.Route(svc.name, tuple((lst.host, lst.port) for lst in svc.listen),
+                                tuple(ports)))
+            out.append({"service": svc.name, "ports": ports})
+    known = {s.name for s in services}
+    for name in sorted(set(nat.routed(nft.table())) - known):
+        nft.remove(name)
+        out.append({"service": name, "removed": True})
+    return out
+
+
 def apply_socket_access(svc: ServiceConfig) -> list[str]:
     """socket_user, socket_group and socket_mode, applied to the live file of
     each unix: listener. systemd sets them when the socket unit binds

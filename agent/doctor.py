@@ -92,6 +92,52 @@ def kernel_findings(services: list[ServiceConfig]) -> list[Finding]:
     return [Finding("ok", "kernel", "host", cause=f"Linux {release}, tcp_migrate_req={value}")]
 
 
+def nat_host_findings(services: list[ServiceConfig]) -> list[Finding]:
+    """socket: nat needs nftables (reachable, with NAT, redirect, DNAT and
+    numgen maps in the kernel) and connection tracking."""
+    from . import nat
+
+    users = [s.name for s in services if s.socket == "nat"]
+    if not users:
+        return []
+    problems = nat.support_problems()
+    if problems:
+        return [Finding("fail", "nat", "host",
+                        symptom="no new connection reaches " + ", ".join(users),
+                        cause="; ".join(problems),
+                        verify="nft list tables; ls /proc/sys/net/netfilter",
+                        fix="apt-get install nftables python3-nftables; a kernel with "
+                            "nf_tables, nft_nat, nft_redir, nft_numgen, nf_conntrack")]
+    return [Finding("ok", "nat", "host", cause=f"nftables NAT and conntrack for "
+                                               f"{', '.join(users)} ({nat.Nft().via})")]
+
+
+def nat_findings(svc: ServiceConfig, sd: deploy.Systemd) -> list[Finding]:
+    """The rules send the public addresses to the serving instances' ports,
+    and to nothing else (drift: a table changed by hand, lost, or left by
+    an agent that died)."""
+    from . import nat
+
+    if svc.socket != "nat":
+        return []
+    try:
+        routed = nat.routed(nat.Nft().table()).get(svc.name)
+    except nat.NatError as e:
+        return [Finding("fail", "nat", svc.name, cause=f"cannot read the NAT rules: {e}")]
+    want = sorted(deploy.nat_ports(svc, sd, running=True))
+    have = sorted(routed["ports"]) if routed else []
+    verify = f"nft list chain inet {nat.TABLE} {nat.chain_name(svc.name, 'output')}"
+    if routed is None or have != want:
+        return [Finding("fail", "nat", svc.name,
+                        symptom=(f"connections to {', '.join(map(str, svc.ports))} go to "
+                                 f"port(s) {have or 'nowhere'}"),
+                        cause=f"the rules differ from the serving instances' ports {want}",
+                        verify=verify,
+                        fix="zdd-agent nat restore (or the next swap sets them right)")]
+    return [Finding("ok", "nat", svc.name,
+                    cause=f"{', '.join(map(str, svc.ports))} -> {', '.join(map(str, have))}")]
+
+
 def sysctl_findings(paths: deploy.Paths) -> list[Finding]:
     from .commands import sysctl_plan
 
@@ -344,7 +390,7 @@ def config_findings(svc: ServiceConfig, version: str | None = None,
 def run(paths: deploy.Paths) -> list[Finding]:
     services = load_all(paths.config_dir)
     findings = (kernel_findings(services) + sysctl_findings(paths)
-                + fastopen_host_findings(services))
+                + fastopen_host_findings(services) + nat_host_findings(services))
     done: set[str] = set()
     try:
         with deploy.Systemd() as sd:
@@ -370,7 +416,7 @@ def service_findings(svc: ServiceConfig, sd: deploy.Systemd,
     return (config_findings(svc, serving) + settings_findings(svc, this_host())
             + _serving_findings(svc, sd, serving)
             + down_findings(svc, sd, store) + stray_findings(svc, deploy.stray_listeners(svc, sd))
-            + fastopen_findings(svc, sd, serving)
+            + fastopen_findings(svc, sd, serving) + nat_findings(svc, sd)
             + unix_findings(svc, deploy.unix_listeners(svc) if svc.unix_paths else []))
 
 

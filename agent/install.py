@@ -22,6 +22,7 @@ from .units import TARGET, TEMPLATE_DIR, data_dir
 
 SYSCTL_D = Path("/etc/sysctl.d/60-zdd-agent.conf")
 AGENT_UNITS = ("zdd-agent.socket", "zdd-agent.service")
+NAT_UNIT = "zdd-agent-nat.service"  # socket: nat's rules at boot (wanted by zdd.target)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def files(sysctl: Iterable[tuple[str, str | None]] = ()) -> dict[Path, tuple[str
     return {
         UNIT_DIR / "zdd-agent.service": (service, 0o644),
         UNIT_DIR / "zdd-agent.socket": ((TEMPLATE_DIR / "zdd-agent.socket").read_text(), 0o644),
+        UNIT_DIR / NAT_UNIT: (Template((TEMPLATE_DIR / f"{NAT_UNIT}.in").read_text()).substitute(
+            exec=executable()), 0o644),
         UNIT_DIR / TARGET: ((TEMPLATE_DIR / TARGET).read_text(), 0o644),
         SYSCTL_D: (render_sysctl_d((data_dir("sysctl.d") / SYSCTL_D.name).read_text(), sysctl),
                    0o644),
@@ -111,7 +114,7 @@ def _activate(sd: Systemd, dry_run: bool, units_changed: bool) -> list[Step]:
         steps.append(Step("run", "systemctl daemon-reload"))
         if not dry_run:
             sd.reload()
-    for unit in (TARGET, *AGENT_UNITS):
+    for unit in (TARGET, NAT_UNIT, *AGENT_UNITS):
         if sd.is_enabled(unit) != "enabled":
             steps.append(Step("enable", unit))
             if not dry_run:
@@ -128,6 +131,27 @@ def _activate(sd: Systemd, dry_run: bool, units_changed: bool) -> list[Step]:
     return steps
 
 
+def _remove_nat(dry_run: bool) -> list[Step]:
+    """The agent's nftables table goes with it: socket: nat services then
+    get no new connection on their public ports (named in the step)."""
+    from . import nat
+
+    try:
+        nft = nat.Nft()
+        routed = nat.routed(nft.table())
+    except nat.NatError:
+        return [Step("unchanged", f"nftables table inet {nat.TABLE} (nftables absent)")]
+    if not routed:
+        return [Step("unchanged", f"nftables table inet {nat.TABLE} (absent or empty)")]
+    names = ", ".join(sorted(routed))
+    step = Step("remove", f"nftables table inet {nat.TABLE}: {names} no longer reached on "
+                          "their public ports (give them back first: zdd-agent adopt UNIT "
+                          "--undo)")
+    if not dry_run:
+        nft.run([{"delete": {"table": {"family": nat.FAMILY, "name": nat.TABLE}}}])
+    return [step]
+
+
 def uninstall(dry_run: bool) -> list[Step]:
     steps = [Step("run", "systemctl stop zdd-agent.service zdd-agent.socket; disable them")]
     if not dry_run:
@@ -138,7 +162,11 @@ def uninstall(dry_run: bool) -> list[Step]:
                 if not sd.wait_stopped(unit, 100):
                     raise SystemdError(f"{unit} did not stop within 100s")
                 sd.disable(unit)
-    for path in (UNIT_DIR / "zdd-agent.service", UNIT_DIR / "zdd-agent.socket", SYSCTL_D):
+            if sd.is_enabled(NAT_UNIT) == "enabled":
+                sd.disable(NAT_UNIT)
+    steps += _remove_nat(dry_run)
+    for path in (UNIT_DIR / "zdd-agent.service", UNIT_DIR / "zdd-agent.socket",
+                 UNIT_DIR / NAT_UNIT, SYSCTL_D):
         if path.exists():
             steps.append(Step("remove", str(path)))
             if not dry_run:

@@ -78,6 +78,9 @@ class ServiceState:
     # The daemon's watch of the last swap's version (strategy.watch):
     # {"version", "previous", "until": epoch, "seconds", "by"}; None when nothing watches.
     watch: dict[str, Any] | None = None
+    # A legacy unit this service took over (`adopt --takeover`), for `adopt
+    # --undo`: {"unit", "socket", "enabled": [units that were enabled]}.
+    adopted: dict[str, Any] | None = None
 
     def record(self, result: dict[str, Any]) -> None:
         self.history.append(result)
@@ -132,12 +135,13 @@ class StateStore:
         return ServiceState(name=name, serving=data.get("serving"),
                             previous=data.get("previous"), since=data.get("since"),
                             history=list(data.get("history", [])), intent=data.get("intent"),
-                            watch=data.get("watch"))
+                            watch=data.get("watch"), adopted=data.get("adopted"))
 
     def save(self, st: ServiceState) -> None:
         _d, gid = self._dir("services")
         data = {"serving": st.serving, "previous": st.previous, "since": st.since,
-                "history": st.history, "intent": st.intent, "watch": st.watch}
+                "history": st.history, "intent": st.intent, "watch": st.watch,
+                "adopted": st.adopted}
         atomic_write(self._path(st.name), json.dumps(data, indent=1, sort_keys=True) + "\n",
                      mode=file_mode(gid), group=gid)
 

@@ -10,6 +10,9 @@ machine, each in its own sandboxed systemd:
   (e) zdd-reuseport zdd-agent (through its daemon), socket: reuseport (it sets
                   tcp_migrate_req=1)
   (f) gunicorn    gunicorn's documented USR2 re-exec (bench/gunicorn_usr2.py)
+  (g) zdd-nat     zdd-agent (through its daemon), socket: nat: each instance binds
+                  its own port (--listen 127.0.0.1:{instance_port}), nftables
+                  redirects 8080 to the serving one
 
 Every scenario but (f) runs the bundled demo API (agent/demo/api.py), which
 drains on SIGTERM; (f) runs the same app as WSGI under gunicorn's sync
@@ -134,10 +137,12 @@ class Agent:
 
     def setup(self, host: DemoHost) -> None:
         cfg = host.configure()
-        if self.mode == "reuseport":
-            cfg.write_text(cfg.read_text().replace(
-                f'listen: ["127.0.0.1:{PORT}"]',
-                f'listen: ["127.0.0.1:{PORT}"]\nsocket: reuseport'))
+        if self.mode in ("reuseport", "nat"):
+            text = cfg.read_text().replace(f'listen: ["127.0.0.1:{PORT}"]',
+                                           f'listen: ["127.0.0.1:{PORT}"]\nsocket: {self.mode}')
+            if self.mode == "nat":  # the port it is told, on the command line
+                text = text.replace("/bin/api\n", "/bin/api --listen 127.0.0.1:{instance_port}\n")
+            cfg.write_text(text)
         host.zdd("sysctl", "apply", check=True)
         if self.daemon:
             host.zdd("install", check=True)
@@ -255,7 +260,7 @@ def watcher(host: DemoHost) -> subprocess.Popen[str]:
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "a": Restart, "b": lambda: ReusePort(0), "c": lambda: ReusePort(1),
     "d": lambda: Agent("inherit", daemon=True), "e": lambda: Agent("reuseport", daemon=True),
-    "f": Gunicorn}
+    "f": Gunicorn, "g": lambda: Agent("nat", daemon=True)}
 
 
 def plot_one_swap(path: Path, clients: int) -> None:
@@ -306,7 +311,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--only", default="a,b,c,d,e,f", help="scenarios, e.g. a,d")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g", help="scenarios, e.g. a,d")
     ap.add_argument("--json", type=Path, help="write every figure (and the series) here")
     ap.add_argument("--plot", type=Path, help="PNG of one zdd-agent swap (scenario d)")
     ap.add_argument("--census", default="1000,10000,19000", help="census sizes ('' to skip)")

@@ -33,7 +33,7 @@ let draining = false;
 const server = http.createServer((req, res) => {
   if (draining) res.setHeader('Connection', 'close');
   res.setHeader('Content-Type', 'application/json');
-  res.end(JSON.stringify({version: process.env.ZDD_VERSION, pid: process.pid}));
+  res.end(JSON.stringify({version: process.env.ZDD_VERSION || 'legacy', pid: process.pid}));
 });
 server.listen(port);
 process.on('SIGTERM', () => {
