@@ -93,12 +93,14 @@ class AcceptQueue:
         self.seconds = seconds
         self.needed = max(2, round(seconds / poll) + 1)  # looks that span `seconds`
         self.seen: list[int] = []
+        self.shrank = False  # a look found fewer waiting than the one before: accepted
 
     def observe(self, queued: int | None) -> bool:
         """True once stuck."""
         if queued is None:
             return False
         if queued == 0 or (self.seen and queued < self.seen[-1]):
+            self.shrank = self.shrank or bool(self.seen)
             self.seen = [queued] if queued else []
             return False
         self.seen.append(queued)

@@ -474,7 +474,7 @@ class SystemdOps:
             except SystemdError as e:
                 raise OSError(str(e)) from e
 
-        return accept_trial(self.census, groups, Listen(host, port), count)
+        return accept_trial(self.census, groups, Listen(host, port), count, close_each=True)
 
     def accept_trial(self, instances: list[str], count: int) -> Any:
         """trial.TrialResult for `count` connections the agent opens to the

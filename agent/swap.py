@@ -268,17 +268,21 @@ class Swap:
 
     def _settle(self, ctx: _Rollout) -> None:
         """The old instances are gone: is anybody accepting now? An accept
-        queue that is empty at a look says yes at once; one that holds
+        queue that is empty at a look, or shrinks between two, says yes at
+        once; one that holds
         connections and never shrinks for STUCK_SECONDS says the new version
         does not serve, and the old one comes back."""
         if not ctx.signalled or not ctx.admitted:
             return
+        ctx.queue.shrank = False
         while True:
             reason = self._check(ctx)
             if reason:
                 raise _Failure(f"{reason}, after {', '.join(ctx.signalled)} drained",
                                self._bad, broken=True)
-            if not ctx.queue.seen:  # nothing waiting at the last look
+            # nothing waiting at the last look, or fewer than at the one
+            # before: somebody accepts (a busy server's queue is seldom empty)
+            if not ctx.queue.seen or ctx.queue.shrank:
                 return
             self.clock.sleep(DRAIN_POLL)
 

@@ -91,12 +91,16 @@ def _target(family: int, addr: tuple[str, int] | str) -> str:
 def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
                  target: Listen, count: int,
                  monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> TrialResult:
+                 sleep: Callable[[float], None] = time.sleep,
+                 close_each: bool = False) -> TrialResult:
     """Open `count` connections (TCP; AF_UNIX to a unix: listener) to
     `target`, one at a time, each waiting up to TRIAL_WAIT until some group
     of processes holds its server side; count them per group. `groups()`
     gives each instance's PIDs (asked again at every look: a process may
-    fork or exit meanwhile).
+    fork or exit meanwhile). `close_each`: close each connection once it
+    was accepted (a server with one worker per connection, gunicorn's sync
+    workers, has no worker left for the next while it waits for a request
+    on the last).
 
     OSError when the address cannot be reached (connect refused, timeout)
     or the census fails: then nothing is known."""
@@ -129,6 +133,8 @@ def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
                 if port in seen or monotonic() >= wait_end:
                     break
                 sleep(TRIAL_POLL)
+            if close_each and port in seen:
+                mine.pop(port).close()
         # a last look: late accepts count too
         seen.update({p: g for p, g in _holders(census, groups(), unix).items() if p in mine})
     finally:

@@ -263,3 +263,37 @@ def test_drifted_rules_are_set_right_before_the_swap_and_said() -> None:
     assert res.result == "ok"
     assert host.routes[0] == ["v1"] and host.routed == ["v2"]
     assert any("set right" in w for w in res.warnings)
+
+
+def test_a_busy_queue_that_shrinks_ends_the_settle_at_once() -> None:
+    """A busy server's accept queue is seldom empty (gunicorn's 2 sync
+    workers under 32 clients: a settle waiting for 0 took 68 s); one that
+    shrinks between two looks is being served."""
+
+    class Busy(FakeHost):
+        looks = 0
+
+        def accept_queue(self, instances: list[str]) -> int | None:
+            self.looks += 1
+            return 5 if self.looks % 2 else 3
+
+    clock = FakeClock()
+    host = Busy(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    res = Swap(nat_service(), host, clock).run("v1", "v2")
+    assert res.result == "ok"
+    assert res.seconds < 10, res.seconds
+
+
+def test_a_queue_that_never_shrinks_after_the_drain_brings_the_old_version_back() -> None:
+    class Stuck(FakeHost):
+        def accept_queue(self, instances: list[str]) -> int | None:
+            return 7 if "v1" in self.stopped else 0
+
+    clock = FakeClock()
+    host = Stuck(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    try:
+        Swap(nat_service(), host, clock).run("v1", "v2")
+    except SwapFailed as e:
+        assert "do not accept" in e.details["result"].reason
+    else:
+        raise AssertionError("a stuck queue passed")
