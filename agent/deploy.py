@@ -25,7 +25,7 @@ from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
 from .probes import ProbeResult, free_port, probe
 from .state import ServiceState, StateStore
-from .modes import mode_for
+from .modes import mode_for, until_quiet
 from .swap import (Emit, InstanceStatus, Memory, Swap, SwapResult, SystemClock, fitted_plan,
                    instance_ids)
 from .sysctl import DEFAULTS, Change, Sysctl
@@ -427,9 +427,8 @@ class SystemdOps:
     def quiesce(self, instances: list[str]) -> int:
         """SocketMode.quiesce for the instances' processes (up to
         QUIESCE_LIMIT), then, where traffic is routed per instance (nat),
-        their connections let finish by themselves before any signal: until
-        none is left, or the count has not fallen for QUIET_SETTLE seconds
-        (keep-alive clients that stay), within the grace period. A program
+        their connections let finish by themselves before any signal
+        (modes.until_quiet, within the grace period). A program
         that dies of its signal (python -m http.server, Node without a
         handler) then cuts nothing that was going to end anyway."""
         try:
@@ -440,21 +439,13 @@ class SystemdOps:
             return 0
         left = self.mode.quiesce(pids, QUIESCE_LIMIT)
         if self.mode.routes:
-            end = time.monotonic() + self.svc.drain.grace_period
-            best, since = None, time.monotonic()
-            while time.monotonic() < end:
-                try:  # one look: queued, handshaking and established together
-                    n = self.mode.quiesce(pids, 0) + self.census.count(pids)
-                except OSError:
-                    break
-                if n == 0:
-                    return 0
-                if best is None or n < best:
-                    best, since = n, time.monotonic()
-                elif time.monotonic() - since >= QUIET_SETTLE:
-                    break
-                time.sleep(0.05)
-            left = self.mode.quiesce(pids, 0)
+            def look() -> int:  # queued, handshaking and established together
+                return self.mode.quiesce(pids, 0) + self.census.count(pids)
+
+            try:
+                left = until_quiet(look, self.svc.drain.grace_period)
+            except OSError:
+                pass
         return left
 
     def private_trial(self, instance: str, count: int) -> Any:
@@ -508,9 +499,6 @@ class SystemdOps:
 # How long an old instance's listener may keep connections waiting to be
 # accepted after it was withdrawn (nat), before it gets its drain signal anyway.
 QUIESCE_LIMIT = 5.0
-# How long a withdrawn instance's connection count may stay flat before its
-# drain signal (nat): connections that do not end by themselves need it.
-QUIET_SETTLE = 1.0
 
 
 def put_back_units(sd: Systemd, backup: dict[str, str | None]) -> list[str]:
@@ -835,7 +823,6 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
     preflight(svc, version)
     backlog = _backlog(paths)
     store = StateStore(paths.state_dir)
-    say = emit or (lambda kind, data: None)
     with store.lock(name):
         state = store.load(name)
         if svc.socket == "reuseport":

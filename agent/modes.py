@@ -29,6 +29,7 @@ once per service (`mode_for`); the swap does not care which.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .census import TCP_NEW_SYN_RECV, Census
 from .config import ServiceConfig
@@ -203,25 +204,56 @@ class Nat(SocketMode):
                 pass
 
     def quiesce(self, pids: list[int], limit: float) -> int:
-        """Until the listeners `pids` hold have an empty accept queue
-        (idiag_rqueue) and no handshake in progress on their ports
-        (TCP_NEW_SYN_RECV request sockets, inet_diag), at one look; what
-        was still waiting at the limit (limit 0: one look)."""
-        from . import listeners
-        from .census import diag_dump
-
+        """Until the listeners `pids` hold have an empty accept queue and no
+        handshake in progress (`waiting`), at one look; what was still
+        waiting at the limit (limit 0: one look)."""
         end = time.monotonic() + limit
         while True:
-            socks = listeners.listening(self.instance_ports)
-            holders = listeners.held_by(pids, socks)
-            mine = [s for s in socks if s.inode in holders]
-            waiting = sum(s.queued for s in mine)
-            ports = {s.port for s in mine}
-            if ports:
-                waiting += len(diag_dump(listeners.FAMILIES, 1 << TCP_NEW_SYN_RECV, ports))
-            if waiting == 0 or time.monotonic() >= end:
-                return waiting
+            left = waiting(self.instance_ports, pids)
+            if left == 0 or time.monotonic() >= end:
+                return left
             time.sleep(QUIESCE_POLL)
+
+
+def waiting(ports: set[int] | tuple[int, ...], pids: list[int] | None = None) -> int:
+    """Connections waiting on the LISTEN sockets on `ports` (those `pids`
+    hold, or all): completed handshakes nobody accepted yet (idiag_rqueue)
+    and handshakes in progress (TCP_NEW_SYN_RECV request sockets), through
+    sock_diag."""
+    from . import listeners
+    from .census import diag_dump
+
+    socks = listeners.listening(ports)
+    if pids is not None:
+        held = listeners.held_by(pids, socks)
+        socks = [s for s in socks if s.inode in held]
+    mine = {s.port for s in socks}
+    total = sum(s.queued for s in socks)
+    if mine:
+        total += len(diag_dump(listeners.FAMILIES, 1 << TCP_NEW_SYN_RECV, mine))
+    return total
+
+
+QUIET_SETTLE = 1.0  # seconds a count may stay flat before it is taken as final
+
+
+def until_quiet(look: Callable[[], int], limit: float, settle: float = QUIET_SETTLE) -> int:
+    """Poll `look` (every 50 ms) until it counts 0, or has not fallen for
+    `settle` seconds (keep-alive clients that stay), or `limit` seconds
+    passed; the last count. A withdrawn instance's connections end by
+    themselves this way before any signal."""
+    end = time.monotonic() + limit
+    best, since, n = None, time.monotonic(), 0
+    while time.monotonic() < end:
+        n = look()
+        if n == 0:
+            return 0
+        if best is None or n < best:
+            best, since = n, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            break
+        time.sleep(0.05)
+    return n
 
 
 MODES: dict[str, type[SocketMode]] = {"inherit": Inherit, "reuseport": ReusePort, "nat": Nat}

@@ -6,7 +6,8 @@ each new connection, to the private ports of the instances that serve
 (kube-proxy's way of mapping a Service to its endpoints):
 
     chain api-prerouting { type nat hook prerouting priority dstnat; ... }
-        fib daddr type local tcp dport 8080 redirect to :numgen inc mod 2 map { 0 : 41001, 1 : 41002 }
+        fib daddr type local tcp dport 8080
+            redirect to :numgen inc mod 2 map { 0 : 41001, 1 : 41002 }
     chain api-output { type nat hook output priority dstnat; ... }   (clients on this host)
         fib daddr type local tcp dport 8080 redirect to :41001
 

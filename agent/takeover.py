@@ -34,7 +34,6 @@ from .state import StateStore
 from .systemd import Systemd
 
 Emit = Callable[[str, dict[str, Any]], None]
-SETTLE = 1.0  # seconds a legacy connection count may stay flat before the stop
 QUEUE_LIMIT = 5.0  # seconds for the legacy listener's queues to empty
 
 
@@ -132,35 +131,20 @@ def takeover(paths: Any, unit: str, version: str, name: str | None = None,
 def _legacy_quiet(svc: Any, pids: list[int], limit: float) -> int:
     """Until the legacy listeners on the public ports hold no connection
     waiting to be accepted, and the legacy processes none established
-    (or their count has not fallen for SETTLE seconds), within `limit`;
+    (modes.until_quiet), within `limit`;
     the connections still open then."""
-    from . import listeners, nat
-    from .census import TCP_NEW_SYN_RECV, diag_dump
+    from . import nat
+    from .modes import until_quiet, waiting
 
     try:  # SYNs the legacy listener's full queue dropped: sent again, they are NATed
         nat.forget(svc.ports, unanswered=True)
     except Exception:
         pass
     end = time.monotonic() + QUEUE_LIMIT
-    while time.monotonic() < end:
-        waiting = sum(s.queued for s in listeners.listening(svc.ports))
-        waiting += len(diag_dump(listeners.FAMILIES, 1 << TCP_NEW_SYN_RECV, svc.ports))
-        if waiting == 0:
-            break
+    while waiting(svc.ports) and time.monotonic() < end:
         time.sleep(0.02)
     census = Census.for_listen([(lst.host, lst.port) for lst in svc.listen], own_sockets=True)
-    end = time.monotonic() + limit
-    best, since, n = None, time.monotonic(), 0
-    while time.monotonic() < end:
-        n = census.count(pids)
-        if n == 0:
-            return 0
-        if best is None or n < best:
-            best, since = n, time.monotonic()
-        elif time.monotonic() - since >= SETTLE:
-            break
-        time.sleep(0.05)
-    return n
+    return until_quiet(lambda: census.count(pids), limit)
 
 
 def retire_legacy(svc: Any, unit: str, sock: str | None, enabled: list[str],

@@ -123,7 +123,8 @@ def test_adopt_takes_over_under_load_then_swaps_then_gives_back(host: DemoHost,
     finally:
         res = load.stop(timeout=90)
     print(f"{kind}: takeover in {taken['seconds']:.2f}s ({taken['legacy']}), swap to v2 in "
-          f"{swapped['seconds']:.2f}s {swapped['phases']}; {res.requests} requests, {res.failed} failed "
+          f"{swapped['seconds']:.2f}s {swapped['phases']}; {res.requests} requests, "
+          f"{res.failed} failed "
           f"(connect {res.connect}, read {res.read}, write {res.write}, timeout {res.timeout}); "
           f"p99 {res.p99_us / 1000:.1f} ms")
     assert '"v1"' in served_v1 and '"v2"' in served_v2, (served_v1, served_v2)

@@ -10,7 +10,6 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -61,7 +60,9 @@ def python_config(name: str) -> str:
     # of SIGTERM at once: the agent lets its connections finish first
     return textwrap.dedent(f"""\
         name: {name}
-        command: /usr/bin/python3 -m http.server {{instance_port}} --directory {APPS}/static/{{version}}
+        command: >-
+          /usr/bin/python3 -m http.server {{instance_port}}
+          --directory {APPS}/static/{{version}}
         socket: nat
         listen: ["{PORT}"]
         ready: {{type: http, url: "http://127.0.0.1:{{instance_port}}/", deadline: 20s}}

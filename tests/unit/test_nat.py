@@ -297,3 +297,21 @@ def test_a_queue_that_never_shrinks_after_the_drain_brings_the_old_version_back(
         assert "do not accept" in e.details["result"].reason
     else:
         raise AssertionError("a stuck queue passed")
+
+
+def test_until_quiet_ends_at_zero_or_when_the_count_stops_falling(monkeypatch) -> None:
+    from agent import modes
+
+    now = [0.0]
+    monkeypatch.setattr(modes.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(modes.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    falling = iter([5, 3, 2, 1, 0, 7])
+    assert modes.until_quiet(lambda: next(falling), limit=30) == 0
+    assert now[0] < 1  # no wait past the zero
+    now[0] = 0.0
+    assert modes.until_quiet(lambda: 4, limit=30, settle=1.0) == 4  # keep-alive clients stay
+    assert 1.0 <= now[0] < 1.2
+    now[0] = 0.0
+    slow = iter(range(1000, 0, -1))  # always falling: the limit ends it
+    assert modes.until_quiet(lambda: next(slow), limit=2.0) > 0
+    assert 2.0 <= now[0] < 2.2
