@@ -510,6 +510,12 @@ def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
     for row in rows:
         for u in (row.get("socket") or {}).get("unix") or []:
             click.echo(f"{row['service']}: unix:{u['path']} {_unix_state(u)}")
+        sock = row.get("socket") or {}
+        if sock.get("mode") == "nat":
+            routed = sock.get("routed")
+            click.echo(f"{row['service']}: nat: {', '.join(sock['listen'])} -> "
+                       + ("(rules unreadable)" if routed is None else
+                          f"port(s) {', '.join(map(str, routed))}" if routed else "nothing"))
         if row.get("down"):
             click.echo(f"{row['service']} is DOWN: no instance runs (exit "
                        f"{int(Exit.DOWN)}); `zdd-agent doctor` says why", err=True)

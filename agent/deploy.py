@@ -181,9 +181,18 @@ def _listen_lines(text: str | None) -> list[str]:
     return sorted(ln for ln in (text or "").splitlines() if ln.startswith("ListenStream="))
 
 
-def service_census(svc: ServiceConfig) -> Census:
-    """The census of a service's ports, for the socket families its listeners use."""
-    return mode_for(svc).census()
+def service_census(svc: ServiceConfig, sd: Systemd | None = None) -> Census:
+    """The census of a service's ports, for the socket families its listeners
+    use; with `sd`, where each instance binds its own port (nat), theirs too
+    (from the drop-ins)."""
+    mode = mode_for(svc)
+    if mode.routes and sd is not None:
+        for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+            instance = units.version_of(svc.name, unit)
+            if instance is not None:
+                mode.track(units.dropin_port(
+                    sd.read_unit_file(units.dropin_path(svc.name, instance))))
+    return mode.census()
 
 
 class SystemdOps:
@@ -1100,7 +1109,7 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 st = store.load(svc.name)
             except StateError as e:  # moved aside; systemd still knows what runs
                 st, warning = ServiceState(svc.name), str(e)
-            census = service_census(svc)
+            census = service_census(svc, sd)
             instances: list[dict[str, Any]] = []
             groups: dict[str, list[int]] = {}
             for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
@@ -1141,7 +1150,8 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
                 "socket": {"mode": svc.socket, "listen": [str(lst) for lst in svc.listen],
                            "unit": sock if svc.socket == "inherit" else None,
                            "active": sd.state(sock).active if svc.socket == "inherit" else None,
-                           "unix": unix_listeners(svc)},
+                           "unix": unix_listeners(svc),
+                           "routed": _routed_ports(svc)},
                 "instances": instances,
                 "warning": warning,
                 "last_swap": None if last is None else {
@@ -1151,15 +1161,28 @@ def status(paths: Paths, name: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def _routed_ports(svc: ServiceConfig) -> list[int] | None:
+    """socket: nat: the ports the kernel's rules send new connections to
+    now ([] none; None for other modes, or when nftables cannot be read)."""
+    if svc.socket != "nat":
+        return None
+    from . import nat
+
+    try:
+        return list((nat.routed(nat.Nft().table()).get(svc.name) or {}).get("ports", []))
+    except nat.NatError:
+        return None
+
+
 def watch(paths: Paths, name: str, interval: float, seconds: float,
           out: Callable[[dict[str, Any]], None]) -> None:
     """Every `interval` for `seconds`: each running instance's established
     connections (the census a drain uses), as {"t": epoch, "connections":
     {instance: n}}. For `verify`'s plot and for watching a swap by hand."""
     svc = load_service(paths.config_dir, name)
-    census = service_census(svc)
     end = time.monotonic() + seconds
     with Systemd() as sd:
+        census = service_census(svc, sd)
         while (now := time.monotonic()) < end:
             t = time.time()
             groups = {}

@@ -183,6 +183,7 @@ def test_nat_swaps_a_program_that_binds_only_its_port(host: DemoHost, program: s
     code, st = host.zdd_json("status", name)
     serving = [i for i in st[0]["instances"] if i["active"] == "active"]
     assert len(serving) == 1 and serving[0]["version"] == "v1", st
+    assert len(st[0]["socket"]["routed"]) == 1, st[0]["socket"]
 
 
 def test_nat_rules_come_back_at_boot_and_go_with_uninstall(host: DemoHost) -> None:
