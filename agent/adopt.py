@@ -479,10 +479,22 @@ class _Adopting:
                               "character")
         if version is not None:
             argv = [self._versioned(a, version) for a in argv]
+        refs = sorted({m.group(1) or m.group(2) for a in argv[1:]
+                       for m in re.finditer(r"\$\{(\w+)\}|\$(\w+)", a)})
+        if refs:
+            # systemd expands $X in ExecStart= when it runs it; zdd-agent runs
+            # the command as written (units.exec_start makes $ literal)
+            self.note(f"ExecStart= refers to {', '.join('$' + r for r in refs)}, which systemd "
+                      "expanded and zdd-agent does not: write the value into command (for the "
+                      "port: {instance_port})")
         self.data["command"] = argv
 
     def _versioned(self, text: str, version: str) -> str:
-        # delimited: "1.4" is not replaced inside "11.4" or "1.45"
+        """The version as a path component (or part of one: /opt/app-1.4/),
+        never a bare value: `-w 1` or `--retries=2` is a count, not a
+        release. Delimited: "1.4" is not replaced inside "11.4" or "1.45"."""
+        if "/" not in text:
+            return text
         new = re.sub(rf"(?<![0-9.]){re.escape(version)}(?![0-9])(?!\.[0-9])", VERSION, text)
         self.version_used |= new != text
         return new

@@ -388,6 +388,9 @@ def adopt(ctx: Ctx, unit: str, name: str | None, takeover_version: str | None, u
           force: bool, as_json: bool) -> None:
     if undo and takeover_version:
         raise click.UsageError("--undo and --takeover exclude each other")
+    if force and (undo or takeover_version):
+        raise click.UsageError("--force replaces a config written by adopt alone; with "
+                               "--takeover the config on disk is used as it is")
     args = {"unit": unit, "name": name, "takeover": takeover_version, "undo": undo,
             "force": force}
     with Progress(not as_json) as progress:
@@ -410,6 +413,11 @@ def _render_adopt(out: dict[str, Any], code: int) -> None:
         r = out["takeover"]
         _render_swap(r, code)
         lg = r.get("legacy") or {}
+        if lg.get("error"):
+            click.echo(f"zdd-agent serves {r['service']} {r['to_version']}, but {lg['unit']} "
+                       f"could not be stopped and disabled: {lg['error']}; finish by hand: "
+                       f"{lg['todo']}", err=True)
+            return
         click.echo(f"{lg.get('unit')} stopped ({lg.get('exit')}) and disabled"
                    + (f" with {lg['socket']}" if lg.get("socket") else "")
                    + f"; {lg.get('open_at_stop', 0)} connections were open at its stop. "
@@ -836,12 +844,16 @@ def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
 
 
 @cli.command(help="Stop and remove the daemon's units and the sysctl.d file; keep the "
-                  "operator's configs, the state and the services' units.")
+                  "operator's configs, the state and the services' units. The NAT rules of "
+                  "socket: nat services go too: refused while such a service has rules "
+                  "(its public port would stop answering) unless --remove-nat.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
-def uninstall(dry_run: bool) -> None:
+@click.option("--remove-nat", is_flag=True, help="Remove the NAT rules even though socket: nat "
+                                                 "services are served through them.")
+def uninstall(dry_run: bool, remove_nat: bool) -> None:
     from .install import uninstall as do_uninstall
 
-    for step in do_uninstall(dry_run):
+    for step in do_uninstall(dry_run, remove_nat):
         click.echo(f"{'would ' if dry_run else ''}{step}")
 
 

@@ -91,8 +91,8 @@ def execute(paths: deploy.Paths, cmd: str, args: dict[str, Any],
         if args.get("undo"):
             return Exit.OK, {"undo": takeover.undo(paths, unit, name, emit)}
         if args.get("takeover"):
-            return Exit.OK, {"takeover": takeover.takeover(paths, unit, str(args["takeover"]),
-                                                           name, emit)}
+            out = takeover.takeover(paths, unit, str(args["takeover"]), name, emit)
+            return (Exit.SYSTEMD if out["legacy"].get("error") else Exit.OK), {"takeover": out}
         return Exit.OK, {"adopt": takeover.adopt(paths.config_dir, unit, name,
                                                  force=bool(args.get("force")))}
     raise ValueError(f"unknown command {cmd}")

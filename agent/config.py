@@ -436,10 +436,17 @@ def _parse_socket_file(chk: _Checker, listen: tuple[Listen, ...],
     path (the second gets EADDRINUSE, or unlinks the first one's file)."""
     unix = [str(lst) for lst in listen if lst.unix]
     if unix and mode != "inherit":
+        why = ("NAT rewrites TCP destinations, not socket paths" if mode == "nat" else
+               "SO_REUSEPORT is for TCP; a second bind fails or takes the path over")
         raise chk.fail("socket", f"{mode!r} cannot serve {unix[0]}: instances cannot each bind "
-                                 "one Unix socket path (SO_REUSEPORT is for TCP; a second bind "
-                                 "fails or takes the path over) (allowed: inherit, whose socket "
+                                 f"one Unix socket path ({why}) (allowed: inherit, whose socket "
                                  "unit owns the file)")
+    ports = sorted({lst.port for lst in listen if not lst.unix})
+    if mode == "nat" and len(ports) > 1:
+        raise chk.fail("listen", f"socket: nat gives each instance one private port, and these "
+                                 f"are {len(ports)} ports ({', '.join(map(str, ports))}): they "
+                                 "would all reach it (allowed: one port, on as many addresses "
+                                 "as needed; a second port is a second service)")
     if unix and len(unix) == len(listen) and chk.get("fast_open"):
         raise chk.fail("fast_open", "TCP Fast Open is for TCP listeners, and every listener "
                                     "here is a unix: socket (allowed: 0, or a host:port "

@@ -21,8 +21,10 @@ from typing import Any
 from . import oom, rollout, tcpstats, units
 from .census import Census
 from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
-                     ServiceConfig, check_version, load_agent_config, load_all, load_service)
-from .errors import ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError
+                     ServiceConfig, check_version, load_agent_config, load_all, load_service,
+                     parse_service)
+from .errors import (ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError,
+                     ZddError)
 from .probes import ProbeResult, free_port, probe
 from .state import ServiceState, StateStore
 from .modes import mode_for, until_quiet
@@ -1004,22 +1006,45 @@ def nat_restore(paths: Paths) -> list[dict[str, Any]]:
     """The agent's nftables table as the configs and the enabled instances
     say, in one transaction per service: at boot before the instances
     start (zdd-agent-nat.service), when the table was lost or changed by
-    hand. Chains of services that are no longer socket: nat go."""
+    hand. Each config file on its own: one that does not parse (or one
+    service nftables refuses) is reported and the others are restored; the
+    chains of a service whose file does not parse are left as they are,
+    those of services that are no longer socket: nat go. Raises NatError,
+    after doing all it could, when anything failed."""
     from . import nat
+    from .config import read_yaml
 
-    services = [s for s in load_all(paths.config_dir) if s.socket == "nat"]
     nft = nat.Nft()
-    out = []
+    out: list[dict[str, Any]] = []
+    errors: list[str] = []
+    keep: set[str] = set()
+    files = sorted(paths.config_dir.glob("*.yaml")) if paths.config_dir.is_dir() else []
     with Systemd() as sd:
-        for svc in services:
-            ports = nat_ports(svc, sd, running=False)
-            nft.apply(nat.Route(svc.name, tuple((lst.host, lst.port) for lst in svc.listen),
-                                tuple(ports)))
+        for path in files:
+            keep.add(path.stem)
+            try:
+                svc = parse_service(path, read_yaml(path), expected_name=path.stem)
+            except ZddError as e:
+                errors.append(str(e))
+                out.append({"service": path.stem, "error": str(e)})
+                continue
+            if svc.socket != "nat":
+                keep.discard(svc.name)
+                continue
+            try:
+                ports = nat_ports(svc, sd, running=False)
+                nft.apply(nat.Route(svc.name, tuple((lst.host, lst.port)
+                                                    for lst in svc.listen), tuple(ports)))
+            except (ZddError, OSError) as e:
+                errors.append(f"{svc.name}: {e}")
+                out.append({"service": svc.name, "error": str(e)})
+                continue
             out.append({"service": svc.name, "ports": ports})
-    known = {s.name for s in services}
-    for name in sorted(set(nat.routed(nft.table())) - known):
+    for name in sorted(set(nat.routed(nft.table())) - keep):
         nft.remove(name)
         out.append({"service": name, "removed": True})
+    if errors:
+        raise nat.NatError("; ".join(errors), result=out)
     return out
 
 

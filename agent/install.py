@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 
 from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
+from .errors import ConfigError
 from .errors import SystemdError
 from .fsutil import write_if_changed
 from .systemd import UNIT_DIR, Systemd
@@ -131,9 +132,11 @@ def _activate(sd: Systemd, dry_run: bool, units_changed: bool) -> list[Step]:
     return steps
 
 
-def _remove_nat(dry_run: bool) -> list[Step]:
+def _remove_nat(dry_run: bool, force: bool) -> list[Step]:
     """The agent's nftables table goes with it: socket: nat services then
-    get no new connection on their public ports (named in the step)."""
+    get no new connection on their public ports, so that is refused
+    (ConfigError, before anything changed) while any has rules, unless
+    `force`."""
     from . import nat
 
     try:
@@ -144,6 +147,12 @@ def _remove_nat(dry_run: bool) -> list[Step]:
     if not routed:
         return [Step("unchanged", f"nftables table inet {nat.TABLE} (absent or empty)")]
     names = ", ".join(sorted(routed))
+    serving = sorted(n for n, r in routed.items() if r["ports"])
+    if serving and not force:
+        raise ConfigError(f"socket: nat service(s) {', '.join(serving)} are reached through the "
+                          f"agent's NAT rules: uninstalling removes them and their public ports "
+                          "stop answering. Give them back first (zdd-agent adopt UNIT --undo) "
+                          "or stop them, or pass --remove-nat")
     step = Step("remove", f"nftables table inet {nat.TABLE}: {names} no longer reached on "
                           "their public ports (give them back first: zdd-agent adopt UNIT "
                           "--undo)")
@@ -152,7 +161,8 @@ def _remove_nat(dry_run: bool) -> list[Step]:
     return [step]
 
 
-def uninstall(dry_run: bool) -> list[Step]:
+def uninstall(dry_run: bool, remove_nat: bool = False) -> list[Step]:
+    nat_steps = _remove_nat(True, remove_nat)  # refuses before anything changes
     steps = [Step("run", "systemctl stop zdd-agent.service zdd-agent.socket; disable them")]
     if not dry_run:
         with Systemd() as sd:
@@ -164,7 +174,7 @@ def uninstall(dry_run: bool) -> list[Step]:
                 sd.disable(unit)
             if sd.is_enabled(NAT_UNIT) == "enabled":
                 sd.disable(NAT_UNIT)
-    steps += _remove_nat(dry_run)
+    steps += nat_steps if dry_run else _remove_nat(False, True)
     for path in (UNIT_DIR / "zdd-agent.service", UNIT_DIR / "zdd-agent.socket",
                  UNIT_DIR / NAT_UNIT, SYSCTL_D):
         if path.exists():

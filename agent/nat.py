@@ -36,9 +36,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SystemdError
+
 FAMILY = "inet"
 TABLE = "zdd-agent"
 HOOKS = ("prerouting", "output")
+COMMENT = "zdd-agent"  # on every rule the agent writes; read back are only those
 DSTNAT = -100  # NF_IP_PRI_NAT_DST: the priority nft calls "dstnat"
 # Debian's binding lives in the system Python's dist-packages; a virtualenv
 # made from another Python cannot import it otherwise (the module is pure
@@ -46,8 +49,9 @@ DSTNAT = -100  # NF_IP_PRI_NAT_DST: the priority nft calls "dstnat"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
 
-class NatError(Exception):
-    """nftables refused a command, or cannot be reached at all."""
+class NatError(SystemdError):
+    """nftables refused a command, or cannot be reached at all (exit 5, as
+    any refusal of the OS)."""
 
 
 @dataclass(frozen=True)
@@ -77,18 +81,29 @@ def _target(ports: Sequence[int]) -> Any:
                     "data": {"set": [[i, p] for i, p in enumerate(ports)]}}}
 
 
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address packets carry: an IPv4-mapped one ([::ffff:127.0.0.1])
+    is reached by IPv4 clients, whose packets say 127.0.0.1."""
+    addr = ipaddress.ip_address(host.strip("[]"))
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _kind(host: str | None) -> tuple[str | None, str | None]:
     """(the nft protocol of the address match, or None for any; the address
-    to DNAT to, or None to redirect)."""
+    to DNAT to, or None to redirect). A wildcard is redirected (to the
+    address the connection came in on); a specific address, loopback ones
+    too, is DNATed to itself (redirect would send 127.0.0.2 to 127.0.0.1)."""
     if host is None:
         return None, None
-    addr = ipaddress.ip_address(host.strip("[]"))
+    addr = _address(host)
     proto = "ip" if addr.version == 4 else "ip6"
     if addr.is_unspecified:
         # 0.0.0.0 is IPv4 alone (a program bound to it serves no IPv6 client);
         # [::] is both (Linux's default: bindv6only=0)
         return ("ip" if addr.version == 4 else None), None
-    return proto, (None if addr.is_loopback else str(addr))
+    return proto, str(addr)
 
 
 def rule(service: str, hook: str, host: str | None, port: int,
@@ -99,7 +114,7 @@ def rule(service: str, hook: str, host: str | None, port: int,
         {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
                    "right": "local"}}]
     if proto is not None and host is not None:
-        addr = ipaddress.ip_address(host.strip("[]"))
+        addr = _address(host)
         if addr.is_unspecified:
             expr.append({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
                                    "right": "ipv4"}})
@@ -113,7 +128,8 @@ def rule(service: str, hook: str, host: str | None, port: int,
         expr.append({"redirect": {"port": _target(ports)}})
     else:
         expr.append({"dnat": {"family": proto, "addr": dnat_to, "port": _target(ports)}})
-    return {"family": FAMILY, "table": TABLE, "chain": chain_name(service, hook), "expr": expr}
+    return {"family": FAMILY, "table": TABLE, "chain": chain_name(service, hook), "expr": expr,
+            "comment": COMMENT}
 
 
 def commands(route: Route) -> list[dict[str, Any]]:
@@ -220,7 +236,8 @@ def _import_binding() -> Any:
 def _first_error(err: str) -> str:
     lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln]
-    return (errors or lines or [""])[0]
+    first = (errors or lines or [""])[0]
+    return first.split(": ", 1)[1] if first.startswith("internal:") and ": " in first else first
 
 
 def routed(objects: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -232,12 +249,14 @@ def routed(objects: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if "chain" in obj:
             c = obj["chain"]
             service, _, hook = str(c.get("name", "")).rpartition("-")
-            if hook in HOOKS and service:
+            if hook in HOOKS and service and c.get("hook") == hook:
                 out.setdefault(service, {"ports": [], "listen": [], "chains": []})
                 out[service]["chains"].append(hook)
         elif "rule" in obj:
             r = obj["rule"]
             service, _, hook = str(r.get("chain", "")).rpartition("-")
+            if hook not in HOOKS or not service or r.get("comment") != COMMENT:
+                continue  # a rule someone else added: not the agent's to count
             entry = out.setdefault(service, {"ports": [], "listen": [], "chains": []})
             for e in r.get("expr", []):
                 m = e.get("match")

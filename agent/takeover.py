@@ -28,7 +28,7 @@ from typing import Any
 from . import adopt as legacy_mod
 from .census import Census
 from .config import load_service
-from .errors import ConfigError, SwapFailed, SystemdError
+from .errors import ConfigError, SwapFailed, SystemdError, ZddError
 from .fsutil import atomic_write
 from .state import StateStore
 from .systemd import Systemd
@@ -106,6 +106,12 @@ def takeover(paths: Any, unit: str, version: str, name: str | None = None,
                               f"{version}`)", file=str(path), key="")
         sock = legacy.socket.name if legacy.socket else None
         enabled = [u for u in (unit, sock) if u and sd.is_enabled(u) == "enabled"]
+        held = {int(a.rsplit(":", 1)[-1]) for a in _listen(sd, legacy, unit)}
+    if not set(svc.ports) <= held:
+        raise ConfigError(f"{path}: listen: port(s) {', '.join(map(str, svc.ports))}, but "
+                          f"{unit} listens on {', '.join(map(str, sorted(held))) or 'nothing'}: "
+                          "a takeover redirects the ports the legacy unit serves (fix listen, "
+                          "or check that the unit is up)", file=str(path), key="listen")
     with store.lock(name):
         state = store.load(name)
         if state.serving:
@@ -115,14 +121,20 @@ def takeover(paths: Any, unit: str, version: str, name: str | None = None,
         store.save(state)
     try:
         result = deploy.swap(paths, name, version, emit)
-    except SwapFailed:
+    except BaseException:  # nothing was taken over: the legacy unit serves, untouched
         with store.lock(name):
             state = store.load(name)
             state.adopted = None
             store.save(state)
         raise
     out = result.to_dict()
-    out["legacy"] = retire_legacy(svc, unit, sock, enabled, legacy.timeout_stop_usec, say)
+    try:
+        out["legacy"] = retire_legacy(svc, unit, sock, enabled, legacy.timeout_stop_usec, say)
+    except (ZddError, OSError) as e:
+        # zdd-agent serves; the legacy unit may still run beside it, unreached
+        out["legacy"] = {"unit": unit, "socket": sock, "error": str(e),
+                         "todo": f"systemctl stop {' '.join(u for u in (sock, unit) if u)}; "
+                                 f"systemctl disable {' '.join(enabled) or unit}"}
     if written is not None:
         out["adopted_config"] = written
     return out
@@ -192,14 +204,16 @@ def undo(paths: Any, unit: str, name: str | None = None,
     svc = load_service(paths.config_dir, name)
     with store.lock(name):
         state = store.load(name)
-        adopted = state.adopted or {"unit": unit, "socket": None, "enabled": [unit]}
+        if state.adopted is None:
+            raise ConfigError(f"{name} was not taken over from {unit} by `zdd-agent adopt "
+                              "--takeover` (no record in the state): nothing to give back",
+                              file=str(svc.path), key="")
+        adopted = state.adopted
         if adopted["unit"] != unit:
             raise ConfigError(f"{name} was taken over from {adopted['unit']}, not {unit}",
                               file=str(svc.path), key="")
         with Systemd() as sd:
             sock = adopted.get("socket")
-            for u in adopted.get("enabled", []):
-                sd.enable(u)
             for u in (sock, unit):
                 if u:
                     sd.start(u)
@@ -217,6 +231,8 @@ def undo(paths: Any, unit: str, name: str | None = None,
                 raise SystemdError(f"{unit} did not come back listening on "
                                    f"{', '.join(map(str, svc.ports))} within 90s; {name} "
                                    "keeps serving under zdd-agent")
+            for u in adopted.get("enabled", []):  # only once it came back
+                sd.enable(u)
             say("phase", {"phase": "give back", "reason": f"{unit} listens again"})
             ops = SystemdOps(svc, sd)
             host = Host(svc, ops, SystemClock(), lambda k, d: say(k, d))

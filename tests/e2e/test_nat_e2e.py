@@ -215,7 +215,11 @@ def test_nat_rules_come_back_at_boot_and_go_with_uninstall(host: DemoHost) -> No
     _code, report = host.zdd_json("doctor")
     nat_rows = [f for f in report["findings"] if f["check"] == "nat"]
     assert nat_rows and all(f["level"] == "ok" for f in nat_rows), nat_rows
-    r = host.zdd("uninstall")
+    refused = host.zdd("uninstall")  # web is served through the rules
+    assert refused.returncode == 2 and "--remove-nat" in refused.stderr, refused
+    assert host.sb.run(["nft", "list", "table", "inet", "zdd-agent"], capture=True,
+                       net_only=True, check=False).returncode == 0
+    r = host.zdd("uninstall", "--remove-nat")
     assert r.returncode == 0, r.stderr
     assert "web no longer reached" in r.stdout, r.stdout
     gone = host.sb.run(["nft", "list", "table", "inet", "zdd-agent"], capture=True,

@@ -532,3 +532,19 @@ def test_listening_addresses_of_this_process() -> None:
         found = listening_addresses([os.getpid()])
         assert f"127.0.0.1:{port}" in found and f"[::1]:{port6}" in found
         assert listening_addresses([]) == []
+
+
+def test_a_count_equal_to_the_version_is_not_the_version() -> None:
+    """--takeover 1: `-w 1` and `--retries=1` are counts; only the release
+    path carries the version."""
+    a, cfg = adopt(unit(["/opt/app-1/bin/gunicorn", "-w", "1", "--retries=1", "--bind",
+                         "0.0.0.0:8000", "app:app"]), ["8000"], version="1")
+    assert a.data["command"] == ["/opt/app-{version}/bin/gunicorn", "-w", "1", "--retries=1",
+                                 "--bind", "0.0.0.0:{instance_port}", "app:app"]
+    assert cfg.argv("2", 40001)[:3] == ["/opt/app-2/bin/gunicorn", "-w", "1"]
+
+
+def test_variables_systemd_expanded_are_said() -> None:
+    a, _ = adopt(unit(["/usr/bin/node", "/srv/web/server.js", "--port", "${PORT}"],
+                      environment=("PORT=3000",)), ["3000"])
+    assert notes_matching(a, "$PORT, which systemd expanded"), a.not_carried

@@ -35,8 +35,13 @@ def test_one_port_is_a_redirect_and_several_a_numgen_map() -> None:
     (None, None, "redirect"),  # every address, both families
     ("0.0.0.0", {"meta": {"key": "nfproto"}}, "redirect"),  # IPv4 alone
     ("::", None, "redirect"),
-    ("127.0.0.1", {"payload": {"protocol": "ip", "field": "daddr"}}, "redirect"),
-    ("::1", {"payload": {"protocol": "ip6", "field": "daddr"}}, "redirect"),
+    # a specific address, loopback too, is DNATed to itself: redirect would
+    # send local clients of 127.0.0.2 to 127.0.0.1
+    ("127.0.0.1", {"payload": {"protocol": "ip", "field": "daddr"}}, "dnat"),
+    ("127.0.0.2", {"payload": {"protocol": "ip", "field": "daddr"}}, "dnat"),
+    ("::1", {"payload": {"protocol": "ip6", "field": "daddr"}}, "dnat"),
+    # IPv4 clients of an IPv4-mapped address send IPv4 packets
+    ("::ffff:127.0.0.1", {"payload": {"protocol": "ip", "field": "daddr"}}, "dnat"),
     ("192.0.2.7", {"payload": {"protocol": "ip", "field": "daddr"}}, "dnat"),
     ("2001:db8::7", {"payload": {"protocol": "ip6", "field": "daddr"}}, "dnat"),
 ])
@@ -51,7 +56,7 @@ def test_the_address_decides_match_and_verb(host: str | None, match: dict | None
         assert lefts[1] == match
     assert verb in expr[-1]
     if verb == "dnat":  # to itself, on the instance's port
-        assert expr[-1]["dnat"]["addr"] == host
+        assert expr[-1]["dnat"]["addr"] == (host or "").replace("::ffff:", "")
 
 
 def test_a_transaction_replaces_the_services_rules_and_nothing_else() -> None:
@@ -125,6 +130,16 @@ assert reached("127.0.0.1", 8080) == [41001]
 assert reached("::1", 8080) == [41001]
 n.apply(nat.Route("api", ((None, 8080),), (41002,)))
 assert reached("127.0.0.1", 8080) == [41002]
+lo2 = socket.socket(); lo2.bind(("127.0.0.2", 41003)); lo2.listen()
+n.apply(nat.Route("lo2", (("127.0.0.2", 8082),), (41003,)))
+c = socket.create_connection(("127.0.0.2", 8082), timeout=1)
+assert _accepts(lo2), "127.0.0.2 must reach the instance bound to 127.0.0.2"
+c.close()
+# someone else's rule in the agent's chain is not the agent's to count
+n.run([{"add": {"rule": {"family": "inet", "table": "zdd-agent", "chain": "api-output",
+        "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp",
+        "field": "dport"}}, "right": 22}}, {"redirect": {"port": 6000}}]}}}])
+assert nat.routed(n.table())["api"]["ports"] == [41002], nat.routed(n.table())
 assert nat.routed(n.table())["api"]["ports"] == [41002]
 n.remove("api")
 assert "api" not in nat.routed(n.table())
