@@ -28,7 +28,7 @@ from typing import Any
 from . import adopt as legacy_mod
 from .census import Census
 from .config import load_service
-from .errors import ConfigError, SwapFailed, SystemdError, ZddError
+from .errors import ConfigError, SystemdError, ZddError
 from .fsutil import atomic_write
 from .state import StateStore
 from .systemd import Systemd

@@ -213,7 +213,9 @@ async def main_async(args: argparse.Namespace) -> int:
         api.servers.append(await asyncio.start_server(api.accept, sock=s, backlog=4096))
     ready_server = None
     probe = instance_address()
-    if probe:
+    bound = {s.getsockname()[1] for s in socks}
+    if probe and int(probe.rpartition(":")[2]) not in bound:
+        # (under socket: nat the instance port is the one it serves on)
         host, _, port = probe.rpartition(":")
         ready_server = await asyncio.start_server(api.serve_ready, host, int(port))
     if not args.never_ready:
