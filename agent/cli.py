@@ -22,9 +22,11 @@ EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
 
 HELP = f"""Replace a systemd service's running version with a new one, with zero
 failed requests: the new instance starts beside the old one on the same
-listening socket (a socket unit shared through Sockets=), is admitted once
+listening socket (a socket unit shared through Sockets=, SO_REUSEPORT, or
+its own port behind nftables NAT rules: socket: nat), is admitted once
 ready, and the old one is drained with its stop signal while its live TCP
-connections are counted through netlink.
+connections are counted through netlink. `adopt` takes over a service that
+already runs under a unit of its own.
 
 \b
 Exit codes:

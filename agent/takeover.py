@@ -41,7 +41,13 @@ def _name(unit: str, name: str | None) -> str:
     from .config import check_name
 
     base = legacy_mod.check_unit_name(unit).rsplit(".", 1)[0]
-    return check_name(name if name is not None else base, "--name")
+    if name is None:
+        try:
+            return check_name(base, "UNIT")
+        except ConfigError as e:
+            raise ConfigError(f"{e}: {unit}'s name is not a zdd-agent service name; give one "
+                              "with --name NAME") from None
+    return check_name(name, "--name")
 
 
 def _listen(sd: Systemd, legacy: legacy_mod.LegacyUnit, unit: str) -> list[str]:
