@@ -409,6 +409,9 @@ def to_config(legacy: LegacyUnit, name: str, listen: list[str], version: str | N
     a.settings(version)
     a.drain()
     a.leftovers()
+    if a.versioned:
+        a.note(f"{{version}} put in place of {version} (check each: the next swap runs the "
+               f"release it names): {'; '.join(a.versioned)}")
     if version is not None and not a.version_used:
         a.note(f"version {version} appears nowhere in ExecStart, WorkingDirectory or "
                "EnvironmentFile: every version runs the same command: point {version} at "
@@ -428,6 +431,7 @@ class _Adopting:
         self.notes: list[str] = []
         self.unix = False
         self.version_used = False
+        self.versioned: list[str] = []  # "before -> after" of each {version} put in
         self.port: int | None = None  # the public TCP port (socket: nat)
         self.port_named = False  # the command or environment names it
         self.bind_host: str | None = None  # the host the program binds, from the command
@@ -490,13 +494,18 @@ class _Adopting:
         self.data["command"] = argv
 
     def _versioned(self, text: str, version: str) -> str:
-        """The version as a path component (or part of one: /opt/app-1.4/),
-        never a bare value: `-w 1` or `--retries=2` is a count, not a
-        release. Delimited: "1.4" is not replaced inside "11.4" or "1.45"."""
+        """The version as a path component or a delimited part of one
+        (/releases/1.4.2/, /opt/app-1.4.2/, /opt/app-v1.4.2/), never a bare
+        value (`-w 1` is a count) nor inside a word (python3, shard1).
+        Each replacement is listed for the operator to review."""
         if "/" not in text:
             return text
-        new = re.sub(rf"(?<![0-9.]){re.escape(version)}(?![0-9])(?!\.[0-9])", VERSION, text)
-        self.version_used |= new != text
+        pattern = (rf"(?:(?<![A-Za-z0-9.])|(?<=[/_@=-][vV])){re.escape(version)}"
+                   r"(?![A-Za-z0-9])(?!\.[0-9])")
+        new = re.sub(pattern, VERSION, text)
+        if new != text:
+            self.version_used = True
+            self.versioned.append(f"{text} -> {new}")
         return new
 
     # ----------------------------------------------------------------- listen

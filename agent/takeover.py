@@ -112,7 +112,8 @@ def takeover(paths: Any, unit: str, version: str, name: str | None = None,
                               f"{version}`)", file=str(path), key="")
         sock = legacy.socket.name if legacy.socket else None
         enabled = [u for u in (unit, sock) if u and sd.is_enabled(u) == "enabled"]
-        held = {int(a.rsplit(":", 1)[-1]) for a in _listen(sd, legacy, unit)}
+        held = {int(a.rsplit(":", 1)[-1]) for a in _listen(sd, legacy, unit)
+                if not a.startswith("/") and a.rsplit(":", 1)[-1].isdigit()}  # TCP ones
     if not set(svc.ports) <= held:
         raise ConfigError(f"{path}: listen: port(s) {', '.join(map(str, svc.ports))}, but "
                           f"{unit} listens on {', '.join(map(str, sorted(held))) or 'nothing'}: "

@@ -217,7 +217,10 @@ def test_release_path_with_the_version() -> None:
     assert a.data["working_directory"] == "/srv/api/releases/{version}"
     assert a.data["environment_files"] == ["/etc/api/{version}.env"]
     assert cfg.argv("v1.5.0", 40001)[0] == "/srv/api/releases/v1.5.0/bin/api"
-    assert a.not_carried == []
+    assert len(a.not_carried) == 1, a.not_carried  # each replacement, for review
+    assert a.not_carried[0].startswith("{version} put in place of v1.4.2")
+    assert "/srv/api/releases/v1.4.2/bin/api -> /srv/api/releases/{version}/bin/api" \
+        in a.not_carried[0]
 
 
 def test_version_inside_a_name() -> None:
@@ -532,6 +535,12 @@ def test_listening_addresses_of_this_process() -> None:
         found = listening_addresses([os.getpid()])
         assert f"127.0.0.1:{port}" in found and f"[::1]:{port6}" in found
         assert listening_addresses([]) == []
+
+
+def test_the_version_inside_a_word_is_not_the_version() -> None:
+    a, _ = adopt(unit(["/usr/bin/python3", "/srv/shard3/app.py", "--port", "80"]), ["80"],
+                 version="3")
+    assert a.data["command"][:2] == ["/usr/bin/python3", "/srv/shard3/app.py"]
 
 
 def test_a_count_equal_to_the_version_is_not_the_version() -> None:
