@@ -151,8 +151,9 @@ def _remove_nat(dry_run: bool, force: bool) -> list[Step]:
     if serving and not force:
         raise ConfigError(f"socket: nat service(s) {', '.join(serving)} are reached through the "
                           f"agent's NAT rules: uninstalling removes them and their public ports "
-                          "stop answering. Give them back first (zdd-agent adopt UNIT --undo) "
-                          "or stop them, or pass --remove-nat")
+                          "stop answering. Give them back first (zdd-agent adopt UNIT --undo), "
+                          "or stop their instances (systemctl stop 'zdd-NAME@*.service'), or "
+                          "pass --remove-nat")
     step = Step("remove", f"nftables table inet {nat.TABLE}: {names} no longer reached on "
                           "their public ports (give them back first: zdd-agent adopt UNIT "
                           "--undo)")
