@@ -307,9 +307,10 @@ def forget(ports: Iterable[int], unanswered: bool = False) -> int:
                                                        nfct_msg)
 
     gone = 0
-    with Conntrack() as ct:
-        for port in set(ports):
-            for family in (socket.AF_INET, socket.AF_INET6):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        # the socket's family is every request's nfgen_family (pyroute2)
+        with Conntrack(nfgen_family=family) as ct:
+            for port in set(ports):
                 # the kernel filters on the reply tuple (CTA_FILTER, Linux 5.8+)
                 # and the status (5.15+): a busy host has many thousands
                 match = NFCTAttrTuple(family=family, proto=socket.IPPROTO_TCP, sport=port)
@@ -321,7 +322,6 @@ def forget(ports: Iterable[int], unanswered: bool = False) -> int:
                     continue
                 msg = nfct_msg.create_from(tuple_reply=match, cta_filter=filt, status=0,
                                            status_mask=IPS_SEEN_REPLY)
-                msg["nfgen_family"] = family
                 for m in ct.request(msg, IPCTNL_MSG_CT_GET,
                                     msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
                     e = ConntrackEntry(m["nfgen_family"], *(m.get_attr(a) for a in _CTA))

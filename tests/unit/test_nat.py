@@ -140,6 +140,16 @@ n.run([{"add": {"rule": {"family": "inet", "table": "zdd-agent", "chain": "api-o
         "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp",
         "field": "dport"}}, "right": 22}}, {"redirect": {"port": 6000}}]}}}])
 assert nat.routed(n.table())["api"]["ports"] == [41002], nat.routed(n.table())
+# conntrack: every entry on the instance ports, IPv4 and IPv6, goes in the flush
+from pyroute2 import Conntrack
+c6 = socket.create_connection(("::1", 8080), timeout=1)
+assert _accepts(srvs[41002])
+with Conntrack() as ct:
+    assert ct.count() > 0
+nat.forget([41001, 41002, 41003])
+with Conntrack() as ct:
+    assert ct.count() == 0, ct.count()
+c6.close()
 assert nat.routed(n.table())["api"]["ports"] == [41002]
 n.remove("api")
 assert "api" not in nat.routed(n.table())
