@@ -432,11 +432,10 @@ class Swap:
         """Before anything starts: new connections go to the serving instances
         and nowhere else (socket: nat; the kernel's rules may have drifted)."""
         try:
-            out = self.ops.route([], [], only=olds)
+            out = self.host.route([], [], only=olds)  # says "route" when it changed
         except Exception as e:  # nat.NatError, OSError: nothing was started
             self._abort(res, t0, f"cannot route {self.svc.name}'s connections: {e}")
         if out is not None and out[0] != out[1]:
-            self.emit("route", before=out[0], after=out[1], add=olds, remove=[])
             if out[0]:
                 self._warn(f"the NAT rules sent {self.svc.name}'s new connections to ports "
                            f"{out[0]}, not to the serving instances' {out[1]}: set right")
