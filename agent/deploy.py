@@ -189,12 +189,20 @@ def service_census(svc: ServiceConfig, sd: Systemd | None = None) -> Census:
     (from the drop-ins)."""
     mode = mode_for(svc)
     if mode.routes and sd is not None:
-        for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-            instance = units.version_of(svc.name, unit)
-            if instance is not None:
-                mode.track(units.dropin_port(
-                    sd.read_unit_file(units.dropin_path(svc.name, instance))))
+        for port in instance_ports(svc, sd).values():
+            mode.track(port)
     return mode.census()
+
+
+def instance_ports(svc: ServiceConfig, sd: Systemd) -> dict[str, int | None]:
+    """Each loaded instance's private port, from its drop-in (None: none)."""
+    out: dict[str, int | None] = {}
+    for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
+        instance = units.version_of(svc.name, unit)
+        if instance is not None:
+            out[instance] = units.dropin_port(
+                sd.read_unit_file(units.dropin_path(svc.name, instance)))
+    return out
 
 
 class SystemdOps:
@@ -209,10 +217,9 @@ class SystemdOps:
         self.ports: dict[str, int | None] = {}
         self._ooms: dict[tuple[str, int], str | None] = {}
         if self.mode.routes:  # the census counts on the instances' own ports
-            for unit in sd.list_units(f"zdd-{svc.name}@*.service"):
-                instance = units.version_of(svc.name, unit)
-                if instance is not None:
-                    self.port_of(instance)
+            self.ports.update(instance_ports(svc, sd))
+            for port in self.ports.values():
+                self.mode.track(port)
         self.census = self.mode.census()
 
     def unit(self, version: str) -> str:
