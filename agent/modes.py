@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .census import TCP_NEW_SYN_RECV, Census
 from .config import ServiceConfig
@@ -114,19 +115,22 @@ class ReusePort(SocketMode):
 
         if not pids:
             return 0
-        socks = listeners.listening(self.svc.ports)
-        holders = listeners.held_by(pids, socks)
-        mine = [s for s in socks if s.inode in holders]
+        mine = held_listeners(self.svc.ports, pids)
         return listeners.destroy(mine) if mine else 0
 
 
     def accept_queue(self, pids: list[int]) -> int:
         """Only the listeners these processes hold: each instance has its own."""
-        from . import listeners
+        return sum(s.queued for s in held_listeners(self.svc.ports, pids))
 
-        socks = listeners.listening(self.svc.ports)
-        holders = listeners.held_by(pids, socks)
-        return sum(s.queued for s in socks if s.inode in holders)
+
+def held_listeners(ports: set[int] | tuple[int, ...], pids: list[int]) -> list[Any]:
+    """The LISTEN sockets on `ports` that `pids` hold (listeners.ListenSocket)."""
+    from . import listeners
+
+    socks = listeners.listening(ports)
+    holders = listeners.held_by(pids, socks)
+    return [s for s in socks if s.inode in holders]
 
 
 QUIESCE_POLL = 0.02  # seconds between two looks at a withdrawn listener's queues
@@ -162,11 +166,7 @@ class Nat(SocketMode):
         return listeners.missing(self.required(port), pids)
 
     def accept_queue(self, pids: list[int]) -> int:
-        from . import listeners
-
-        socks = listeners.listening(self.instance_ports)
-        holders = listeners.held_by(pids, socks)
-        return sum(s.queued for s in socks if s.inode in holders)
+        return sum(s.queued for s in held_listeners(self.instance_ports, pids))
 
     def route(self, add: list[int], remove: list[int],
               only: list[int] | None = None) -> tuple[list[int], list[int]]:
@@ -223,10 +223,7 @@ def waiting(ports: set[int] | tuple[int, ...], pids: list[int] | None = None) ->
     from . import listeners
     from .census import diag_dump
 
-    socks = listeners.listening(ports)
-    if pids is not None:
-        held = listeners.held_by(pids, socks)
-        socks = [s for s in socks if s.inode in held]
+    socks = listeners.listening(ports) if pids is None else held_listeners(ports, pids)
     mine = {s.port for s in socks}
     total = sum(s.queued for s in socks)
     if mine:
