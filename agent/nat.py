@@ -184,11 +184,14 @@ class Nft:
     def run(self, cmds: list[dict[str, Any]], check: bool = False) -> dict[str, Any]:
         """Run one transaction; the JSON output (a list for list commands).
         `check`: nothing is committed (nft --check)."""
+        from . import signals
+
         doc = {"nftables": cmds}
         if self._lib is not None:
             self._lib.set_dry_run(check)
-            try:
-                rc, out, err = self._lib.json_cmd(doc)
+            try:  # a signal would interrupt libnftables' netlink talk, not the batch
+                with signals.deferred():
+                    rc, out, err = self._lib.json_cmd(doc)
             finally:
                 self._lib.set_dry_run(False)
         else:

@@ -57,6 +57,35 @@ def exit_description(code: int, status: int) -> str:
     return ""
 
 
+_BUS_CLASSES: dict[str, type] = {}
+
+
+def bus_class(name: str) -> type:
+    """pystemd.dbuslib's `name` (DBus, DBusAddress) whose method calls and
+    property reads hold the agent's signals back until the reply came
+    (signals.deferred): sd_bus_call would otherwise fail with EINTR when
+    one arrives, after systemd got the request."""
+    if name not in _BUS_CLASSES:
+        from pystemd import dbuslib
+
+        from . import signals
+
+        base = getattr(dbuslib, name)
+
+        class Bus(base):  # type: ignore[valid-type,misc]
+            def call_method(self, *args: Any, **kwargs: Any) -> Any:
+                with signals.deferred():
+                    return super().call_method(*args, **kwargs)
+
+            def get_property(self, *args: Any, **kwargs: Any) -> Any:
+                with signals.deferred():
+                    return super().get_property(*args, **kwargs)
+
+        Bus.__name__ = Bus.__qualname__ = f"Deferring{name}"
+        _BUS_CLASSES[name] = Bus
+    return _BUS_CLASSES[name]
+
+
 class Systemd:
     """A connection to the system manager; use as a context manager."""
 
@@ -67,14 +96,14 @@ class Systemd:
         self._units: dict[str, Any] = {}  # name -> pystemd Unit, introspected once
 
     def __enter__(self) -> Systemd:
-        from pystemd.dbuslib import DBus, DBusAddress
         from pystemd.systemd1 import Manager
 
         try:
             if os.geteuid() == 0 and PRIVATE_SOCKET.exists():
-                self._bus = DBusAddress(f"unix:path={PRIVATE_SOCKET}".encode(), peer_to_peer=True)
+                self._bus = bus_class("DBusAddress")(f"unix:path={PRIVATE_SOCKET}".encode(),
+                                                     peer_to_peer=True)
             else:
-                self._bus = DBus()
+                self._bus = bus_class("DBus")()
             self._bus.open()
             self._manager = Manager(bus=self._bus)
             self._manager.load()
