@@ -140,13 +140,34 @@ n.run([{"add": {"rule": {"family": "inet", "table": "zdd-agent", "chain": "api-o
         "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp",
         "field": "dport"}}, "right": 22}}, {"redirect": {"port": 6000}}]}}}])
 assert nat.routed(n.table())["api"]["ports"] == [41002], nat.routed(n.table())
-# conntrack: every entry on the instance ports, IPv4 and IPv6, goes in the flush
+# conntrack: a listener whose accept queue is full drops the next SYNs
+# (SYN_SENT, unanswered); forget(unanswered) deletes those and never the
+# answered one, whose next packet would be NATed afresh and reset
+import time
 from pyroute2 import Conntrack
+full = socket.socket(); full.bind(("127.0.0.1", 41004)); full.listen(0)
+pending = []
+for _ in range(4):
+    p = socket.socket(); p.setblocking(False); p.connect_ex(("127.0.0.1", 41004))
+    pending.append(p)
+time.sleep(0.3)
+def states(port):
+    with Conntrack() as ct:
+        return sorted(e.protoinfo.state_name() for e in ct.dump_entries()
+                      if getattr(e.tuple_reply, "sport", None) == port)
+before = states(41004)
+assert "ESTABLISHED" in before and "SYN_SENT" in before, before
+nat.forget([41004], unanswered=True)
+assert states(41004) == [s for s in before if s != "SYN_SENT"], (before, states(41004))
+for p in pending:  # before a SYN is sent again (1 s)
+    p.close()
+full.close()
+# every entry on the instance ports, IPv4 and IPv6, goes in the flush
 c6 = socket.create_connection(("::1", 8080), timeout=1)
 assert _accepts(srvs[41002])
 with Conntrack() as ct:
     assert ct.count() > 0
-nat.forget([41001, 41002, 41003])
+nat.forget([41001, 41002, 41003, 41004])
 with Conntrack() as ct:
     assert ct.count() == 0, ct.count()
 c6.close()
