@@ -74,12 +74,18 @@ def bus_class(name: str) -> type:
 
         class Bus(base):  # type: ignore[valid-type,misc]
             def call_method(self, *args: Any, **kwargs: Any) -> Any:
-                with signals.deferred():
+                previous = signals.block()
+                try:
                     return super().call_method(*args, **kwargs)
+                finally:
+                    signals.restore(previous)
 
             def get_property(self, *args: Any, **kwargs: Any) -> Any:
-                with signals.deferred():
+                previous = signals.block()
+                try:
                     return super().get_property(*args, **kwargs)
+                finally:
+                    signals.restore(previous)
 
         Bus.__name__ = Bus.__qualname__ = f"Deferring{name}"
         _BUS_CLASSES[name] = Bus
