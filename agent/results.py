@@ -27,6 +27,9 @@ class SwapResult:
     started_at: float = 0.0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    # the swap thread's CPU time, ms: "total" and per phase (what the bake's
+    # and the drain's polling cost, beside the fixed work of a swap)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
     readiness_checks: int = 0
     drain: DrainResult | None = None
     journal: list[str] = field(default_factory=list)

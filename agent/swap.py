@@ -18,7 +18,9 @@ it (or restores the old version if the new one dies).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -203,6 +205,7 @@ class Swap:
     def run(self, old: str | None, new: str) -> SwapResult:
         res = self._res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
         t0 = self.clock.monotonic()
+        self._cpu0 = time.thread_time()
         if old == new:
             res.result = results.UNCHANGED
             res.reason = f"{new} is already serving"
@@ -252,7 +255,7 @@ class Swap:
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
         self._hook(res, "post_swap", old, new)
         res.result = results.OK
-        res.seconds = self.clock.monotonic() - t0
+        self._took(res, t0)
         self.emit("done", result=res.result, seconds=res.seconds)
         return res
 
@@ -303,7 +306,8 @@ class Swap:
             return
         self._record(ctx, "ready")
         self.emit("phase", phase="ready")
-        out = run_gate(self.host, todo)
+        with self._cpu(res, "ready"):
+            out = run_gate(self.host, todo)
         res.readiness_checks += out.checks
         res.phases["ready"] = res.phases.get("ready", 0.0) + out.seconds
         if out.verdict != "ready":
@@ -318,7 +322,8 @@ class Swap:
             return
         if self.svc.min_ready > 0:
             self.emit("phase", phase="bake", seconds=self.svc.min_ready)
-        out = run_bake(self.host, group, ctx.admitted, ctx.serving_olds())
+        with self._cpu(res, "bake"):
+            out = run_bake(self.host, group, ctx.admitted, ctx.serving_olds())
         res.add_bake(out.seconds, out.accepted, out.trial)
         res.phases["bake"] = res.phases.get("bake", 0.0) + out.seconds
         if out.verdict != "ready":
@@ -371,7 +376,7 @@ class Swap:
     def _abort(self, res: SwapResult, t0: float, reason: str) -> NoReturn:
         self._restore_units(res)
         res.result, res.reason = results.ABORTED, reason
-        res.seconds = self.clock.monotonic() - t0
+        self._took(res, t0)
         self.emit("done", result=res.result, reason=res.reason)
         raise SwapFailed(res.reason, result=res)
 
@@ -412,7 +417,8 @@ class Swap:
         self._record(ctx, "drain")
         self.emit("phase", phase="drain")
         t = self.clock.monotonic()
-        d, broken = run_drain(self.host, victims, lambda: self._check(ctx))
+        with self._cpu(res, "drain"):
+            d, broken = run_drain(self.host, victims, lambda: self._check(ctx))
         res.phases["drain"] = res.phases.get("drain", 0.0) + self.clock.monotonic() - t
         res.drain = d if res.drain is None else res.drain.merge(d)
         if d.listeners_closed:
@@ -459,9 +465,29 @@ class Swap:
     def _phase(self, res: SwapResult, name: str, fn: Callable[[], Any]) -> Any:
         self.emit("phase", phase=name)
         t = self.clock.monotonic()
-        out = fn()
+        with self._cpu(res, name):
+            out = fn()
         res.phases[name] = res.phases.get(name, 0.0) + self.clock.monotonic() - t
         return out
+
+    @contextmanager
+    def _cpu(self, res: SwapResult, name: str) -> Iterator[None]:
+        """Add the CPU time this thread spends in the body to res.cpu_ms[name]:
+        what a phase costs the host beside its wall time (time.thread_time:
+        the daemon runs each swap in a thread of its own)."""
+        c = time.thread_time()
+        try:
+            yield
+        finally:
+            ms = (time.thread_time() - c) * 1000
+            res.cpu_ms[name] = round(res.cpu_ms.get(name, 0.0) + ms, 1)
+
+    def _took(self, res: SwapResult, t0: float) -> None:
+        """The swap's wall time and this thread's CPU time (ms) so far."""
+        res.seconds = self.clock.monotonic() - t0
+        start = getattr(self, "_cpu0", None)
+        if start is not None:
+            res.cpu_ms["total"] = round((time.thread_time() - start) * 1000, 1)
 
     def _start(self, instance: str, ctx: _Rollout) -> None:
         st = self.ops.status(instance)
@@ -529,7 +555,7 @@ class Swap:
         res.tcp = tcp_delta(before, self.ops.tcp_counters())
         self._hook(res, "on_rollback", res.from_version, ctx.new)
         res.result, res.reason = result, reason
-        res.seconds = self.clock.monotonic() - t0
+        self._took(res, t0)
         self.emit("done", result=result, reason=reason)
         exc = SwapBroken if result == results.FAILED else SwapFailed
         raise exc(reason, result=res) from error
@@ -554,6 +580,7 @@ class Swap:
         final = bool(intent.get("final", True))
         res = self._res = SwapResult(self.svc.name, old, new, started_at=self.clock.time())
         t0 = self.clock.monotonic()
+        self._cpu0 = time.thread_time()
         old_serving = any(self.ops.status(x).active in ("active", "reloading") for x in olds)
         new_active = all(self.ops.status(x).active == "active" for x in news)
         action = plan_recovery(phase if final else "ready", old_serving, new_active, bool(olds))
@@ -588,7 +615,7 @@ class Swap:
             signalled = phase in ("drain", "retire")
             res.result = results.FAILED if signalled else results.ROLLED_BACK
             res.reason = f"recovered: reverted a swap interrupted in {phase} ({action})"
-        res.seconds = self.clock.monotonic() - t0
+        self._took(res, t0)
         self.emit("done", result=res.result, reason=res.reason)
         return res
 
