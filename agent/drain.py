@@ -37,7 +37,10 @@ class DrainResult:
     connections_at_start: int | None = 0  # None: the census failed (unknown)
     connections_at_end: int | None = 0
     killed_at_grace: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the withdrawal (nat) or the signal to the exit
+    # of it, withdrawn before the signal: socket: nat lets the connections
+    # end by themselves first (Host.withdraw)
+    before_signal: float = 0.0
     held: list[str] = field(default_factory=list)  # peers still connected at the last poll
     # how each old instance's main process ended: "exited 0" is a program
     # that drained and returned; "killed by SIGTERM" one that died of the
@@ -59,14 +62,16 @@ class DrainResult:
                 closes[k] = closes.get(k, 0) + v
             else:
                 closes.setdefault(k, v)
-        return DrainResult(_add(self.connections_at_start, other.connections_at_start),
-                           _add(self.connections_at_end, other.connections_at_end),
-                           self.killed_at_grace or other.killed_at_grace,
-                           self.seconds + other.seconds, self.held + other.held,
-                           self.exits + other.exits,
-                           self.listeners_closed + other.listeners_closed, closes,
-                           self.closed_idle + other.closed_idle,
-                           self.census_errors + other.census_errors)
+        return DrainResult(
+            connections_at_start=_add(self.connections_at_start, other.connections_at_start),
+            connections_at_end=_add(self.connections_at_end, other.connections_at_end),
+            killed_at_grace=self.killed_at_grace or other.killed_at_grace,
+            seconds=self.seconds + other.seconds,
+            before_signal=self.before_signal + other.before_signal,
+            held=self.held + other.held, exits=self.exits + other.exits,
+            listeners_closed=self.listeners_closed + other.listeners_closed, closes=closes,
+            closed_idle=self.closed_idle + other.closed_idle,
+            census_errors=self.census_errors + other.census_errors)
 
     @property
     def drained(self) -> int | None:
@@ -102,8 +107,10 @@ def run_drain(host: Host, olds: list[str],
     svc, ops, clock = host.svc, host.ops, host.clock
     grace = svc.drain.grace_period
     label = ", ".join(olds)
+    t_withdraw = clock.monotonic()
     host.withdraw(olds)  # socket: nat: nothing new reaches them, nothing left queued
     d = DrainResult()
+    d.before_signal = clock.monotonic() - t_withdraw
     try:
         pids: list[int] | None = sorted({p for x in olds for p in ops.pids(x)})
     except Exception as e:  # the census is evidence: unknown, the drain goes on
@@ -176,7 +183,7 @@ def run_drain(host: Host, olds: list[str],
             host.emit("warning", message=f"{label} still running {elapsed:.0f}s after the "
                                          f"drain signal (grace period {grace:g}s)")
             break
-    d.seconds = clock.monotonic() - t
+    d.seconds = clock.monotonic() - t_withdraw
     if watch is not None:
         try:
             closes = watch.finish()

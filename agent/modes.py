@@ -232,13 +232,19 @@ def waiting(ports: set[int] | tuple[int, ...], pids: list[int] | None = None) ->
 
 
 QUIET_SETTLE = 1.0  # seconds a count may stay flat before it is taken as final
+# seconds between two looks: each look is two or three sock_diag dumps, and
+# each dump walks the kernel's whole established hash, whatever it holds
+# (262,144 buckets here: 14 ms of kernel CPU a family, measured), so 50 ms
+# polls kept most of a core busy for the wait
+QUIET_POLL = 0.2
 
 
-def until_quiet(look: Callable[[], int], limit: float, settle: float = QUIET_SETTLE) -> int:
-    """Poll `look` (every 50 ms) until it counts 0, or has not fallen for
-    `settle` seconds (keep-alive clients that stay), or `limit` seconds
-    passed; the last count. A withdrawn instance's connections end by
-    themselves this way before any signal."""
+def until_quiet(look: Callable[[], int], limit: float, settle: float = QUIET_SETTLE,
+                poll: float = QUIET_POLL) -> int:
+    """Poll `look` (every `poll` seconds) until it counts 0, or has not
+    fallen for `settle` seconds (keep-alive clients that stay), or `limit`
+    seconds passed; the last count. A withdrawn instance's connections end
+    by themselves this way before any signal."""
     end = time.monotonic() + limit
     best, since, n = None, time.monotonic(), 0
     while time.monotonic() < end:
@@ -249,7 +255,7 @@ def until_quiet(look: Callable[[], int], limit: float, settle: float = QUIET_SET
             best, since = n, time.monotonic()
         elif time.monotonic() - since >= settle:
             break
-        time.sleep(0.05)
+        time.sleep(poll)
     return n
 
 

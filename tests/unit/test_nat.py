@@ -356,8 +356,8 @@ def test_until_quiet_ends_at_zero_or_when_the_count_stops_falling(monkeypatch) -
     assert now[0] < 1  # no wait past the zero
     now[0] = 0.0
     assert modes.until_quiet(lambda: 4, limit=30, settle=1.0) == 4  # keep-alive clients stay
-    assert 1.0 <= now[0] < 1.2
+    assert 1.0 <= now[0] < 1.0 + modes.QUIET_POLL + 0.01
     now[0] = 0.0
     slow = iter(range(1000, 0, -1))  # always falling: the limit ends it
     assert modes.until_quiet(lambda: next(slow), limit=2.0) > 0
-    assert 2.0 <= now[0] < 2.2
+    assert 2.0 <= now[0] < 2.0 + modes.QUIET_POLL + 0.01
