@@ -245,6 +245,16 @@ def drive(name: str, scenario: Any, swaps: int, clients: int,
         row["startup_ms"] = round(1000 * statistics.median(x["startup"] for x in agent), 1)
         row["drain_ms"] = round(1000 * statistics.median(x["drain"] for x in agent), 1)
         row["swap_results"] = [x["swap"] for x in agent]
+        # the swap thread's CPU (cpu_ms in each result): fixed work apart from
+        # the bake's and drain's polling, which are given per second
+        cpu = [x["swap"].get("cpu_ms") or {} for x in agent]
+        if all("total" in c for c in cpu):
+            row["swap_cpu_fixed_ms"] = round(statistics.median(
+                c["total"] - c.get("bake", 0) - c.get("drain", 0) for c in cpu), 1)
+            for phase in ("bake", "drain"):
+                per_s = [c.get(phase, 0) / x[phase] for c, x in zip(cpu, agent) if x[phase] > 0]
+                if per_s:
+                    row[f"{phase}_cpu_ms_per_s"] = round(statistics.median(per_s), 1)
     if usage0 and usage1:
         row["daemon_rss_mib"] = round(usage1[0], 1)
         row["daemon_rss_before_mib"] = round(usage0[0], 1)
@@ -294,7 +304,8 @@ def plot_one_swap(path: Path, clients: int) -> None:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [f"{'':2} {'scenario':<30} {'requests':>9} {'failed':>7} {'per 1k repl.':>12} "
            f"{'p99 steady':>10} {'p99 repl.':>9} {'ratio':>6} {'repl. s':>8} {'bake s':>6} "
-           f"{'overhead ms':>11} {'daemon RSS':>10} {'CPU ms/swap':>11}"]
+           f"{'overhead ms':>11} {'daemon RSS':>10} {'CPU ms/swap':>11} {'fixed ms':>8} "
+           f"{'bake ms/s':>9} {'drain ms/s':>10}"]
     for r in rows:
         out.append(
             f"{r['scenario']:<2} {r['label']:<30} {r['requests']:>9} {r['failed']:>7} "
@@ -303,7 +314,36 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['replace_seconds']:>8.2f} {r.get('bake_s', '-'):>6} "
             f"{r.get('overhead_ms', '-'):>11} "
             f"{str(r['daemon_rss_mib']) + ' MiB' if 'daemon_rss_mib' in r else '-':>10} "
-            f"{r.get('daemon_cpu_ms_per_swap', '-'):>11}")
+            f"{r.get('daemon_cpu_ms_per_swap', '-'):>11} {r.get('swap_cpu_fixed_ms', '-'):>8} "
+            f"{r.get('bake_cpu_ms_per_s', '-'):>9} {r.get('drain_cpu_ms_per_s', '-'):>10}")
+    return out
+
+
+OVERHEAD_TARGET_MS = 50  # issue 16
+SWAP_CPU_TARGET_MS = 20
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 16's targets against this run's rows, one line each: "met" or
+    "NOT met" with the figures. The p99 floor is the best ratio of the
+    hand-made rows (b, c) measured in the same run."""
+    floor = [r["p99_ratio"] for r in rows if r["scenario"] in ("b", "c") and r["p99_ratio"]]
+    out = []
+    for r in rows:
+        if "overhead_ms" not in r:
+            continue
+        checks = [(f"overhead {r['overhead_ms']} ms < {OVERHEAD_TARGET_MS}",
+                   r["overhead_ms"] < OVERHEAD_TARGET_MS)]
+        if "swap_cpu_fixed_ms" in r:
+            checks.append((f"swap CPU {r['swap_cpu_fixed_ms']} ms < {SWAP_CPU_TARGET_MS} "
+                           f"(bake {r.get('bake_cpu_ms_per_s', '-')} ms/s, drain "
+                           f"{r.get('drain_cpu_ms_per_s', '-')} ms/s)",
+                           r["swap_cpu_fixed_ms"] < SWAP_CPU_TARGET_MS))
+        if floor and r["p99_ratio"]:
+            checks.append((f"p99 ratio {r['p99_ratio']} <= hand-made floor {min(floor)}",
+                           r["p99_ratio"] <= min(floor)))
+        for what, ok in checks:
+            out.append(f"{r['scenario']} {r['label']}: {what}: {'met' if ok else 'NOT met'}")
     return out
 
 
@@ -332,7 +372,15 @@ def main() -> int:
           "replacements / steady p99 (same run); repl. s: median wall time of one "
           "replacement as the operator runs it (CLI included, with zdd-agent's default bake, "
           "strategy.min_ready); bake s: of it, the bake; overhead: swap time - the new "
-          "version's start-up (exec to READY=1) - bake - drain, median")
+          "version's start-up (exec to READY=1) - bake - drain, median; CPU ms/swap: the "
+          "daemon process's CPU over the run / swaps; fixed ms: the swap thread's CPU "
+          "apart from the bake and the drain (cpu_ms in the result), median; bake/drain "
+          "ms/s: the swap thread's CPU per second of bake / drain")
+    lines = targets(rows)
+    if lines:
+        print("\ntargets (issue 16):")
+        for line in lines:
+            print("  " + line)
     if args.plot:
         plot_one_swap(args.plot, args.clients)
     if args.census:
