@@ -296,14 +296,22 @@ class Census:
             fams = {socket.AF_INET, socket.AF_INET6}
         return cls({port for _, port in entries}, sorted(fams), unix_paths)
 
+    def requests(self, states: int) -> list[bytes]:
+        """The dump requests of one look at our sockets in `states` (a bitmask
+        of 1 << TCP_x): one per family."""
+        out = []
+        for family in self.families:
+            self._seq += 1
+            out.append(_request(family, self._bytecode, self._seq, states))
+        return out
+
     def _dump(self, states: int) -> set[int]:
         inodes: set[int] = set()
         if not self.families:
             return inodes
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
-            for family in self.families:
-                self._seq += 1
-                s.send(_request(family, self._bytecode, self._seq, states))
+            for request in self.requests(states):
+                s.send(request)
                 self._collect(s, inodes)
         return inodes
 

@@ -23,7 +23,7 @@ last. Printed per scenario: failed requests per 1,000 replacements, p99
 during replacements over steady-state p99 (same run), the agent's overhead
 per swap (swap time minus the new version's own start-up, READY=1 after
 exec as systemd timed it, minus the drain), and the daemon's RSS and CPU.
-Then the census benchmark at 1k, 10k and 19k connections (bench/census.py)
+Then the census benchmark at 1k, 10k and 20k connections (bench/census.py)
 and a plot of one zdd-agent swap over time.
 
     .venv/bin/python bench/suite.py [--swaps 20] [--clients 64] [--only a,d]
@@ -354,7 +354,7 @@ def main() -> int:
     ap.add_argument("--only", default="a,b,c,d,e,f,g", help="scenarios, e.g. a,d")
     ap.add_argument("--json", type=Path, help="write every figure (and the series) here")
     ap.add_argument("--plot", type=Path, help="PNG of one zdd-agent swap (scenario d)")
-    ap.add_argument("--census", default="1000,10000,19000", help="census sizes ('' to skip)")
+    ap.add_argument("--census", default="1000,10000,20000", help="census sizes ('' to skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/suite.py boots sandboxed systemds: run it as root", file=sys.stderr)
