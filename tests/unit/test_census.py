@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import socket
 import struct
 import subprocess
 import sys
 import time
 
-from agent.census import INET_DIAG_BC_JMP, INET_DIAG_BC_S_EQ, Census, port_filter
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.census import (
+    INET_DIAG_BC_JMP,
+    INET_DIAG_BC_S_EQ,
+    SOCK_DIAG_BY_FAMILY,
+    Census,
+    _keep_dumped,
+    inode_column,
+    port_filter,
+    walk_inodes,
+)
+from agent.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR
+
+NLM_F_MULTI = 0x2
 
 HOLDER = r"""
 import socket, sys
@@ -155,3 +173,133 @@ def test_inodes_many_tells_which_connections_are_new() -> None:
     finally:
         for s in clients + accepted + [lst]:
             s.close()
+
+
+# ------------------------------------------------ parsing synthetic buffers
+# A dump's messages as the kernel lays them out (include/uapi/linux/inet_diag.h):
+# nlmsghdr, then struct inet_diag_msg (idiag_sport at +4, network order;
+# idiag_inode at +68), then attributes (zeros here), each message padded to 4.
+
+
+def diag(inode: int, sport: int = 8080, length: int = 124, mtype: int = SOCK_DIAG_BY_FAMILY,
+         flags: int = NLM_F_MULTI) -> bytes:
+    body = bytearray(max(length, 88) - 16)
+    body[0], body[1] = socket.AF_INET, 1
+    struct.pack_into("!H", body, 4, sport)
+    struct.pack_into("=I", body, 68, inode)
+    msg = NLMSGHDR.pack(length, mtype, flags, 1, 0) + bytes(body)
+    return msg.ljust((len(msg) + 3) & ~3, b"\0")
+
+
+DONE = NLMSGHDR.pack(20, NLMSG_DONE, NLM_F_MULTI, 1, 0) + b"\0" * 4
+
+
+def test_a_buffer_of_equal_messages_is_read_as_one_column() -> None:
+    buf = b"".join(diag(ino) for ino in (7, 0, 9, 12))
+    column = inode_column(buf, SOCK_DIAG_BY_FAMILY)
+    assert column is not None and list(column) == [7, 0, 9, 12]
+    # the kernel's filter kept only our ports, so the column is not checked
+    # for them; the walk, which reads each message, is
+    assert walk_inodes(buf, SOCK_DIAG_BY_FAMILY, frozenset({8080})) == ({7, 9, 12}, False)
+    assert walk_inodes(buf, SOCK_DIAG_BY_FAMILY, frozenset({80})) == (set(), False)
+
+
+@pytest.mark.parametrize("buf, why", [
+    (diag(1) + diag(2, length=132) + diag(3), "lengths differ"),
+    (diag(1) + diag(2, length=132), "lengths differ, yet the total divides by the first"),
+    (diag(1) + diag(2) + DONE, "NLMSG_DONE at the end"),
+    (diag(1) + diag(2, mtype=18), "another message type"),
+    (diag(1) + diag(2, flags=0), "other flags"),
+    (diag(1, length=123) + diag(2, length=123), "an unaligned length (padded)"),
+    (DONE, "NLMSG_DONE alone"),
+    (diag(1)[:100], "a short buffer"),
+])
+def test_any_other_buffer_is_walked_message_by_message(buf: bytes, why: str) -> None:
+    assert inode_column(buf, SOCK_DIAG_BY_FAMILY) is None, why
+
+
+def test_the_walk_ends_at_done_and_raises_the_kernels_error() -> None:
+    assert walk_inodes(diag(4) + diag(5, length=132) + DONE, SOCK_DIAG_BY_FAMILY,
+                       frozenset({8080})) == ({4, 5}, True)
+    error = NLMSGHDR.pack(36, NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -errno.EPERM) + b"\0" * 16
+    with pytest.raises(OSError) as e:
+        walk_inodes(diag(4) + error, SOCK_DIAG_BY_FAMILY, frozenset({8080}))
+    assert e.value.errno == errno.EPERM
+
+
+MESSAGES = st.lists(st.tuples(
+    st.integers(0, 2**32 - 1),                          # inode (0: in an accept queue)
+    st.sampled_from([8080, 8080, 9090, 1]),             # local port
+    st.sampled_from([124, 124, 124, 132, 88, 120, 123]),  # length: 123 is padded to 124
+    st.sampled_from([SOCK_DIAG_BY_FAMILY] * 4 + [18]),  # type
+    st.sampled_from([NLM_F_MULTI] * 4 + [0]),           # flags
+), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(MESSAGES, st.booleans())
+def test_the_column_is_taken_exactly_when_every_message_matches_the_first(
+        msgs: list[tuple[int, int, int, int, int]], done: bool) -> None:
+    """Over synthetic dump buffers: inode_column answers exactly for a buffer
+    of messages that all share the first one's length, type and flags (with
+    an aligned length and no NLMSG_DONE), and then gives each message's
+    inode in order; on such a buffer whose messages are all on our ports
+    (what the kernel's filter sends) it agrees with the message-by-message
+    walk, 0 aside."""
+    buf = b"".join(diag(*m) for m in msgs) + (DONE if done else b"")
+    ports = frozenset({8080, 9090})
+    column = inode_column(buf, SOCK_DIAG_BY_FAMILY)
+    first = msgs[0][2:]
+    uniform = not done and first[0] % 4 == 0 and first[1] == SOCK_DIAG_BY_FAMILY \
+        and all(m[2:] == first for m in msgs)
+    assert (column is not None) == uniform
+    walked, ended = walk_inodes(buf, SOCK_DIAG_BY_FAMILY, ports)
+    assert ended == done
+    assert walked == {ino for ino, port, _length, mtype, _flags in msgs
+                      if ino and port in ports and mtype == SOCK_DIAG_BY_FAMILY}
+    if column is not None:
+        assert list(column) == [m[0] for m in msgs]
+        if all(m[1] in ports for m in msgs):
+            assert set(column) - {0} == walked
+
+
+def test_keep_dumped_strikes_what_the_dump_no_longer_lists() -> None:
+    a, b, c = {1, 2, 3}, {3, 4}, {5}
+    before_c = c
+    _keep_dumped([a, b, c], [memoryview(struct.pack("=3I", 2, 3, 0)).cast("I"), {4, 99}])
+    assert (a, b, c) == ({2, 3}, {3, 4}, set())
+    assert c is before_c  # in place: the census's cached sets
+    _keep_dumped([], [[1]])  # nothing held: nothing to do
+
+
+def test_a_census_spanning_many_receive_buffers() -> None:
+    """A dump of hundreds of sockets comes in several buffers (at most 32 KiB
+    each), read as columns, and the last with NLMSG_DONE, walked."""
+    n = 700
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2 * n + 100:
+        pytest.skip(f"the open-files limit ({hard}) is below {2 * n + 100}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    p, port, clients = start_holder(n, "close")
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        census = Census.for_listen([("127.0.0.1", port)])
+        assert census.count([p.pid]) == n
+        both = Census.for_listen([("127.0.0.1", port)], own_sockets=True)
+        assert both.count_many({"holder": [p.pid], "me": [os.getpid()], "none": []}) == {
+            "holder": n, "me": 0, "none": 0}
+        for _ in range(3):
+            p.stdin.write("drop\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "dropped"
+        deadline = time.monotonic() + 5
+        while census.count([p.pid]) != n - 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert census.count([p.pid]) == n - 3
+        assert len(census.inodes_many({"h": [p.pid]})["h"]) == n - 3
+    finally:
+        stop_holder(p)
+        for c in clients:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
