@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from . import unixdiag
-from .netlink import NLMSG_DONE, NLMSG_ERROR, messages
+from .netlink import NLMSG_DONE, NLMSG_ERROR, messages, receive
 from .netlink import NLMSGHDR as _NLMSGHDR
 
 NETLINK_SOCK_DIAG = 4
@@ -187,7 +187,7 @@ def diag_raw(families: Iterable[int], states: int, ports: Iterable[int] = (), ex
             s.send(_request(family, bytecode, seq, states, ext))
             done = False
             while not done:
-                buf = s.recv(1 << 20)
+                buf = receive(s, "sock_diag dump")
                 for off, length, mtype in messages(buf, "sock_diag dump"):
                     if mtype == NLMSG_DONE:
                         done = True
@@ -399,7 +399,7 @@ class Census:
     def _collect(self, s: socket.socket, parts: list[Iterable[int]]) -> None:
         """Read one dump to its NLMSG_DONE, each buffer's inodes into `parts`."""
         while True:
-            buf = s.recv(1 << 20)
+            buf = receive(s, "sock_diag")
             if len(buf) < 16:
                 raise OSError("sock_diag: short read")
             column = inode_column(buf, SOCK_DIAG_BY_FAMILY)

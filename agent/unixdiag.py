@@ -27,7 +27,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .netlink import NLMSG_DONE, NLMSG_ERROR, messages
+from .netlink import NLMSG_DONE, NLMSG_ERROR, messages, receive
 from .netlink import NLMSGHDR as _NLMSGHDR
 
 NETLINK_SOCK_DIAG = 4
@@ -72,7 +72,7 @@ def _dump(states: int, show: int) -> Iterator[bytes]:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.send(request(states, show))
         while True:
-            buf = nl.recv(1 << 20)
+            buf = receive(nl, "unix_diag")
             if len(buf) < 16:
                 raise OSError("unix_diag: short read")
             # a dump's last buffer ends with NLMSG_DONE or holds the error alone

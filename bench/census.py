@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from agent.census import Census  # noqa: E402
+from agent.netlink import receive  # noqa: E402
 
 # Connections one process of the bench may hold, below the hard open-files
 # limit with room for the listener, the pipes and the interpreter's own.
@@ -104,7 +105,7 @@ def kernel_only(census: Census) -> Callable[[], int]:
             for request in census.requests(1 << 1):  # TCP_ESTABLISHED
                 s.send(request)
                 while True:
-                    buf = s.recv(1 << 20)
+                    buf = receive(s, "bench")
                     # a dump ends with NLMSG_DONE (type 3, 20 bytes), the last
                     # message of its buffer
                     if buf[-20:-14] == b"\x14\0\0\0\x03\0":

@@ -25,7 +25,7 @@ from agent.census import (
     port_filter,
     walk_inodes,
 )
-from agent.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR
+from agent.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, RECV_SIZE, receive
 
 NLM_F_MULTI = 0x2
 
@@ -303,3 +303,16 @@ def test_a_census_spanning_many_receive_buffers() -> None:
         for c in clients:
             c.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_datagram_too_large_to_read_whole_is_an_error_not_a_loss() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * RECV_SIZE)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * RECV_SIZE)
+        a.send(b"x" * RECV_SIZE)
+        assert receive(b, "test") == b"x" * RECV_SIZE
+        a.send(b"y" * (RECV_SIZE + 1))
+        with pytest.raises(OSError) as e:
+            receive(b, "test")
+        assert e.value.errno == errno.EMSGSIZE
