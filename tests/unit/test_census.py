@@ -23,6 +23,7 @@ from agent.census import (
     _keep_dumped,
     inode_column,
     port_filter,
+    port_match,
     walk_inodes,
 )
 from agent.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, RECV_SIZE, receive
@@ -52,6 +53,54 @@ def test_port_filter_bytecode() -> None:
     # goes to the next test; the last one jumps past the end (reject)
     assert ops == [(INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 8080), (INET_DIAG_BC_JMP, 4, 12),
                    (INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 9090)]
+
+
+def test_one_port_is_matched_by_the_request_itself_several_by_bytecode() -> None:
+    est, bound_only = 1 << 1, 1 << 13
+    assert port_match([8080], est) == (b"", 8080)
+    assert port_match([8080, 9090], est) == (port_filter([8080, 9090]), 0)
+    assert port_match([], est) == (b"", 0)  # every port
+    assert port_match([0], est) == (port_filter([0]), 0)  # idiag_sport 0 would mean any
+    # the kernel's walk of bound-only sockets does not look at idiag_sport
+    assert port_match([8080], est | bound_only) == (port_filter([8080]), 0)
+
+
+def test_the_kernel_keeps_only_our_port_for_one_port_and_for_several() -> None:
+    """Listeners and connections on two ports: a census of one port sees that
+    port's listener and connections only (idiag_sport in the request), a
+    census of both sees both (bytecode)."""
+    socks: list[socket.socket] = []
+    listeners = []
+    accepted: dict[int, set[int]] = {}
+    try:
+        for _ in range(2):
+            lst = socket.socket()
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(8)
+            socks.append(lst)
+            listeners.append(lst)
+            port = lst.getsockname()[1]
+            accepted[port] = set()
+            for _ in range(3):
+                socks.append(socket.create_connection(("127.0.0.1", port)))
+                conn = lst.accept()[0]
+                socks.append(conn)
+                accepted[port].add(os.fstat(conn.fileno()).st_ino)
+        a, b = accepted  # the two ports
+
+        def ino(s: socket.socket) -> int:
+            return os.fstat(s.fileno()).st_ino
+
+        one = Census.for_listen([("127.0.0.1", a)])
+        assert one.listener_inodes() == {ino(listeners[0])}
+        assert one.established_inodes() == accepted[a]
+        assert one.count([os.getpid()]) == 3
+        both = Census.for_listen([("127.0.0.1", a), ("127.0.0.1", b)])
+        assert both.listener_inodes() == {ino(lst) for lst in listeners}
+        assert both.established_inodes() == accepted[a] | accepted[b]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start_holder(n: int, mode: str) -> tuple[subprocess.Popen[str], int, list[socket.socket]]:
