@@ -102,7 +102,7 @@ def kernel_only(census: Census) -> Callable[[], int]:
     a poll costs before any Python looks at a message."""
     def dump() -> int:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as s:
-            for request in census.requests(1 << 1):  # TCP_ESTABLISHED
+            for request, _reply in census.requests(1 << 1):  # TCP_ESTABLISHED
                 s.send(request)
                 while True:
                     buf = receive(s, "bench")

@@ -19,6 +19,7 @@ from agent.census import (
     INET_DIAG_BC_JMP,
     INET_DIAG_BC_S_EQ,
     SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
     Census,
     _keep_dumped,
     inode_column,
@@ -190,6 +191,69 @@ def test_dual_stack_listener_of_a_program_binding_its_own() -> None:
         assert Census.for_listen([("127.0.0.1", port)]).count([os.getpid()]) == 0
     finally:
         for s in clients + accepted + [lst]:
+            s.close()
+
+
+def dual_stack_pairs(v4: int, v6: int) -> tuple[int, list[socket.socket], set[int]]:
+    """Listeners on 127.0.0.1:P and [::1]:P, with v4 and v6 connections
+    accepted here: (P, every socket, the accepted sockets' inodes)."""
+    l4 = socket.socket()
+    l4.bind(("127.0.0.1", 0))
+    port = l4.getsockname()[1]
+    l6 = socket.socket(socket.AF_INET6)
+    l6.bind(("::1", port))
+    socks = [l4, l6]
+    mine = set()
+    for lst, host, n in ((l4, "127.0.0.1", v4), (l6, "::1", v6)):
+        lst.listen(8)
+        for _ in range(n):
+            socks.append(socket.create_connection((host, port)))
+            conn = lst.accept()[0]
+            socks.append(conn)
+            mine.add(os.fstat(conn.fileno()).st_ino)
+    return port, socks, mine
+
+
+def test_both_families_in_one_dump_or_one_per_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Census, "both_in_one", True)
+    port, socks, mine = dual_stack_pairs(3, 2)
+    try:
+        census = Census.for_listen([("127.0.0.1", port)], own_sockets=True)
+        assert [reply for _, reply in census.requests(1 << 1)] == [TCPDIAG_GETSOCK]
+        assert census.established_inodes() == mine
+        assert census.count([os.getpid()]) == 5
+        assert len(census.listener_inodes()) == 2  # of both families, in one dump
+        monkeypatch.setattr(Census, "both_in_one", False)
+        assert [reply for _, reply in census.requests(1 << 1)] == [SOCK_DIAG_BY_FAMILY] * 2
+        assert census.established_inodes() == mine
+        assert Census.for_listen([("127.0.0.1", port)], own_sockets=True).count(
+            [os.getpid()]) == 5
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_kernel_that_refuses_the_one_dump_gets_one_per_family(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request type the kernel does not know is refused with EINVAL, as
+    TCPDIAG_GETSOCK would be by a kernel without it: the census falls back
+    to a dump per family, for good, and counts the same."""
+    import agent.census as census_module
+
+    def unknown_type(bytecode: bytes, seq: int, states: int, sport: int = 0) -> bytes:
+        req = census_module._request(socket.AF_INET, bytecode, seq, states, sport=sport)
+        return req[:4] + struct.pack("=H", 99) + req[6:]
+
+    monkeypatch.setattr(Census, "both_in_one", True)
+    monkeypatch.setattr(census_module, "_request_both", unknown_type)
+    port, socks, mine = dual_stack_pairs(2, 2)
+    try:
+        census = Census.for_listen([("127.0.0.1", port)], own_sockets=True)
+        assert census.count([os.getpid()]) == 4
+        assert Census.both_in_one is False
+        assert census.established_inodes() == mine
+    finally:
+        for s in socks:
             s.close()
 
 
