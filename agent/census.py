@@ -113,21 +113,29 @@ def _request(family: int, bytecode: bytes, seq: int, states: int, ext: int = 0,
 
 def fd_inodes(pid: int) -> dict[str, int]:
     """fd -> socket inode for one process (threads share the table); {} for a
-    process that is gone or not ours to read."""
-    base = f"/proc/{pid}/fd/"
+    process that is gone or not ours to read. Each link is read relative to
+    the open fd directory (readlinkat): the kernel then looks up one name,
+    not /proc, the pid and fd again for every descriptor (12% of a walk)."""
     try:
-        names = os.listdir(base)
+        fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return {}
     found: dict[str, int] = {}
     readlink = os.readlink
-    for fd in names:
+    try:
         try:
-            target = readlink(base + fd)
-        except OSError:
-            continue  # closed since listdir
-        if target.startswith("socket:["):
-            found[fd] = int(target[8:-1])
+            names = os.listdir(fd_dir)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return {}
+        for fd in names:
+            try:
+                target = readlink(fd, dir_fd=fd_dir)
+            except OSError:
+                continue  # closed since listdir
+            if target.startswith("socket:["):
+                found[fd] = int(target[8:-1])
+    finally:
+        os.close(fd_dir)
     return found
 
 

@@ -22,6 +22,7 @@ from agent.census import (
     TCPDIAG_GETSOCK,
     Census,
     _keep_dumped,
+    fd_inodes,
     inode_column,
     port_filter,
     port_match,
@@ -102,6 +103,22 @@ def test_the_kernel_keeps_only_our_port_for_one_port_and_for_several() -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def test_fd_inodes_lists_the_sockets_of_a_process() -> None:
+    sock = socket.socket()
+    r, w = os.pipe()
+    try:
+        found = fd_inodes(os.getpid())
+        assert found[str(sock.fileno())] == os.fstat(sock.fileno()).st_ino
+        assert str(r) not in found and str(w) not in found  # a pipe is no socket
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        assert fd_inodes(dead.pid) == {}  # gone (and reaped)
+    finally:
+        sock.close()
+        os.close(r)
+        os.close(w)
 
 
 def start_holder(n: int, mode: str) -> tuple[subprocess.Popen[str], int, list[socket.socket]]:
