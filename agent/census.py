@@ -22,7 +22,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 from . import unixdiag
 from .netlink import NLMSG_DONE, NLMSG_ERROR, messages, receive
@@ -203,42 +202,85 @@ def msg_cookie(buf: bytes, off: int) -> int:
     return lo | hi << 32
 
 
-def _request_both(bytecode: bytes, seq: int, states: int, sport: int = 0) -> bytes:
-    """A TCPDIAG_GETSOCK dump request: the kernel dumps it as AF_UNSPEC
-    (net/ipv4/inet_diag.c, inet_diag_dump_compat), AF_INET and AF_INET6
-    sockets in one walk of its tables, where SOCK_DIAG_BY_FAMILY takes one
-    dump, and one walk, per family. Its replies carry its type."""
-    req = _REQ_V1.pack(0, 0, 0, 0, struct.pack("!H", sport) + b"\0" * 46, states, 0)
+def _request_both(bytecode: bytes, seq: int, states: int, ext: int = 0, sport: int = 0) -> bytes:
+    """A TCPDIAG_GETSOCK dump request (struct inet_diag_req, from before
+    sock_diag): the kernel dumps it as AF_UNSPEC (net/ipv4/inet_diag.c,
+    inet_diag_dump_compat), AF_INET and AF_INET6 sockets in one walk of its
+    tables. Its replies carry its type."""
+    req = _REQ_V1.pack(0, 0, 0, ext, struct.pack("!H", sport) + b"\0" * 46, states, 0)
     attr = _NLATTR.pack(4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode if bytecode else b""
     body = req + attr
     return _NLMSGHDR.pack(16 + len(body), TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP,
                           seq, 0) + body
 
 
+@dataclass
+class _Support:
+    """What the running kernel was found to refuse, for the rest of the process."""
+
+    both_in_one: bool = True  # one TCPDIAG_GETSOCK dump for AF_INET and AF_INET6
+
+
+KERNEL = _Support()
+
+
+def dump_requests(families: Iterable[int], states: int, ports: Iterable[int] = (),
+                  ext: int = 0, seq: int = 1) -> list[tuple[bytes, int]]:
+    """The requests of a dump of the TCP sockets of `families` in `states` on
+    `ports` (port_match), each with its replies' message type: one request
+    for both families where the kernel takes it (_request_both), else one
+    SOCK_DIAG_BY_FAMILY request per family. Every dump walks the kernel's
+    whole established table, whatever it keeps (2 ms empty and 0.25 us a
+    socket here), so a dump per family cost a walk per family."""
+    bytecode, sport = port_match(ports, states)
+    families = tuple(families)
+    if KERNEL.both_in_one and set(families) == {socket.AF_INET, socket.AF_INET6}:
+        return [(_request_both(bytecode, seq, states, ext, sport), TCPDIAG_GETSOCK)]
+    return [(_request(family, bytecode, seq + i, states, ext, sport), SOCK_DIAG_BY_FAMILY)
+            for i, family in enumerate(families)]
+
+
+def refused(buf: bytes, reply: int) -> bool:
+    """Whether `buf`, the first reply to a request of `reply`'s type, is the
+    kernel refusing TCPDIAG_GETSOCK: EOPNOTSUPP (net/core/sock_diag.c,
+    sock_diag_rcv_msg, without inet_diag's compat handler) or EINVAL (a type
+    it does not know). Every dump then asks per family (KERNEL)."""
+    if reply != TCPDIAG_GETSOCK or len(buf) < 20 or _NLMSGHDR.unpack_from(buf, 0)[1] != NLMSG_ERROR:
+        return False
+    if -struct.unpack_from("=i", buf, 16)[0] not in (errno.EOPNOTSUPP, errno.EINVAL):
+        return False
+    KERNEL.both_in_one = False
+    return True
+
+
 def diag_raw(families: Iterable[int], states: int, ports: Iterable[int] = (), ext: int = 0,
              inodes: set[int] | None = None, cookies: set[int] | None = None,
              nl: socket.socket | None = None) -> Iterator[tuple[bytes, int, int]]:
-    """The messages of a SOCK_DIAG_BY_FAMILY dump (sock_diag(7)), undecoded:
+    """The messages of a sock_diag dump (sock_diag(7)), undecoded:
     (buffer, offset of the nlmsghdr, length) for each TCP socket of
     `families` in the `states` bitmask (1 << TCP_x) whose local port is in
     `ports` (all ports if empty), optionally only those whose inode is in
     `inodes` or whose cookie is in `cookies` (read at their fixed offsets).
-    One dump per family, on `nl` or a socket of its own. Raises OSError
-    with the kernel's errno on NLMSG_ERROR (a shared `nl` may then hold the
-    rest of that dump: discard it)."""
-    bytecode, sport = port_match(ports, states)
+    One dump for both families, or one per family (dump_requests), on `nl`
+    or a socket of its own. Raises OSError with the kernel's errno on
+    NLMSG_ERROR (a shared `nl` may then hold the rest of that dump: discard
+    it)."""
     own = nl is None
     s = nl or socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
     try:
-        for seq, family in enumerate(families, 1):
-            s.send(_request(family, bytecode, seq, states, ext, sport))
-            done = False
+        for request, reply in dump_requests(families, states, ports, ext):
+            s.send(request)
+            first, done = True, False
             while not done:
                 buf = receive(s, "sock_diag dump")
+                if first and refused(buf, reply):
+                    yield from diag_raw(families, states, ports, ext, inodes, cookies, s)
+                    return
+                first = False
                 for off, length, mtype in messages(buf, "sock_diag dump"):
                     if mtype == NLMSG_DONE:
                         done = True
-                    elif mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_MIN and (
+                    elif mtype == reply and length >= _MSG_MIN and (
                             inodes is None or _INODE.unpack_from(buf, off + 84)[0] in inodes) \
                             and (cookies is None or msg_cookie(buf, off) in cookies):
                         yield buf, off, length
@@ -364,9 +406,6 @@ class Census:
     (_keep_dumped). A group that still listens is walked again at each count.
     """
 
-    # One TCPDIAG_GETSOCK dump for both families, until the kernel refuses it.
-    both_in_one: ClassVar[bool] = True
-
     def __init__(self, ports: Iterable[int], families: Iterable[int] = (socket.AF_INET,
                                                                           socket.AF_INET6),
                  unix_paths: Iterable[str] = ()) -> None:
@@ -405,20 +444,9 @@ class Census:
 
     def requests(self, states: int) -> list[tuple[bytes, int]]:
         """The dump requests of one look at our sockets in `states` (a bitmask
-        of 1 << TCP_x), each with the message type of its replies: one for
-        both families where the kernel takes it (_request_both: every dump
-        walks the whole table, 2 ms empty and 0.3 us a socket here, whatever
-        it keeps), else one per family."""
-        bytecode, sport = port_match(self.ports, states)
-        self._seq += 1
-        if self.both_in_one and set(self.families) == {socket.AF_INET, socket.AF_INET6}:
-            return [(_request_both(bytecode, self._seq, states, sport), TCPDIAG_GETSOCK)]
-        out = []
-        for family in self.families:
-            self._seq += 1
-            out.append((_request(family, bytecode, self._seq, states, sport=sport),
-                        SOCK_DIAG_BY_FAMILY))
-        return out
+        of 1 << TCP_x), each with its replies' message type (dump_requests)."""
+        self._seq += 2
+        return dump_requests(self.families, states, self.ports, seq=self._seq)
 
     def _dump(self, states: int) -> list[Iterable[int]]:
         """The inodes of our sockets in `states`, in parts: one per receive
@@ -426,21 +454,11 @@ class Census:
         parts: list[Iterable[int]] = []
         if not self.families:
             return parts
-        requests = self.requests(states)
-        try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
-                for request, reply in requests:
-                    s.send(request)
-                    self._collect(s, reply, parts)
-        except OSError as e:
-            # a kernel without the old request: EOPNOTSUPP (net/core/sock_diag.c,
-            # sock_diag_rcv_msg, without inet_diag's compat handler), EINVAL
-            # (a type it no longer knows); one dump per family from now on
-            if requests[0][1] != TCPDIAG_GETSOCK or e.errno not in (errno.EOPNOTSUPP,
-                                                                    errno.EINVAL):
-                raise
-            Census.both_in_one = False
-            return self._dump(states)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
+            for request, reply in self.requests(states):
+                s.send(request)
+                if not self._collect(s, reply, parts):
+                    return self._dump(states)  # refused: a dump per family from now on
         return parts
 
     def _established(self) -> list[Iterable[int]]:
@@ -463,13 +481,18 @@ class Census:
             inodes.update(s.inode for s in unixdiag.listening(self.unix_paths))
         return inodes
 
-    def _collect(self, s: socket.socket, reply: int, parts: list[Iterable[int]]) -> None:
+    def _collect(self, s: socket.socket, reply: int, parts: list[Iterable[int]]) -> bool:
         """Read one dump to its NLMSG_DONE, the inodes of each buffer's
-        messages of type `reply` into `parts`."""
+        messages of type `reply` into `parts`; False if the kernel refused
+        the request (refused)."""
+        first = True
         while True:
             buf = receive(s, "sock_diag")
             if len(buf) < 16:
                 raise OSError("sock_diag: short read")
+            if first and refused(buf, reply):
+                return False
+            first = False
             column = inode_column(buf, reply)
             if column is not None:  # the kernel's filter already kept only our ports
                 parts.append(column)
@@ -477,7 +500,7 @@ class Census:
             found, done = walk_inodes(buf, reply, self.ports)
             parts.append(found)
             if done:
-                return
+                return True
 
     def unix_peers(self, inodes: set[int]) -> dict[int, int]:
         """server-side inode -> client-side inode, for some of the connections

@@ -89,9 +89,9 @@ def _from_msg(m: DiagMsg) -> ListenSocket:
 
 def listening(ports: Iterable[int], families: Iterable[int] = FAMILIES) -> list[ListenSocket]:
     """All TCP sockets in LISTEN whose local port is in `ports`, AF_INET and
-    AF_INET6: one SOCK_DIAG_BY_FAMILY dump per family, filtered in the kernel
-    by census.port_filter's bytecode. [] for no ports (an empty filter would
-    mean every port). Raises OSError if netlink fails."""
+    AF_INET6: one sock_diag dump for both (census.dump_requests), filtered
+    in the kernel by port (census.port_match). [] for no ports (an empty
+    filter would mean every port). Raises OSError if netlink fails."""
     ports = set(ports)
     if not ports:
         return []

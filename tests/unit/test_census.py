@@ -19,8 +19,10 @@ from agent.census import (
     INET_DIAG_BC_JMP,
     INET_DIAG_BC_S_EQ,
     SOCK_DIAG_BY_FAMILY,
+    KERNEL,
     TCPDIAG_GETSOCK,
     Census,
+    diag_dump,
     _keep_dumped,
     fd_inodes,
     inode_column,
@@ -232,7 +234,7 @@ def dual_stack_pairs(v4: int, v6: int) -> tuple[int, list[socket.socket], set[in
 
 
 def test_both_families_in_one_dump_or_one_per_family(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Census, "both_in_one", True)
+    monkeypatch.setattr(KERNEL, "both_in_one", True)
     port, socks, mine = dual_stack_pairs(3, 2)
     try:
         census = Census.for_listen([("127.0.0.1", port)], own_sockets=True)
@@ -240,11 +242,16 @@ def test_both_families_in_one_dump_or_one_per_family(monkeypatch: pytest.MonkeyP
         assert census.established_inodes() == mine
         assert census.count([os.getpid()]) == 5
         assert len(census.listener_inodes()) == 2  # of both families, in one dump
-        monkeypatch.setattr(Census, "both_in_one", False)
+        both = diag_dump((socket.AF_INET, socket.AF_INET6), 1 << 1, [port])
+        assert {m.inode for m in both} == mine and {m.family for m in both} == {
+            socket.AF_INET, socket.AF_INET6}
+        monkeypatch.setattr(KERNEL, "both_in_one", False)
         assert [reply for _, reply in census.requests(1 << 1)] == [SOCK_DIAG_BY_FAMILY] * 2
         assert census.established_inodes() == mine
         assert Census.for_listen([("127.0.0.1", port)], own_sockets=True).count(
             [os.getpid()]) == 5
+        assert {m.inode for m in diag_dump((socket.AF_INET, socket.AF_INET6), 1 << 1,
+                                           [port])} == {m.inode for m in both}
     finally:
         for s in socks:
             s.close()
@@ -253,22 +260,27 @@ def test_both_families_in_one_dump_or_one_per_family(monkeypatch: pytest.MonkeyP
 def test_a_kernel_that_refuses_the_one_dump_gets_one_per_family(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A request type the kernel does not know is refused with EINVAL, as
-    TCPDIAG_GETSOCK would be by a kernel without it: the census falls back
-    to a dump per family, for good, and counts the same."""
+    TCPDIAG_GETSOCK would be by a kernel without it: the census and
+    diag_raw fall back to a dump per family, for good, and find the same."""
     import agent.census as census_module
 
-    def unknown_type(bytecode: bytes, seq: int, states: int, sport: int = 0) -> bytes:
-        req = census_module._request(socket.AF_INET, bytecode, seq, states, sport=sport)
+    def unknown_type(bytecode: bytes, seq: int, states: int, ext: int = 0,
+                     sport: int = 0) -> bytes:
+        req = census_module._request(socket.AF_INET, bytecode, seq, states, ext, sport)
         return req[:4] + struct.pack("=H", 99) + req[6:]
 
-    monkeypatch.setattr(Census, "both_in_one", True)
     monkeypatch.setattr(census_module, "_request_both", unknown_type)
     port, socks, mine = dual_stack_pairs(2, 2)
     try:
+        monkeypatch.setattr(KERNEL, "both_in_one", True)
         census = Census.for_listen([("127.0.0.1", port)], own_sockets=True)
         assert census.count([os.getpid()]) == 4
-        assert Census.both_in_one is False
+        assert KERNEL.both_in_one is False
         assert census.established_inodes() == mine
+        monkeypatch.setattr(KERNEL, "both_in_one", True)
+        found = diag_dump((socket.AF_INET, socket.AF_INET6), 1 << 1, [port])
+        assert KERNEL.both_in_one is False
+        assert {m.inode for m in found} == mine and len(found) == 4
     finally:
         for s in socks:
             s.close()
