@@ -83,8 +83,8 @@ def port_match(ports: Iterable[int], states: int) -> tuple[bytes, int]:
     (bytecode, sport) for _request. One port goes in the request's own
     inet_diag_sockid: the kernel compares idiag_sport with each socket's
     port in its walks of the listening and established tables before it
-    runs any bytecode (net/ipv4/tcp_diag.c, tcp_diag_dump; inet_diag.c,
-    inet_diag_dump_icsk before 6.x), which spares the bytecode interpreter
+    runs any bytecode (net/ipv4/tcp_diag.c, tcp_diag_dump; on older kernels
+    inet_diag.c, inet_diag_dump_icsk), which spares the bytecode interpreter
     on every other socket of the host (1-1.5 ms a dump at 40,000 sockets).
     Several ports need the bytecode, and so does the walk of bound-only
     sockets (TCP_BOUND_INACTIVE), which does not look at idiag_sport. No
