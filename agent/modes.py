@@ -232,10 +232,10 @@ def waiting(ports: set[int] | tuple[int, ...], pids: list[int] | None = None) ->
 
 
 QUIET_SETTLE = 1.0  # seconds a count may stay flat before it is taken as final
-# seconds between two looks: each look is two or three sock_diag dumps, and
-# each dump walks the kernel's whole established hash, whatever it holds
-# (262,144 buckets here: 14 ms of kernel CPU a family, measured), so 50 ms
-# polls kept most of a core busy for the wait
+# seconds between two looks: each look is sock_diag dumps, and each dump
+# walks the kernel's whole established hash (2.3 ms for its 262,144 empty
+# buckets here, plus 0.25 us for every TCP socket of the host, any network
+# namespace: docs/benchmarks.md), so 50 ms polls kept a core busy for the wait
 QUIET_POLL = 0.2
 
 
