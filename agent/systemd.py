@@ -72,22 +72,17 @@ def bus_class(name: str) -> type:
 
         base = getattr(dbuslib, name)
 
-        class Bus(base):  # type: ignore[valid-type,misc]
-            def call_method(self, *args: Any, **kwargs: Any) -> Any:
+        def deferring(method: Any) -> Any:
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
                 previous = signals.block()
                 try:
-                    return super().call_method(*args, **kwargs)
+                    return method(self, *args, **kwargs)
                 finally:
                     signals.restore(previous)
+            return call
 
-            def get_property(self, *args: Any, **kwargs: Any) -> Any:
-                previous = signals.block()
-                try:
-                    return super().get_property(*args, **kwargs)
-                finally:
-                    signals.restore(previous)
-
-        Bus.__name__ = Bus.__qualname__ = f"Deferring{name}"
+        Bus = type(f"Deferring{name}", (base,), {
+            m: deferring(getattr(base, m)) for m in ("call_method", "get_property")})
         _BUS_CLASSES[name] = Bus
     return _BUS_CLASSES[name]
 
