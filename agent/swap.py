@@ -163,6 +163,7 @@ class Swap:
                  emit: Emit | None = None, intent: Intent | None = None,
                  interrupted: Callable[[], bool] | None = None) -> None:
         self.svc, self.ops, self.clock = svc, ops, clock
+        self._cpu0 = 0.0  # this thread's CPU time when run() or recover() began
         self.host = Host(svc, ops, clock, emit or (lambda kind, data: None),
                          self._interrupt_now)
         # Persists (old, new, phase, extra) BEFORE each phase acts, so that an
@@ -485,9 +486,7 @@ class Swap:
     def _took(self, res: SwapResult, t0: float) -> None:
         """The swap's wall time and this thread's CPU time (ms) so far."""
         res.seconds = self.clock.monotonic() - t0
-        start = getattr(self, "_cpu0", None)
-        if start is not None:
-            res.cpu_ms["total"] = round((time.thread_time() - start) * 1000, 1)
+        res.cpu_ms["total"] = round((time.thread_time() - self._cpu0) * 1000, 1)
 
     def _start(self, instance: str, ctx: _Rollout) -> None:
         st = self.ops.status(instance)
