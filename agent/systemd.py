@@ -8,6 +8,7 @@ nothing: the journal.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -59,12 +60,46 @@ def exit_description(code: int, status: int) -> str:
 
 _BUS_CLASSES: dict[str, type] = {}
 
+# how a call fails when systemd closed the connection (daemon-reexec, a package
+# upgrade's reexec) or does not listen yet: pystemd's class for the D-Bus error
+# name sd-bus gives a dropped connection, or for a bare errno (negative; only
+# pystemd's base class: a reply's error, e.g. NoSuchUnit, carries an errno too)
+_GONE_CLASSES = frozenset({"DBusDisconnectedError", "DBusConnectionRefusedError"})
+_GONE_ERRNOS = frozenset(-e for e in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE,
+                                      errno.ESHUTDOWN, errno.ECONNREFUSED))
+# methods whose second sending is a second action, not the same one:
+# StartTransientUnit in mode "fail" (the unit exists after the first),
+# KillUnit (two signals)
+NOT_RESENT = frozenset({b"StartTransientUnit", b"KillUnit"})
+# how long a re-executing systemd may take to listen again; sd_bus_call's
+# own default timeout is 25 s
+RECONNECT_S = 30.0
+
+
+def _gone(e: BaseException, opening: bool = False) -> bool:
+    """Whether `e` says the connection is gone (not what systemd answered);
+    opening: also a socket that is not there (ENOENT while systemd binds it
+    again), which only connecting can meet."""
+    name = type(e).__name__
+    return (name in _GONE_CLASSES
+            or (name == "DBusBaseError" and getattr(e, "errno", None) in _GONE_ERRNOS)
+            or (opening and name == "DBusFileNotFoundError"))
+
 
 def bus_class(name: str) -> type:
     """pystemd.dbuslib's `name` (DBus, DBusAddress) whose method calls and
-    property reads hold the agent's signals back until the reply came
-    (signals.deferred): sd_bus_call would otherwise fail with EINTR when
-    one arrives, after systemd got the request."""
+    property reads
+
+    - hold the agent's signals back until the reply came
+      (signals.deferred): sd_bus_call would otherwise fail with EINTR when
+      one arrives, after systemd got the request;
+    - survive systemd re-executing: it closes every connection of its
+      private socket and listens again when it has deserialized its state
+      (systemctl daemon-reexec, the upgrade of the systemd package). The
+      call is sent again on a new connection, opened within RECONNECT_S
+      seconds; reads and jobs in mode "replace" are the same request twice,
+      the calls in NOT_RESENT are not sent again.
+    Errors: pystemd's DBus*Error."""
     if name not in _BUS_CLASSES:
         from pystemd import dbuslib
 
@@ -72,17 +107,53 @@ def bus_class(name: str) -> type:
 
         base = getattr(dbuslib, name)
 
-        def deferring(method: Any) -> Any:
-            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-                previous = signals.block()
+        def call_once(method: Any, self: Any, args: tuple, kwargs: dict) -> Any:
+            previous = signals.block()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                signals.restore(previous)
+
+        def open_(self: Any) -> None:
+            self._live = True  # sd_bus_new()'d even when the connection then fails
+            call_once(base.open, self, (), {})
+
+        def close(self: Any) -> None:
+            """sd_bus_close + unref once per open(): pystemd keeps the freed
+            pointer, and a second unref would free it again."""
+            if getattr(self, "_live", False):
+                self._live = False
+                base.close(self)
+
+        def reopen(self: Any, deadline: float) -> None:
+            """A new connection in place of the broken one, tried until the
+            deadline (time.monotonic())."""
+            while True:
+                close(self)
                 try:
-                    return method(self, *args, **kwargs)
-                finally:
-                    signals.restore(previous)
+                    open_(self)
+                    return
+                except Exception as e:
+                    if not _gone(e, opening=True) or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.05)
+
+        def surviving(method: Any, resend: Any) -> Any:
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+                deadline = time.monotonic() + RECONNECT_S
+                while True:
+                    try:
+                        return call_once(method, self, args, kwargs)
+                    except Exception as e:
+                        if not _gone(e) or not resend(args) or time.monotonic() > deadline:
+                            raise
+                    reopen(self, deadline)
             return call
 
         Bus = type(f"Deferring{name}", (base,), {
-            m: deferring(getattr(base, m)) for m in ("call_method", "get_property")})
+            "open": open_, "close": close,
+            "call_method": surviving(base.call_method, lambda a: a[3] not in NOT_RESENT),
+            "get_property": surviving(base.get_property, lambda a: True)})
         _BUS_CLASSES[name] = Bus
     return _BUS_CLASSES[name]
 
@@ -122,29 +193,15 @@ class Systemd:
             self._units.clear()
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        """fn(*args); a Manager method given by name is retried once on a new
-        connection: systemd closes its private socket's connections when it
-        re-executes (daemon-reexec, a package upgrade), and a swap in flight
-        must not fail for that. Manager calls are idempotent (jobs in mode
-        "replace", enable/disable, reads)."""
-        for attempt in (1, 2):
-            call = getattr(self._manager.Manager, fn) if isinstance(fn, str) else fn
-            try:
-                return call(*args)
-            except Exception as e:
-                if attempt == 1 and isinstance(fn, str) and self._reconnect():
-                    continue
-                msg = _s(getattr(e, "args", [e])[0]) if e.args else e
-                raise SystemdError(f"{what}: {msg}") from e
-
-    def _reconnect(self) -> bool:
-        """A fresh connection to the manager; False when there is none to be had."""
+        """fn(*args), a Manager method given by name or a callable; its
+        error as SystemdError("what: ..."). (A connection systemd closed
+        as it re-executed is replaced underneath: bus_class.)"""
+        call = getattr(self._manager.Manager, fn) if isinstance(fn, str) else fn
         try:
-            self.__exit__(None, None, None)
-            self.__enter__()
-            return True
-        except Exception:
-            return False
+            return call(*args)
+        except Exception as e:
+            msg = _s(getattr(e, "args", [e])[0]) if e.args else e
+            raise SystemdError(f"{what}: {msg}") from e
 
     # ------------------------------------------------------------ unit files
 

@@ -15,49 +15,83 @@ def test_exit_description_from_exec_main_code_and_status(code: int, status: int,
     assert exit_description(code, status) == words
 
 
-def _slow_peer(path: str, delay: float) -> int:
+def _peer(path: str, *acts: tuple[str, float]) -> int:
     """A D-Bus peer on a Unix socket at `path`, in a child process (pystemd
-    holds the GIL inside sd_bus_call): it takes the client's SASL EXTERNAL
-    handshake, answers the first method call with an empty method return
-    `delay` seconds later (D-Bus specification, "Message Format"), and
-    exits. Returns its PID."""
+    holds the GIL inside sd_bus_call). For each act in turn:
+    ("reply", s): accept a connection, take the client's SASL EXTERNAL
+    handshake, answer its first method call with an empty method return s
+    seconds later (D-Bus specification, "Message Format"); ("drop", 0): the
+    same, but close the connection instead of answering (systemd
+    re-executing); ("gone", s): remove the socket for s seconds (systemd
+    not listening yet). Each call it read is appended to `path`.log.
+    Returns its PID."""
     import os
     import socket
     import struct
     import time
 
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(path)
-    srv.listen(1)
+    def listen() -> socket.socket:
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen(4)
+        return srv
+
+    srv = listen()
     pid = os.fork()
     if pid:
         srv.close()
         return pid
     try:
-        conn, _ = srv.accept()
-        conn.settimeout(10)
-        buf = b""
-        while b"BEGIN\r\n" not in buf:  # sd-bus sends its lines at once
-            buf += conn.recv(4096)
-        for line in buf.split(b"BEGIN\r\n")[0].lstrip(b"\0").split(b"\r\n"):
-            if line == b"AUTH EXTERNAL":  # no initial response: the DATA line has it
-                conn.sendall(b"DATA\r\n")
-            elif line.startswith((b"AUTH EXTERNAL ", b"DATA")):
-                conn.sendall(b"OK " + b"0" * 32 + b"\r\n")
-            elif line == b"NEGOTIATE_UNIX_FD":
-                conn.sendall(b"AGREE_UNIX_FD\r\n")
-        msg = buf.split(b"BEGIN\r\n", 1)[1]
-        while len(msg) < 16:
-            msg += conn.recv(4096)
-        serial = struct.unpack_from("<I", msg, 8)[0]
-        time.sleep(delay)
-        # header field REPLY_SERIAL (5), variant of signature "u"
-        fields = struct.pack("<BBBBI", 5, 1, ord("u"), 0, serial)
-        reply = struct.pack("<ccBBIII", b"l", b"\x02", 0, 1, 0, 1, len(fields)) + fields
-        conn.sendall(reply + b"\0" * (-len(reply) % 8))
+        conn, msg = None, b""
+        for act, s in acts:
+            if act == "gone":
+                srv.close()
+                os.unlink(path)
+                time.sleep(s)
+                srv = listen()
+                continue
+            if conn is None:
+                conn, _ = srv.accept()
+                conn.settimeout(10)
+                buf = b""
+                while b"BEGIN\r\n" not in buf:  # sd-bus sends its lines at once
+                    buf += conn.recv(4096)
+                for line in buf.split(b"BEGIN\r\n")[0].lstrip(b"\0").split(b"\r\n"):
+                    if line == b"AUTH EXTERNAL":  # no initial response: DATA has it
+                        conn.sendall(b"DATA\r\n")
+                    elif line.startswith((b"AUTH EXTERNAL ", b"DATA")):
+                        conn.sendall(b"OK " + b"0" * 32 + b"\r\n")
+                    elif line == b"NEGOTIATE_UNIX_FD":
+                        conn.sendall(b"AGREE_UNIX_FD\r\n")
+                msg = buf.split(b"BEGIN\r\n", 1)[1]
+            while len(msg) < 16 or len(msg) < 16 + struct.unpack_from("<I", msg, 12)[0]:
+                msg += conn.recv(4096)
+            # fixed header, fields array (its length at byte 12, padded to 8), body
+            fields_end = 16 + struct.unpack_from("<I", msg, 12)[0]
+            end = fields_end + (-fields_end % 8) + struct.unpack_from("<I", msg, 4)[0]
+            while len(msg) < end:
+                msg += conn.recv(4096)
+            with open(f"{path}.log", "ab") as log:
+                log.write(msg[:end] + b"\n")
+            serial = struct.unpack_from("<I", msg, 8)[0]
+            msg = msg[end:]
+            if act == "drop":
+                conn.close()
+                conn, msg = None, b""
+                continue
+            time.sleep(s)
+            # header field REPLY_SERIAL (5), variant of signature "u"
+            fields = struct.pack("<BBBBI", 5, 1, ord("u"), 0, serial)
+            reply = struct.pack("<ccBBIII", b"l", b"\x02", 0, 1, 0, 1, len(fields)) + fields
+            conn.sendall(reply + b"\0" * (-len(reply) % 8))
         time.sleep(1)
     finally:
         os._exit(0)
+
+
+def _calls(path: str, member: bytes) -> int:
+    with open(f"{path}.log", "rb") as log:
+        return log.read().count(member)
 
 
 @pytest.mark.parametrize("deferring", [True, False])
@@ -76,7 +110,7 @@ def test_a_signal_during_a_dbus_call_waits_for_the_reply(tmp_path, deferring: bo
     from agent.systemd import bus_class
 
     path = str(tmp_path / "bus")
-    pid = _slow_peer(path, delay=0.5)
+    pid = _peer(path, ("reply", 0.5))
     seen: list[float] = []
     previous = signal.signal(signal.SIGALRM, lambda *_: seen.append(time.monotonic()))
     try:
@@ -99,3 +133,85 @@ def test_a_signal_during_a_dbus_call_waits_for_the_reply(tmp_path, deferring: bo
         signal.signal(signal.SIGALRM, previous)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("gone", [0.0, 0.4])
+def test_a_call_survives_systemd_reexecuting(tmp_path, gone: float) -> None:
+    """systemd closes its private socket's connections when it re-executes
+    (daemon-reexec, a package upgrade) and listens again once it has
+    deserialized its state: a swap in its bake rolled back on
+    "DBusDisconnectedError: Connection reset by peer". The agent's bus sends
+    the call again on a new connection, waiting while the socket is gone;
+    pystemd's own bus shows the fault."""
+    import os
+    import signal
+    import time
+
+    from pystemd import dbuslib
+
+    from agent.systemd import bus_class
+
+    for cls in (bus_class("DBusAddress"), dbuslib.DBusAddress):
+        path = str(tmp_path / cls.__name__)
+        pid = _peer(path, ("reply", 0), ("drop", 0), ("gone", gone), ("reply", 0))
+        try:
+            bus = cls(f"unix:path={path}".encode(), peer_to_peer=True)
+            bus.open()
+            bus.call_method(b"org.example", b"/", b"org.example.I", b"First", [])
+            start = time.monotonic()
+            if cls is dbuslib.DBusAddress:
+                with pytest.raises(Exception, match="Connection reset|Disconnected"):
+                    bus.call_method(b"org.example", b"/", b"org.example.I", b"Again", [])
+                bus.close()
+                continue
+            bus.call_method(b"org.example", b"/", b"org.example.I", b"Again", [])
+            assert time.monotonic() - start >= gone  # it waited for the socket
+            assert _calls(path, b"Again") == 2  # sent on the dropped and the new connection
+            bus.close()
+            bus.close()  # a second close frees nothing twice
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_call_that_is_not_the_same_twice_is_not_resent(tmp_path) -> None:
+    """StartTransientUnit in mode "fail" (and KillUnit) sent again would be a
+    second action: its disconnection is the caller's error."""
+    import os
+    import signal
+
+    from agent.systemd import NOT_RESENT, bus_class
+
+    path = str(tmp_path / "bus")
+    pid = _peer(path, ("drop", 0), ("reply", 0))
+    try:
+        bus = bus_class("DBusAddress")(f"unix:path={path}".encode(), peer_to_peer=True)
+        bus.open()
+        assert b"StartTransientUnit" in NOT_RESENT
+        with pytest.raises(Exception, match="Connection reset|Disconnected"):
+            bus.call_method(b"org.freedesktop.systemd1", b"/org/freedesktop/systemd1",
+                            b"org.freedesktop.systemd1.Manager", b"StartTransientUnit", [])
+        assert _calls(path, b"StartTransientUnit") == 1
+        bus.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize(("errno_", "name", "opening", "gone"), [
+    (-104, b"org.freedesktop.DBus.Error.Disconnected", False, True),
+    (-104, None, False, True), (-107, None, False, True), (-32, None, False, True),
+    (-111, None, False, True), (-2, None, True, True),
+    # systemd's answers, never a reason to send again: a unit it has not
+    # loaded carries ENOENT too (ResetFailedUnit was resent for 30 s)
+    (-2, b"org.freedesktop.systemd1.NoSuchUnit", False, False),
+    (-2, None, False, False), (-2, b"org.freedesktop.DBus.Error.FileNotFound", False, False),
+    (-22, b"org.freedesktop.DBus.Error.InvalidArgs", False, False),
+    (-110, None, False, False), (-4, None, False, False)])
+def test_only_a_lost_connection_is_gone(errno_: int, name: bytes | None, opening: bool,
+                                        gone: bool) -> None:
+    from pystemd.dbusexc import DBusError
+
+    from agent.systemd import _gone
+
+    assert _gone(DBusError(errno_, name, b"message"), opening=opening) is gone
