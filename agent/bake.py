@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .instance import Host
 from .modes import mode_for
+
+if TYPE_CHECKING:
+    from .listeners import Waiting
+    from .trial import TrialResult
 
 BAKE_POLL = 0.25  # seconds between two looks at systemd's state
 ACCEPT_POLL = 0.5  # seconds between two connection censuses (they walk /proc/PID/fd)
@@ -75,7 +79,7 @@ def check_admitted(host: Host, admitted: dict[str, Baseline]) -> tuple[str, str]
     return None
 
 
-STUCK_SECONDS = 5.0  # an accept queue that holds connections and never shrinks this long
+STUCK_SECONDS = 5.0  # connections held in an accept queue this long, none accepted
 # During the bake, where each instance has its own listener (reuseport), the
 # connections the kernel hashes to a new instance that does not accept wait
 # in its queue: judged sooner, since clients are waiting.
@@ -83,31 +87,52 @@ BAKE_STUCK_SECONDS = 2.0
 
 
 class AcceptQueue:
-    """Whether anybody accepts: a listener's accept queue that holds
-    connections at every look for STUCK_SECONDS and never shrinks is served
-    by nobody (a program that said READY=1 and never calls accept(), once the
-    old instance no longer takes the connections). A busy server's queue
-    shrinks between looks."""
+    """Whether anybody accepts, from looks at the accept queues
+    (listeners.Waiting). Stuck: for `seconds` of looks, connections wait at
+    each, their count never falls, and (where the queue's content is known)
+    one connection waited through all of them. A queue is first in, first
+    out (inet_csk_accept), so that connection says nothing was taken from
+    its queue meanwhile: a program that said READY=1 and never calls
+    accept(). The count alone cannot tell that from a busy server whose
+    queue holds a steady few that it keeps taking (CI: 6 waiting at five
+    looks in 2 s beside 64 clients, and a healthy instance rolled back).
+    `moved`: a look found the count fallen or a connection of the look
+    before gone: somebody accepts."""
 
     def __init__(self, poll: float, seconds: float = STUCK_SECONDS) -> None:
         self.seconds = seconds
         self.needed = max(2, round(seconds / poll) + 1)  # looks that span `seconds`
-        self.seen: list[int] = []
-        self.shrank = False  # a look found fewer waiting than the one before: accepted
+        self.looks = 0
+        self.queued = 0  # at the last look
+        self.since = 1  # the first look of the current run of waiting, never falling counts
+        self.first: dict[int, int] = {}  # connection -> first look it waited at, continuously
+        self.moved = False
 
-    def observe(self, queued: int | None) -> bool:
-        """True once stuck."""
-        if queued is None:
+    def observe(self, waiting: Waiting | None) -> bool:
+        """True once stuck; None (not known this time) tells nothing."""
+        if waiting is None:
             return False
-        if queued == 0 or (self.seen and queued < self.seen[-1]):
-            self.shrank = self.shrank or bool(self.seen)
-            self.seen = [queued] if queued else []
-            return False
-        self.seen.append(queued)
-        return len(self.seen) >= self.needed
+        self.looks += 1
+        queued, ids = waiting.queued, waiting.ids
+        if queued == 0 or queued < self.queued:
+            self.since = self.looks + (queued == 0)
+        if self.queued and (queued < self.queued or (
+                ids is not None and not self.first.keys() <= ids)):
+            self.moved = True
+        self.queued = queued
+        if ids is not None:
+            self.first = {c: self.first.get(c, self.looks) for c in ids} if queued else {}
+            start = max(self.since, min(self.first.values(), default=self.looks + 1))
+        else:
+            start = self.since
+        return queued > 0 and self.looks - start + 1 >= self.needed
+
+    def reset(self) -> None:
+        """Judge afresh from the next look."""
+        self.since, self.first = self.looks + 1, {}
 
     def describe(self) -> str:
-        return (f"{self.seen[-1]} connections wait in the accept queue and none was accepted "
+        return (f"{self.queued} connections wait in the accept queue and none was accepted "
                 f"for {self.seconds:g}s")
 
 
@@ -216,9 +241,17 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                                     f"{why}, {clock.monotonic() - t0:.1f}s into the bake "
                                     f"(min_ready {svc.min_ready:g}s)")
                     if x in queues and queues[x].observe(ops.accept_queue([x])):
-                        return fail(x, f"{svc.name} {x} does not accept: on its own "
-                                       f"listener {queues[x].describe()}, "
-                                       f"{now - t0:.1f}s into the bake")
+                        # the queue's content is known per port, not per
+                        # listener: the old instances' queues share it, so
+                        # the agent's own connections decide
+                        stuck = queues[x].describe()
+                        refuted = _accepts_trial(host, out, x, counted, stuck)
+                        if refuted is None:
+                            queues[x].reset()  # it accepts: a busy server
+                        else:
+                            return fail(x, f"{svc.name} {x} does not accept: on its own "
+                                           f"listener {stuck}{refuted}, "
+                                           f"{now - t0:.1f}s into the bake")
                 try:
                     share.observe(ops.connection_sets(counted))
                 except OSError as e:  # the census is evidence, not a reason to fail
@@ -283,23 +316,53 @@ def _private_trial(host: Host, out: BakeOutcome, x: str) -> str | None:
     return None
 
 
-def _trial(host: Host, out: BakeOutcome, suspects: list[str], counted: list[str]) -> str | None:
-    """The first suspect that accepted none of the agent's own connections
-    while the others accepted some; None when every suspect took its share
-    or nothing can be told (reported as a warning: unknown is no verdict)."""
+def _run_trial(host: Host, out: BakeOutcome, counted: list[str],
+               why: str) -> TrialResult | None:
+    """The agent's own connections to the service (needed_traffic of them
+    for `counted`), recorded in `out`; None when nothing can be told (a
+    warning that says `why` the trial ran)."""
     want = needed_traffic(len(counted))
     try:
         trial = host.ops.accept_trial(counted, want)
     except OSError as e:
-        host.emit("warning", message=f"the census saw {', '.join(suspects)} accept no "
-                                     f"connection, and the agent could not check: {e}")
+        host.emit("warning", message=f"{why}, and the agent could not check: {e}")
         return None
     out.trial = trial.as_dict()
     host.emit("accept_trial", **out.trial)
     if trial.opened < want:
-        host.emit("warning", message=f"the census saw {', '.join(suspects)} accept no "
-                                     f"connection; the agent opened only {trial.opened} of "
-                                     f"its {want} connections in time: not judged")
+        host.emit("warning", message=f"{why}; the agent opened only {trial.opened} of its "
+                                     f"{want} connections in time: not judged")
+        return None
+    return trial
+
+
+def _accepts_trial(host: Host, out: BakeOutcome, x: str, counted: list[str],
+                   stuck: str) -> str | None:
+    """After `x`'s own listener looked stuck: None when `x` accepted some of
+    the agent's own connections (it serves, busy); else what the trial adds
+    to the verdict (nothing when it could not tell: the queue is evidence
+    enough)."""
+    trial = _run_trial(host, out, counted, f"{host.svc.name} {x}'s listener: {stuck}")
+    if trial is None:
+        return ""
+    took = trial.accepted.get(x, 0)
+    if took:
+        host.emit("warning", message=f"{host.svc.name} {x}'s listener: {stuck}, but it "
+                                     f"accepted {took} of the {trial.opened} connections the "
+                                     "agent opened: busy, not stuck")
+        return None
+    return (f", and it accepted none of the {trial.opened} connections the agent opened to "
+            f"{trial.target} (the others accepted {trial.elsewhere(x)}, {trial.unaccepted} "
+            "were never accepted)")
+
+
+def _trial(host: Host, out: BakeOutcome, suspects: list[str], counted: list[str]) -> str | None:
+    """The first suspect that accepted none of the agent's own connections
+    while the others accepted some; None when every suspect took its share
+    or nothing can be told (reported as a warning: unknown is no verdict)."""
+    trial = _run_trial(host, out, counted,
+                       f"the census saw {', '.join(suspects)} accept no connection")
+    if trial is None:
         return None
     for x in suspects:
         if trial.accepted.get(x, 0) == 0 and trial.elsewhere(x) > 0:

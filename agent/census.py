@@ -37,6 +37,7 @@ INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_JMP = 1
 INET_DIAG_BC_S_EQ = 11  # linux/inet_diag.h: source (local) port equals
 TCP_ESTABLISHED = 1
+TCP_CLOSE_WAIT = 8
 TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12  # a request socket: a handshake in progress on a listener
 TCP_BOUND_INACTIVE = 13  # a pseudo-state: bound, not listening nor connected (6.8+)

@@ -423,9 +423,9 @@ class SystemdOps:
             raise OSError(str(e)) from e
         return self.census.inodes_many(groups)
 
-    def accept_queue(self, instances: list[str]) -> int | None:
-        """Connections waiting in the accept queue of the listeners that
-        `instances` serve; None when it cannot be told."""
+    def accept_queue(self, instances: list[str]) -> Any:
+        """listeners.Waiting: what waits in the accept queues of the
+        listeners that `instances` serve; None when it cannot be told."""
         try:
             pids = [p for x in instances for p in self.pids(x)]
             return self.mode.accept_queue(pids)

@@ -82,8 +82,8 @@ class InstanceOps(Protocol):
     def close_watch(self, instances: list[str]) -> Any: ...  # closes.CloseWatch or None
     def accept_trial(self, instances: list[str], count: int) -> Any: ...  # trial.TrialResult:
     #   which instances accept connections the agent opens itself; OSError: unknown
-    def accept_queue(self, instances: list[str]) -> int | None: ...  # connections waiting
-    #   on the listeners they serve (None: unknown)
+    def accept_queue(self, instances: list[str]) -> Any: ...  # listeners.Waiting: what
+    #   waits on the listeners they serve, how many and which (None: unknown)
     # Where the agent routes traffic (socket: nat); no-ops where the kernel shares a listener:
     def route(self, add: list[str], remove: list[str],
               only: list[str] | None = None) -> tuple[list[int], list[int]] | None: ...

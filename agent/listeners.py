@@ -25,11 +25,15 @@ from dataclasses import dataclass
 from . import unixdiag
 from .census import (
     NETLINK_SOCK_DIAG,
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
     TCP_LISTEN,
     DiagMsg,
     diag_dump,
+    diag_raw,
     exact_request,
     fd_inodes,
+    msg_cookie,
     sockid,
 )
 
@@ -96,6 +100,38 @@ def listening(ports: Iterable[int], families: Iterable[int] = FAMILIES) -> list[
     if not ports:
         return []
     return [_from_msg(m) for m in diag_dump(families, 1 << TCP_LISTEN, ports)]
+
+
+# A connection in an accept queue is a full socket with no file yet
+# (sk_socket NULL: sock_i_ino 0), ESTABLISHED, or CLOSE_WAIT once its client
+# gave up; accept(2) gives it an inode, close(2) takes it out of both states.
+UNACCEPTED_STATES = 1 << TCP_ESTABLISHED | 1 << TCP_CLOSE_WAIT
+
+
+def unaccepted(ports: Iterable[int], families: Iterable[int] = FAMILIES) -> frozenset[int]:
+    """The cookies (idiag_cookie) of the TCP connections on `ports` that no
+    process has accepted: the accept queues' content, which idiag_rqueue
+    only counts. One sock_diag dump filtered by port in the kernel, by
+    inode 0 at its fixed offset here. A listener's queue is first in, first
+    out (inet_csk_accept), so a connection still in it a while later says
+    nothing was accepted from that queue meanwhile. Raises OSError if
+    netlink fails."""
+    ports = set(ports)
+    if not ports:
+        return frozenset()
+    return frozenset(msg_cookie(buf, off) for buf, off, _ in
+                     diag_raw(families, UNACCEPTED_STATES, ports, inodes={0}))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What waits in the accept queues of some listeners: `queued`
+    connections (idiag_rqueue, UNIX_DIAG_RQLEN) and, when known, which
+    (`ids`: TCP socket cookies, the client sockets' inodes for unix:
+    listeners, UNIX_DIAG_ICONS); ids None: not known."""
+
+    queued: int
+    ids: frozenset[int] | None = None
 
 
 def held_by(pids: Iterable[int], sockets: Iterable[ListenSocket]) -> dict[int, set[int]]:

@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .census import TCP_NEW_SYN_RECV, Census
 from .config import ServiceConfig
+
+if TYPE_CHECKING:
+    from .listeners import Waiting
 
 
 class SocketMode:
@@ -89,15 +92,31 @@ class SocketMode:
     def close_listeners(self, pids: list[int]) -> int:
         return 0
 
-    def accept_queue(self, pids: list[int]) -> int:
-        """Connections waiting to be accepted on the listeners that serve
-        `pids` (idiag_rqueue of LISTEN sockets, sock_diag(7))."""
+    def accept_queue(self, pids: list[int]) -> Waiting:
+        """What waits to be accepted on the listeners that serve `pids`
+        (listeners.Waiting): idiag_rqueue of their LISTEN sockets
+        (sock_diag(7)) and UNIX_DIAG_RQLEN of unix: ones, and which
+        connections those are (listeners.unaccepted, UNIX_DIAG_ICONS),
+        looked up only when some wait. Raises OSError if netlink fails."""
         from . import listeners, unixdiag
 
-        queued = sum(s.queued for s in listeners.listening(self.svc.ports))
-        if self.unix_paths:  # UNIX_DIAG_RQLEN of a listener: connections not yet accepted
-            queued += sum(s.queued for s in unixdiag.listening(self.unix_paths))
-        return queued
+        socks = self._serving(pids)
+        queued = sum(s.queued for s in socks)
+        ids: frozenset[int] = frozenset()
+        if queued:
+            ids = listeners.unaccepted({s.port for s in socks if s.queued})
+        if self.unix_paths:
+            held = unixdiag.listening(self.unix_paths)
+            queued += sum(s.queued for s in held)
+            ids |= {ino for s in held for ino in s.waiting}
+        return listeners.Waiting(queued, ids)
+
+    def _serving(self, pids: list[int]) -> list[Any]:
+        """The TCP listeners whose queues `pids` serve: every one on the
+        service's ports, where the instances share them."""
+        from . import listeners
+
+        return listeners.listening(self.svc.ports)
 
 
 class Inherit(SocketMode):
@@ -119,9 +138,9 @@ class ReusePort(SocketMode):
         return listeners.destroy(mine) if mine else 0
 
 
-    def accept_queue(self, pids: list[int]) -> int:
+    def _serving(self, pids: list[int]) -> list[Any]:
         """Only the listeners these processes hold: each instance has its own."""
-        return sum(s.queued for s in held_listeners(self.svc.ports, pids))
+        return held_listeners(self.svc.ports, pids)
 
 
 def held_listeners(ports: set[int] | tuple[int, ...], pids: list[int]) -> list[Any]:
@@ -165,8 +184,8 @@ class Nat(SocketMode):
             return [f"{lst} (no private port known)" for lst in self.svc.listen]
         return listeners.missing(self.required(port), pids)
 
-    def accept_queue(self, pids: list[int]) -> int:
-        return sum(s.queued for s in held_listeners(self.instance_ports, pids))
+    def _serving(self, pids: list[int]) -> list[Any]:
+        return held_listeners(self.instance_ports, pids)
 
     def route(self, add: list[int], remove: list[int],
               only: list[int] | None = None) -> tuple[list[int], list[int]]:

@@ -272,21 +272,21 @@ class Swap:
 
     def _settle(self, ctx: _Rollout) -> None:
         """The old instances are gone: is anybody accepting now? An accept
-        queue that is empty at a look, or shrinks between two, says yes at
-        once; one that holds
-        connections and never shrinks for STUCK_SECONDS says the new version
-        does not serve, and the old one comes back."""
+        queue that is empty at a look, or taken from between two, says yes
+        at once; one stuck for STUCK_SECONDS (bake.AcceptQueue: the same
+        connections waiting all along) says the new version does not serve,
+        and the old one comes back."""
         if not ctx.signalled or not ctx.admitted:
             return
-        ctx.queue.shrank = False
+        ctx.queue.moved = False
         while True:
             reason = self._check(ctx)
             if reason:
                 raise _Failure(f"{reason}, after {', '.join(ctx.signalled)} drained",
                                self._bad, broken=True)
-            # nothing waiting at the last look, or fewer than at the one
+            # nothing waiting at the last look, or taken from since the one
             # before: somebody accepts (a busy server's queue is seldom empty)
-            if not ctx.queue.seen or ctx.queue.shrank:
+            if not ctx.queue.queued or ctx.queue.moved:
                 return
             self.clock.sleep(DRAIN_POLL)
 

@@ -38,10 +38,12 @@ NLM_F_DUMP = 0x300
 UDIAG_SHOW_NAME = 0x01
 UDIAG_SHOW_VFS = 0x02
 UDIAG_SHOW_PEER = 0x04
+UDIAG_SHOW_ICONS = 0x08
 UDIAG_SHOW_RQLEN = 0x10
 UNIX_DIAG_NAME = 0
 UNIX_DIAG_VFS = 1
 UNIX_DIAG_PEER = 2
+UNIX_DIAG_ICONS = 3
 UNIX_DIAG_RQLEN = 4
 # socket states as unix sockets use them (the TCP numbers, net/unix/af_unix.c)
 ESTABLISHED = 1
@@ -117,7 +119,9 @@ class UnixSocket:
     """One Unix stream socket as unix_diag reports it. `queued` and
     `backlog` are UNIX_DIAG_RQLEN: for a listener, the connections waiting
     to be accepted and its listen(2) backlog; for a connection, the bytes
-    unread and 0."""
+    unread and 0. `waiting`: a listener's UNIX_DIAG_ICONS, the inodes of the
+    client sockets whose connections wait in its accept queue, oldest first
+    (net/unix/diag.c, sk_diag_dump_icons), when asked for."""
 
     inode: int
     state: int
@@ -126,6 +130,7 @@ class UnixSocket:
     queued: int = 0
     backlog: int = 0
     vfs: tuple[int, int] | None = None  # (inode, dev) of the socket file
+    waiting: tuple[int, ...] = ()
 
     @property
     def file_id(self) -> tuple[int, int] | None:
@@ -144,6 +149,7 @@ class UnixSocket:
         name: str | None = None
         peer = queued = backlog = 0
         vfs = None
+        waiting: tuple[int, ...] = ()
         a, end = off + _MSG_LEN, off + length
         while a + 4 <= end:
             alen, atype = _NLATTR.unpack_from(buf, a)
@@ -161,8 +167,10 @@ class UnixSocket:
                 queued, backlog = _PAIR.unpack_from(payload)
             elif atype == UNIX_DIAG_VFS and len(payload) >= 8:
                 vfs = _PAIR.unpack_from(payload)
+            elif atype == UNIX_DIAG_ICONS:
+                waiting = struct.unpack(f"={len(payload) // 4}I", payload[:len(payload) // 4 * 4])
             a += (alen + 3) & ~3
-        return cls(inode, state, name, peer, queued, backlog, vfs)
+        return cls(inode, state, name, peer, queued, backlog, vfs, waiting)
 
 
 def sockets(states: int, show: int = UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN,
@@ -215,8 +223,10 @@ def established(paths: Iterable[str]) -> set[int]:
 
 
 def listening(paths: Iterable[str]) -> list[UnixSocket]:
-    """The LISTEN sockets bound to `paths`, with their accept queues."""
-    return sockets(1 << LISTEN, UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS, paths)
+    """The LISTEN sockets bound to `paths`, with their accept queues (how
+    many wait, and which: UnixSocket.waiting)."""
+    return sockets(1 << LISTEN, UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS
+                   | UDIAG_SHOW_ICONS, paths)
 
 
 def peers(paths: Iterable[str], inodes: set[int] | None = None) -> dict[int, int]:

@@ -170,7 +170,8 @@ def test_a_release_that_listens_but_never_accepts_is_rolled_back(host: DemoHost,
     load the bake fails it before v1 gets its signal. inherit: the census
     sees v1 take connections and v2 none, then v2 takes none of the
     connections the agent opens itself; reuseport: v2's own listener queues
-    what the kernel hashes to it and never shrinks."""
+    what the kernel hashes to it and the same connections wait there for
+    2 s, then v2 takes none of the agent's own."""
     host.release("v1")
     host.release("v2", "--never-accept")
     host.configure(text=demo_yaml(socket=socket, min_ready="5s"))
@@ -195,6 +196,9 @@ def test_a_release_that_listens_but_never_accepts_is_rolled_back(host: DemoHost,
         assert trial["opened"] == 20 and trial["accepted"] == {"v1": 20}, trial
     else:
         assert "v2 does not accept: on its own listener" in r["reason"], r["reason"]
+        assert "and it accepted none of the 20 connections the agent opened" in r["reason"]
+        trial = r["bake"]["trials"][0]
+        assert trial["opened"] == 20 and "v2" not in trial["accepted"], trial
     assert k.failed == 0 and f.failed == 0 and f.requests > 1000, (k, f)
     assert host.get()["version"] == "v1"
 

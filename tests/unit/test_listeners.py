@@ -58,6 +58,81 @@ def test_listening_reports_address_queue_backlog_cookie_and_v6only() -> None:
             s.close()
 
 
+def test_unaccepted_names_what_waits_in_the_accept_queue_first_in_first_out() -> None:
+    """listeners.unaccepted: the cookies of the connections no process has
+    accepted (inode 0), a client that gave up (CLOSE_WAIT) included; each
+    accept() takes the oldest (FIFO) and it leaves the set. The accept
+    queue's content, where idiag_rqueue only counts it."""
+    import time
+
+    from agent.census import DiagMsg, diag_dump
+
+    a = listener()
+    port = a.getsockname()[1]
+    clients = []
+    try:
+        seen: list[frozenset[int]] = []
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.01)
+            seen.append(listeners.unaccepted([port]))
+        assert [len(x) for x in seen] == [1, 2, 3] and seen[0] < seen[1] < seen[2]
+        first = next(iter(seen[0]))
+        clients[0].close()  # gave up before anyone accepted: CLOSE_WAIT, still queued
+        time.sleep(0.01)
+        assert listeners.unaccepted([port]) == seen[2]
+        conn, _ = a.accept()
+        took: DiagMsg = next(m for m in diag_dump([socket.AF_INET], 0xFFF, [port])
+                             if m.inode == os.fstat(conn.fileno()).st_ino)
+        assert took.cookie == first  # the oldest
+        assert listeners.unaccepted([port]) == seen[2] - {first}
+        assert listeners.unaccepted([]) == frozenset()
+        conn.close()
+    finally:
+        for s in (a, *clients):
+            s.close()
+
+
+def test_accept_queue_of_a_listener_that_stopped_accepting_and_of_one_that_takes() -> None:
+    """modes' accept_queue over real sockets: the same connections wait at
+    every look of a listener nobody accepts on; a busy one whose queue holds
+    as many at each look shows new ones (bake.AcceptQueue tells them apart)."""
+    import time
+
+    from agent.bake import AcceptQueue
+    from agent.config import parse_service
+    from agent.modes import mode_for
+
+    a = listener()
+    port = a.getsockname()[1]
+    svc = parse_service(Path("/etc/zdd-agent/services/api.yaml"), {
+        "name": "api", "command": "/bin/true", "listen": [f"127.0.0.1:{port}"],
+        "socket": "reuseport"})
+    mode = mode_for(svc)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    stuck, busy = AcceptQueue(0.01, 0.04), AcceptQueue(0.01, 0.04)
+    held = []
+    try:
+        verdicts = []
+        for _ in range(5):  # nobody accepts: 4 wait, the same 4
+            time.sleep(0.01)
+            verdicts.append(stuck.observe(mode.accept_queue([os.getpid()])))
+        assert verdicts == [False] * 4 + [True] and not stuck.moved
+        verdicts = []
+        for _ in range(5):  # one taken, one more arrives: still 4 waiting
+            held.append(a.accept()[0])
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.01)
+            w = mode.accept_queue([os.getpid()])
+            assert w.queued == 4
+            verdicts.append(busy.observe(w))
+        assert verdicts == [False] * 5 and busy.moved
+        assert mode.accept_queue([1]).queued == 0  # PID 1 holds no listener on the port
+    finally:
+        for s in (a, *clients, *held):
+            s.close()
+
+
 def sock(host: str, family: int, v6only: bool | None = None, port: int = 80) -> ListenSocket:
     return ListenSocket(1, family, host, port, 1, 0, 16, v6only)
 

@@ -14,6 +14,7 @@ import pytest
 from agent import nat, units
 from agent.config import Drain, Listen, Ready, ServiceConfig, parse_service
 from agent.errors import ConfigError, SwapFailed
+from agent.listeners import Waiting
 from agent.swap import Swap
 from test_swap import FakeClock, FakeHost, Script
 
@@ -319,9 +320,9 @@ def test_a_busy_queue_that_shrinks_ends_the_settle_at_once() -> None:
     class Busy(FakeHost):
         looks = 0
 
-        def accept_queue(self, instances: list[str]) -> int | None:
+        def accept_queue(self, instances: list[str]) -> Waiting | None:
             self.looks += 1
-            return 5 if self.looks % 2 else 3
+            return Waiting(5 if self.looks % 2 else 3)
 
     clock = FakeClock()
     host = Busy(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
@@ -330,10 +331,30 @@ def test_a_busy_queue_that_shrinks_ends_the_settle_at_once() -> None:
     assert res.seconds < 10, res.seconds
 
 
+def test_a_steady_queue_whose_connections_are_taken_is_served() -> None:
+    """A busy server's queue can hold the same count at every look while it
+    takes connections (CI: 6 at five looks, a healthy instance rolled back):
+    the content moves, so somebody accepts."""
+
+    class Steady(FakeHost):
+        looks = 0
+
+        def accept_queue(self, instances: list[str]) -> Waiting | None:
+            if "v1" not in self.stopped:
+                return Waiting(0)
+            self.looks += 1  # 6 waiting, each taken 6 looks after it came
+            return Waiting(6, frozenset(range(self.looks, self.looks + 6)))
+
+    clock = FakeClock()
+    host = Steady(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))
+    res = Swap(nat_service(), host, clock).run("v1", "v2")
+    assert res.result == "ok", res.reason
+
+
 def test_a_queue_that_never_shrinks_after_the_drain_brings_the_old_version_back() -> None:
     class Stuck(FakeHost):
-        def accept_queue(self, instances: list[str]) -> int | None:
-            return 7 if "v1" in self.stopped else 0
+        def accept_queue(self, instances: list[str]) -> Waiting | None:
+            return Waiting(7, frozenset(range(7))) if "v1" in self.stopped else Waiting(0)
 
     clock = FakeClock()
     host = Stuck(clock, 5.0, {"v1": Script(), "v2": Script()}, running=("v1",))

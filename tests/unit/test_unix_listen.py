@@ -435,3 +435,23 @@ def _has_group(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_a_unix_listener_names_its_waiting_connections_oldest_first(listener) -> None:
+    """UNIX_DIAG_ICONS: the inodes of the client sockets whose connections
+    wait in the listener's queue, oldest first; accept() takes the first
+    (what bake.AcceptQueue follows, beside UNIX_DIAG_RQLEN's count)."""
+    path, lst = listener
+    clients = []
+    try:
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            clients.append(c)
+        (found,) = unixdiag.listening([path])
+        assert found.queued == 3 and found.waiting == tuple(ino(c) for c in clients)
+        lst.accept()[0].close()
+        assert unixdiag.listening([path])[0].waiting == tuple(ino(c) for c in clients[1:])
+    finally:
+        for c in clients:
+            c.close()
