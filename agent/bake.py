@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .instance import Host
+from .listeners import Waiting
 from .modes import mode_for
 
 if TYPE_CHECKING:
-    from .listeners import Waiting
     from .trial import TrialResult
 
 BAKE_POLL = 0.25  # seconds between two looks at systemd's state
@@ -90,22 +90,24 @@ class AcceptQueue:
     """Whether anybody accepts, from looks at the accept queues
     (listeners.Waiting). Stuck: for `seconds` of looks, connections wait at
     each, their count never falls, and (where the queue's content is known)
-    one connection waited through all of them. A queue is first in, first
-    out (inet_csk_accept), so that connection says nothing was taken from
-    its queue meanwhile: a program that said READY=1 and never calls
-    accept(). The count alone cannot tell that from a busy server whose
-    queue holds a steady few that it keeps taking (CI: 6 waiting at five
-    looks in 2 s beside 64 clients, and a healthy instance rolled back).
-    `moved`: a look found the count fallen or a connection of the look
-    before gone: somebody accepts."""
+    none of the connections of one look is gone at the next. accept(2)
+    takes a queue's oldest connection (first in, first out:
+    inet_csk_accept), so a queue that only grows in content took nothing:
+    a program that said READY=1 and never calls accept(). The count alone
+    cannot tell that from a busy server whose queue holds a steady few that
+    it keeps taking (CI: 6 waiting at five looks in 2 s beside 64 clients,
+    and a healthy instance rolled back). A connection is also gone when its
+    client reset it before anyone accepted it (it leaves the dump, not the
+    count): rare, and read as an accept. `moved`: a look found the count
+    fallen or a connection of the look before gone: somebody accepts."""
 
     def __init__(self, poll: float, seconds: float = STUCK_SECONDS) -> None:
         self.seconds = seconds
         self.needed = max(2, round(seconds / poll) + 1)  # looks that span `seconds`
         self.looks = 0
         self.queued = 0  # at the last look
-        self.since = 1  # the first look of the current run of waiting, never falling counts
-        self.first: dict[int, int] = {}  # connection -> first look it waited at, continuously
+        self.ids: frozenset[int] | None = None  # at the last look (None: not known)
+        self.since = 1  # the first look of the current run: waiting, nothing taken
         self.moved = False
 
     def observe(self, waiting: Waiting | None) -> bool:
@@ -114,22 +116,19 @@ class AcceptQueue:
             return False
         self.looks += 1
         queued, ids = waiting.queued, waiting.ids
-        if queued == 0 or queued < self.queued:
-            self.since = self.looks + (queued == 0)
-        if self.queued and (queued < self.queued or (
-                ids is not None and not self.first.keys() <= ids)):
-            self.moved = True
-        self.queued = queued
-        if ids is not None:
-            self.first = {c: self.first.get(c, self.looks) for c in ids} if queued else {}
-            start = max(self.since, min(self.first.values(), default=self.looks + 1))
-        else:
-            start = self.since
-        return queued > 0 and self.looks - start + 1 >= self.needed
+        taken = queued < self.queued or (
+            ids is not None and self.ids is not None and not self.ids <= ids)
+        if queued == 0:
+            self.since = self.looks + 1
+        elif taken:
+            self.since = self.looks
+        self.moved = self.moved or (self.queued > 0 and taken)
+        self.queued, self.ids = queued, ids
+        return queued > 0 and self.looks - self.since + 1 >= self.needed
 
     def reset(self) -> None:
         """Judge afresh from the next look."""
-        self.since, self.first = self.looks + 1, {}
+        self.since = self.looks + 1
 
     def describe(self) -> str:
         return (f"{self.queued} connections wait in the accept queue and none was accepted "
@@ -240,10 +239,12 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                         return fail(bad[0] if bad else x,
                                     f"{why}, {clock.monotonic() - t0:.1f}s into the bake "
                                     f"(min_ready {svc.min_ready:g}s)")
-                    if x in queues and queues[x].observe(ops.accept_queue([x])):
-                        # the queue's content is known per port, not per
-                        # listener: the old instances' queues share it, so
-                        # the agent's own connections decide
+                    # by its count: which connections wait is known per port,
+                    # and the old instances' listeners share the port (their
+                    # queue moving says nothing of x's), so a count that never
+                    # falls is a suspicion that the agent's own connections decide
+                    w = ops.accept_queue([x]) if x in queues else None
+                    if w is not None and queues[x].observe(Waiting(w.queued)):
                         stuck = queues[x].describe()
                         refuted = _accepts_trial(host, out, x, counted, stuck)
                         if refuted is None:
@@ -339,17 +340,19 @@ def _run_trial(host: Host, out: BakeOutcome, counted: list[str],
 def _accepts_trial(host: Host, out: BakeOutcome, x: str, counted: list[str],
                    stuck: str) -> str | None:
     """After `x`'s own listener looked stuck: None when `x` accepted some of
-    the agent's own connections (it serves, busy); else what the trial adds
-    to the verdict (nothing when it could not tell: the queue is evidence
-    enough)."""
+    the agent's own connections (it serves, busy) or when that cannot be
+    told (a warning; the settle after the drain judges its queue again,
+    by content); else what the trial adds to the verdict."""
     trial = _run_trial(host, out, counted, f"{host.svc.name} {x}'s listener: {stuck}")
     if trial is None:
-        return ""
+        return None
     took = trial.accepted.get(x, 0)
-    if took:
-        host.emit("warning", message=f"{host.svc.name} {x}'s listener: {stuck}, but it "
-                                     f"accepted {took} of the {trial.opened} connections the "
-                                     "agent opened: busy, not stuck")
+    if took or not trial.elsewhere(x):
+        verdict = (f"it accepted {took} of the {trial.opened} connections the agent opened: "
+                   "busy, not stuck" if took else
+                   f"no instance accepted the {trial.opened} connections the agent opened: "
+                   "not judged")
+        host.emit("warning", message=f"{host.svc.name} {x}'s listener: {stuck}, but {verdict}")
         return None
     return (f", and it accepted none of the {trial.opened} connections the agent opened to "
             f"{trial.target} (the others accepted {trial.elsewhere(x)}, {trial.unaccepted} "

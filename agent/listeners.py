@@ -112,10 +112,10 @@ def unaccepted(ports: Iterable[int], families: Iterable[int] = FAMILIES) -> froz
     """The cookies (idiag_cookie) of the TCP connections on `ports` that no
     process has accepted: the accept queues' content, which idiag_rqueue
     only counts. One sock_diag dump filtered by port in the kernel, by
-    inode 0 at its fixed offset here. A listener's queue is first in, first
-    out (inet_csk_accept), so a connection still in it a while later says
-    nothing was accepted from that queue meanwhile. Raises OSError if
-    netlink fails."""
+    inode 0 at its fixed offset here. accept(2) takes a queue's oldest
+    connection (inet_csk_accept), so a queue none of whose connections
+    left between two looks took nothing meanwhile (bake.AcceptQueue).
+    Raises OSError if netlink fails."""
     ports = set(ports)
     if not ports:
         return frozenset()

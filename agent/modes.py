@@ -106,7 +106,7 @@ class SocketMode:
         if queued:
             ids = listeners.unaccepted({s.port for s in socks if s.queued})
         if self.unix_paths:
-            held = unixdiag.listening(self.unix_paths)
+            held = unixdiag.listening(self.unix_paths, waiting=True)
             queued += sum(s.queued for s in held)
             ids |= {ino for s in held for ino in s.waiting}
         return listeners.Waiting(queued, ids)

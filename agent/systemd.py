@@ -69,7 +69,8 @@ _GONE_ERRNOS = frozenset(-e for e in (errno.ECONNRESET, errno.ENOTCONN, errno.EP
                                       errno.ESHUTDOWN, errno.ECONNREFUSED))
 # methods whose second sending is a second action, not the same one:
 # StartTransientUnit in mode "fail" (the unit exists after the first),
-# KillUnit (two signals)
+# KillUnit (two signals). RestartUnit is resent: a second restart of a unit
+# the first one already restarted (zdd-agent's own, at install) is harmless.
 NOT_RESENT = frozenset({b"StartTransientUnit", b"KillUnit"})
 # how long a re-executing systemd may take to listen again; sd_bus_call's
 # own default timeout is 25 s
@@ -115,8 +116,16 @@ def bus_class(name: str) -> type:
                 signals.restore(previous)
 
         def open_(self: Any) -> None:
-            self._live = True  # sd_bus_new()'d even when the connection then fails
-            call_once(base.open, self, (), {})
+            if base is dbuslib.DBusAddress:
+                # sd_bus_new() stored the new object before the connection
+                # could fail: it is this instance's to free
+                self._live = True
+                call_once(base.open, self, (), {})
+            else:
+                # sd_bus_open_system() frees its object when it fails and
+                # leaves the field as it was (freed by the last close())
+                call_once(base.open, self, (), {})
+                self._live = True
 
         def close(self: Any) -> None:
             """sd_bus_close + unref once per open(): pystemd keeps the freed
@@ -180,6 +189,9 @@ class Systemd:
             self._manager = Manager(bus=self._bus)
             self._manager.load()
         except Exception as e:
+            if self._bus is not None:
+                self._bus.close()  # once per open(): bus_class
+                self._bus = None
             hint = "" if PRIVATE_SOCKET.exists() else (
                 f" (no {PRIVATE_SOCKET}: is systemd this host's init, and are you root?)")
             raise SystemdError(f"cannot connect to systemd: {e}{hint}") from e
@@ -350,9 +362,12 @@ class Systemd:
         if user is not None:
             props[b"User"] = user.encode()
         props.update(extra or {})  # Group, EnvironmentFiles, WorkingDirectory...
-        self._call(f"cannot start {unit}", "StartTransientUnit", unit.encode(), b"fail", props)
         deadline = time.monotonic() + timeout + 10
         try:
+            # inside the try: a connection lost after systemd took the call
+            # (re-executing) leaves a unit that the finally stops
+            self._call(f"cannot start {unit}", "StartTransientUnit", unit.encode(), b"fail",
+                       props)
             while True:
                 u = self._unit(unit)
                 active = _s(u.Unit.ActiveState)

@@ -222,11 +222,12 @@ def established(paths: Iterable[str]) -> set[int]:
     return out
 
 
-def listening(paths: Iterable[str]) -> list[UnixSocket]:
-    """The LISTEN sockets bound to `paths`, with their accept queues (how
-    many wait, and which: UnixSocket.waiting)."""
+def listening(paths: Iterable[str], waiting: bool = False) -> list[UnixSocket]:
+    """The LISTEN sockets bound to `paths`, with their accept queues' length;
+    `waiting`: which connections wait too (UnixSocket.waiting, 4 bytes a
+    connection in the listener's message)."""
     return sockets(1 << LISTEN, UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS
-                   | UDIAG_SHOW_ICONS, paths)
+                   | (UDIAG_SHOW_ICONS if waiting else 0), paths)
 
 
 def peers(paths: Iterable[str], inodes: set[int] | None = None) -> dict[int, int]:

@@ -448,10 +448,12 @@ def test_a_unix_listener_names_its_waiting_connections_oldest_first(listener) ->
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.connect(path)
             clients.append(c)
-        (found,) = unixdiag.listening([path])
+        (found,) = unixdiag.listening([path], waiting=True)
         assert found.queued == 3 and found.waiting == tuple(ino(c) for c in clients)
+        assert unixdiag.listening([path])[0].waiting == ()  # not asked for
         lst.accept()[0].close()
-        assert unixdiag.listening([path])[0].waiting == tuple(ino(c) for c in clients[1:])
+        assert unixdiag.listening([path], waiting=True)[0].waiting == tuple(
+            ino(c) for c in clients[1:])
     finally:
         for c in clients:
             c.close()
