@@ -11,12 +11,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
+from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import Exit, SwapFailed, SystemdError, ZddError
+
+if TYPE_CHECKING:
+    from . import deploy
 
 EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
 
@@ -37,10 +40,17 @@ Exit codes:
 class Ctx:
     def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path,
                  explicit_paths: bool) -> None:
+        self._dirs = (config_dir, state_dir, agent_config)
+        self.explicit_paths = explicit_paths
+
+    @property
+    def paths(self) -> deploy.Paths:
+        """Built when a command runs in this process: deploy.py imports all
+        of the swap (pystemd, psutil, the census...), which a call to the
+        daemon never needs (issue 16)."""
         from .deploy import Paths
 
-        self.paths = Paths(config_dir, state_dir, agent_config)
-        self.explicit_paths = explicit_paths
+        return Paths(*self._dirs)
 
 
 def _out(data: Any) -> None:
@@ -191,14 +201,14 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
              on_event: Any = None) -> dict[str, Any]:
     """Run a command through the daemon when one answers, else in-process.
     Both give the same reply: {"result", "exit_code"} or {"error", ...}."""
-    from . import commands, protocol
-    from .client import DaemonUnavailable, call
-    from .daemon import CONTROL_SOCKET
+    from .defaults import CONTROL_SOCKET
 
     emit = on_event or (lambda kind, data: None)
     # The daemon uses its own config and state: explicit paths mean this host's
     # files as given, so they are acted on in-process.
     if not local and not ctx.explicit_paths and CONTROL_SOCKET.exists():
+        from .client import DaemonUnavailable, call
+
         try:
             return call(CONTROL_SOCKET, cmd, args, emit)
         except DaemonUnavailable as e:
@@ -210,6 +220,9 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
                            f"half-way); see `zdd-agent status {args['service']}` and "
                            "`zdd-agent history`", err=True)
             raise SystemExit(130) from None
+    # In-process only: commands imports everything a command may do.
+    from . import commands, protocol
+
     try:
         with _stop_requests(cmd in ("swap", "rollback") and not args.get("dry_run")) as asked:
             code, out = commands.execute(ctx.paths, cmd, args, emit, asked)

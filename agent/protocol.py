@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .config import check_name, check_version
 from .errors import ConfigError, Exit, ZddError
 
 VERSION = 1
@@ -60,6 +59,10 @@ class Request:
 
 
 def decode_request(line: bytes) -> Request:
+    # Imported here: the CLI's side (request(), VERSION) runs on every call to
+    # the daemon and needs none of config.py's imports (PyYAML...), issue 16.
+    from .config import check_name, check_version
+
     if len(line) > MAX_REQUEST:
         raise ProtocolError(f"request of {len(line)} bytes is over the limit of {MAX_REQUEST}")
     try:
