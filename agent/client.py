@@ -22,8 +22,10 @@ class DaemonLost(ZddError):
 
 
 def call(path: Path, cmd: str, args: dict[str, Any],
-         on_event: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
-    """The final reply: {"result": ..., "exit_code": n} or {"error": ..., ...}."""
+         on_event: Callable[[str, dict[str, Any]], None],
+         on_sent: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """The final reply: {"result": ..., "exit_code": n} or {"error": ..., ...}.
+    on_sent() runs once the request is sent, while the daemon acts on it."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(5)
@@ -32,6 +34,7 @@ def call(path: Path, cmd: str, args: dict[str, Any],
         except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as e:
             raise DaemonUnavailable(f"no daemon answers at {path} ({e.strerror or e})") from e
         s.sendall(protocol.request(cmd, **args))
+        on_sent()
         s.settimeout(None)  # a swap streams for as long as it takes
         with s.makefile("rb") as f:
             for line in f:
