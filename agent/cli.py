@@ -19,7 +19,7 @@ from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DI
 from .errors import Exit, SwapFailed, SystemdError, ZddError
 
 if TYPE_CHECKING:
-    from . import deploy
+    from . import deploy, fastpath
 
 EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
 
@@ -39,9 +39,10 @@ Exit codes:
 
 class Ctx:
     def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path,
-                 explicit_paths: bool) -> None:
+                 explicit_paths: bool, sent: fastpath.Sent | None = None) -> None:
         self._dirs = (config_dir, state_dir, agent_config)
         self.explicit_paths = explicit_paths
+        self.sent = sent  # this call's request, sent before the command line loaded
 
     @property
     def paths(self) -> deploy.Paths:
@@ -203,7 +204,7 @@ class SafePath(click.Path):
 def cli(ctx: click.Context, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
     explicit = any(ctx.get_parameter_source(p) not in (click.core.ParameterSource.DEFAULT, None)
                    for p in ("config_dir", "state_dir", "agent_config"))
-    ctx.obj = Ctx(config_dir, state_dir, agent_config, explicit)
+    ctx.obj = Ctx(config_dir, state_dir, agent_config, explicit, sent=ctx.obj)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -221,20 +222,20 @@ def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
     emit = progress or (lambda kind, data: None)
     start = progress.start if progress else (lambda: None)
     # The daemon uses its own config and state: explicit paths mean this host's
-    # files as given, so they are acted on in-process.
-    if not local and not ctx.explicit_paths and CONTROL_SOCKET.exists():
-        from .client import DaemonUnavailable, call
+    # files as given, so they are acted on in-process. A request sent before
+    # the command line loaded (fastpath.py) is this call's: its reply is read.
+    if ctx.sent or (not local and not ctx.explicit_paths and CONTROL_SOCKET.exists()):
+        from .client import DaemonUnavailable, call, interrupted
 
         try:
-            return call(CONTROL_SOCKET, cmd, args, emit, start)
+            conn = ctx.sent.claim(cmd, args) if ctx.sent else None
+            return call(CONTROL_SOCKET, cmd, args, emit, start, conn)
         except DaemonUnavailable as e:
             click.echo(f"zdd-agent: {e}; acting in-process", err=True)
         except KeyboardInterrupt:
-            if cmd in ("swap", "rollback") and not args.get("dry_run"):
-                click.echo(f"\ninterrupted: the daemon goes on with the {cmd} of "
-                           f"{args['service']} (it rolls back or finishes, never stops "
-                           f"half-way); see `zdd-agent status {args['service']}` and "
-                           "`zdd-agent history`", err=True)
+            note = interrupted(cmd, args)
+            if note:
+                click.echo(note, err=True)
             raise SystemExit(130) from None
     # In-process only: commands imports everything a command may do.
     from . import commands, protocol
@@ -905,9 +906,10 @@ def demo(swaps: int, clients: int, as_json: bool) -> None:
         raise SystemExit(int(Exit.INTERNAL))
 
 
-def main() -> None:
+def main(sent: fastpath.Sent | None = None) -> None:
+    """The command line; `sent`: its request, when entry.py sent it already."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, obj=sent)
     except ZddError as e:
         if "--json" in sys.argv[1:]:  # machines get the error as JSON too
             _out({"error": str(e), "exit_code": int(e.exit_code),
