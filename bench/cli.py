@@ -3,36 +3,40 @@
     .venv/bin/python bench/cli.py [--runs 15] [--checkout DIR ...] [--json FILE]
 
 Starts a fake daemon on a temporary control socket (ZDD_CONTROL_SOCKET) and
-runs the real console script (.venv/bin/zdd-agent, this checkout on
-PYTHONPATH) against it. For each command it prints the median over --runs
-of two CPU times, user+sys, in milliseconds:
+runs the console script (.venv/bin/zdd-agent, the checkout on PYTHONPATH)
+against it. For each command it prints the median over --runs of two CPU
+times, user+sys, in milliseconds:
 
 - to request: what the CLI process had spent when its request arrived,
   read by the fake daemon from /proc/PID/task/*/schedstat (the first field,
   nanoseconds on a CPU: Documentation/scheduler/sched-stats.rst), the PID
-  from SO_PEERCRED. The CLI waits for the reply by then, so the figure is
-  the cost of the path to the daemon.
-- whole: the process from fork to exit, rendering the fake reply included
-  (getrusage(RUSAGE_CHILDREN) before and after, microseconds).
+  from SO_PEERCRED: the cost of the path to the daemon;
+- whole: the process from fork to exit, the loading of the command line
+  and the rendering of the fake reply included (getrusage(RUSAGE_CHILDREN)
+  before and after, microseconds).
 
-Then the same for commands that never reach the daemon (--help), the bare
-interpreter with the same site-packages (`python -c pass`: the floor no
-change to zdd-agent can go under), and the import of the heavy modules one
-by one in a fresh interpreter (time.process_time around the import).
+Each command runs two ways: in .venv as it is (an editable install: its
+import finder, a .pth file, costs every Python start in it about 25 ms
+here), and as from a regular install (`pip install .`): the same
+interpreter and packages through a throwaway venv whose one .pth names
+.venv's site-packages. Then the same for commands that never reach the
+daemon (--help), the interpreter alone (`python -c pass`: the floor no
+change to zdd-agent goes under), and the import of the heavy modules one by
+one in a fresh interpreter (time.process_time around the import).
 
 --checkout (repeatable; default: this one) measures other copies of the
 code, e.g. one of main made with `git archive main | tar -x -C /tmp/main`,
 their runs interleaved with this one's so that a change of the machine's
 load touches all alike. Nothing is asserted: figures depend on the machine
-and its load.
-Bytecode: the children run without PYTHONDONTWRITEBYTECODE and the first
-run of each command is not counted, so the checkout's .pyc files exist as
-they do after `pip install`.
+and its load. Bytecode: the children run without PYTHONDONTWRITEBYTECODE
+and the first run of each command is not counted, so the checkout's .pyc
+files exist as they do after `pip install`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -64,8 +68,8 @@ DAEMON_COMMANDS = [
 ]
 LOCAL_COMMANDS = [["--help"], ["swap", "--help"]]
 MODULES = ["click", "yaml", "rich.console", "psutil", "pyroute2", "pystemd.systemd1",
-           "agent.config", "agent.protocol", "agent.client", "agent.deploy", "agent.daemon",
-           "agent.cli"]
+           "agent.config", "agent.protocol", "agent.client", "agent.fastpath", "agent.deploy",
+           "agent.daemon", "agent.cli"]
 
 SWAP_RESULT = {"service": "api", "from_version": "v1", "to_version": "v2", "result": "ok",
                "reason": "", "seconds": 5.4, "readiness_checks": 1,
@@ -104,7 +108,7 @@ class FakeDaemon:
     def _serve(self) -> None:
         while True:
             conn, _ = self.sock.accept()
-            with conn:
+            with conn, contextlib.suppress(OSError, ValueError, KeyError):  # next one
                 cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                        struct.calcsize("3i"))
                 pid = struct.unpack("3i", cred)[0]
@@ -121,35 +125,52 @@ class FakeDaemon:
                 conn.sendall(out)
 
 
-def child_env(control: Path, checkout: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ZDD_CONFIG_DIR", "ZDD_STATE_DIR", "ZDD_AGENT_CONFIG",
-                        "PYTHONDONTWRITEBYTECODE")}  # explicit paths: in-process
-    env["ZDD_CONTROL_SOCKET"] = str(control)
-    env["PYTHONPATH"] = str(checkout)
-    return env
+class Variant:
+    """One way to run the CLI: a checkout, an interpreter, an environment."""
+
+    def __init__(self, label: str, python: str, checkout: Path, control: Path) -> None:
+        self.label, self.python = label, python
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("ZDD_CONFIG_DIR", "ZDD_STATE_DIR", "ZDD_AGENT_CONFIG",
+                                 "PYTHONDONTWRITEBYTECODE")}  # explicit paths: in-process
+        self.env["ZDD_CONTROL_SOCKET"] = str(control)
+        self.env["PYTHONPATH"] = str(checkout)
+
+    def cli(self, args: list[str]) -> list[str]:
+        return [self.python, str(CLI), *args]
+
+
+def regular_install(tmp: Path) -> str:
+    """The python of a venv that sees .venv's packages without its .pth files
+    (the editable install's finder): a regular install's start-up."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], check=True)
+    site = next(p for p in sys.path if p.endswith("site-packages") and sys.prefix in p)
+    (next(tmp.glob("lib/python*/site-packages")) / "zdd-venv.pth").write_text(site + "\n")
+    return str(tmp / "bin" / "python")
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> float:
     """CPU ms (user+sys) of one child process, fork to exit."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=False)
+                   cwd="/", check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return 1000 * (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
-def measure(argv: list[str], envs: list[dict[str, str]], runs: int,
+def measure(args: list[str] | None, variants: list[Variant], runs: int,
             daemon: FakeDaemon | None) -> list[dict[str, Any]]:
-    """Median CPU ms of argv under each env (one per checkout), runs interleaved."""
-    for env in envs:
-        run_once(argv, env)  # writes the .pyc files; not counted
-    whole: list[list[float]] = [[] for _ in envs]
-    to_request: list[list[float]] = [[] for _ in envs]
+    """Median CPU ms of the CLI with args (None: `python -c pass`) in each
+    variant, runs interleaved."""
+    argvs = [v.cli(args) if args is not None else [v.python, "-c", "pass"] for v in variants]
+    for argv, v in zip(argvs, variants):
+        run_once(argv, v.env)  # writes the .pyc files; not counted
+    whole: list[list[float]] = [[] for _ in variants]
+    to_request: list[list[float]] = [[] for _ in variants]
     for _ in range(runs):
-        for i, env in enumerate(envs):
+        for i, (argv, v) in enumerate(zip(argvs, variants)):
             n = len(daemon.seen) if daemon else 0
-            whole[i].append(run_once(argv, env))
+            whole[i].append(run_once(argv, v.env))
             if daemon and len(daemon.seen) > n:
                 to_request[i].append(daemon.seen[-1] / 1e6)
     return [{"whole_ms": statistics.median(w),
@@ -157,15 +178,16 @@ def measure(argv: list[str], envs: list[dict[str, str]], runs: int,
             for w, t in zip(whole, to_request)]
 
 
-def import_ms(module: str, envs: list[dict[str, str]], runs: int) -> list[float]:
-    """Median CPU ms of `import module` in a fresh interpreter, per env."""
+def import_ms(module: str, variants: list[Variant], runs: int) -> list[float]:
+    """Median CPU ms of `import module` in a fresh interpreter, per variant."""
     code = (f"import time; t = time.process_time(); import {module}; "
             "print(time.process_time() - t)")
-    argv = [sys.executable, "-c", code]
-    out: list[list[float]] = [[] for _ in envs]
+    out: list[list[float]] = [[] for _ in variants]
     for _ in range(runs + 1):  # the first writes the .pyc files; not counted
-        for i, env in enumerate(envs):
-            r = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        for i, v in enumerate(variants):
+            # in /: `python -c` imports from its working directory before PYTHONPATH
+            r = subprocess.run([v.python, "-c", code], env=v.env, capture_output=True,
+                               cwd="/", text=True, check=False)
             out[i].append(1000 * float(r.stdout) if r.returncode == 0 else float("nan"))
     return [statistics.median(ms[1:]) for ms in out]
 
@@ -181,34 +203,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         control = Path(tmp) / "control.sock"
         daemon = FakeDaemon(control)
-        envs = [child_env(control, c) for c in checkouts]
-        rows = [([str(CLI), *c], measure([str(CLI), *c], envs, a.runs, daemon))
-                for c in DAEMON_COMMANDS]
-        rows += [([str(CLI), *c], measure([str(CLI), *c], envs, a.runs, None))
-                 for c in LOCAL_COMMANDS]
-        bare = [sys.executable, "-c", "pass"]
-        rows.append((bare, measure(bare, envs, a.runs, None)))
-        imports = {m: import_ms(m, envs, a.runs) for m in MODULES}
+        regular = regular_install(Path(tmp) / "venv")
+        variants = [Variant(f"{c} ({layout})", python, c, control)
+                    for layout, python in (("editable .venv", sys.executable),
+                                           ("regular install", regular))
+                    for c in checkouts]
+        rows = [(" ".join(c), measure(c, variants, a.runs, daemon)) for c in DAEMON_COMMANDS]
+        rows += [(" ".join(c), measure(c, variants, a.runs, None)) for c in LOCAL_COMMANDS]
+        rows.append(("(python -c pass)", measure(None, variants, a.runs, None)))
+        imports = {m: import_ms(m, variants, a.runs) for m in MODULES}
     print(f"CPU ms (user+sys), median of {a.runs} runs; python {sys.version.split()[0]}")
-    for i, c in enumerate(checkouts):
-        print(f"  [{i}] {c}")
-    print(" ".join(f"{f'to req [{i}]':>11} {f'whole [{i}]':>9}" for i in range(len(checkouts)))
-          + "  command")
-    for argv, per in rows:
+    for i, v in enumerate(variants):
+        print(f"  [{i}] {v.label}")
+    print(" ".join(f"{f'to req [{i}]':>11} {f'whole [{i}]':>9}" for i in range(len(variants)))
+          + "  zdd-agent ...")
+    for name, per in rows:
         cells = []
         for r in per:
             to_req = "-" if r["to_request_ms"] is None else f"{r['to_request_ms']:.0f}"
             cells.append(f"{to_req:>11} {r['whole_ms']:>9.0f}")
-        name = " ".join(["zdd-agent" if argv[0] == str(CLI) else "python", *argv[1:]])
         print(" ".join(cells) + f"  {name}")
     print("\nimport alone (with what it imports), CPU ms, median:")
     for m, per_ms in imports.items():
         print(" ".join(f"{ms:>9.0f}" for ms in per_ms) + f"  {m}")
     if a.json:
         a.json.write_text(json.dumps({
-            "runs": a.runs, "checkouts": [str(c) for c in checkouts],
-            "commands": [{"argv": argv[1:] if argv[0] == str(CLI) else argv, "per_checkout": per}
-                         for argv, per in rows],
+            "runs": a.runs, "variants": [v.label for v in variants],
+            "commands": [{"args": name, "per_variant": per} for name, per in rows],
             "imports": imports}, indent=2))
 
 
