@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "zdd-agent"
 
 # Commands that go to the daemon; the fake daemon's reply is enough for the
-# CLI to render its usual output.
+# CLI to render its usual output. The last two go through click before they
+# connect (agent/fastpath.py leaves them to it).
 DAEMON_COMMANDS = [
     ["status"],
     ["status", "api", "--json"],
@@ -65,6 +66,8 @@ DAEMON_COMMANDS = [
     ["rollback", "api"],
     ["host-state"],
     ["sysctl", "check"],
+    ["swap", "api", "--version=v2", "--json"],
+    ["sysctl", "apply"],
 ]
 LOCAL_COMMANDS = [["--help"], ["swap", "--help"]]
 MODULES = ["click", "yaml", "rich.console", "psutil", "pyroute2", "pystemd.systemd1",
@@ -80,6 +83,7 @@ RESULTS: dict[str, Any] = {
     "status": [], "history": [], "swap": SWAP_RESULT, "rollback": SWAP_RESULT,
     "host-state": {"drained": False, "reason": "", "changed": False, "endpoint": None},
     "sysctl-check": {"ok": True, "differ": [], "missing": []},
+    "sysctl-apply": {"changed": [], "missing": []},
 }
 PLAN = {"service": "api", "from_version": "v1", "to_version": "v2", "replicas": 1,
         "max_surge": 1, "max_unavailable": 0, "batches": [
