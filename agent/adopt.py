@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .config import (
-    DEFAULT_CONFIG_DIR,
     DRAIN_SIGNALS,
     INSTANCE_PORT,
     SUN_PATH_MAX,
@@ -39,6 +38,7 @@ from .config import (
     format_duration,
     parse_service,
 )
+from .defaults import DEFAULT_CONFIG_DIR
 from .errors import ConfigError
 from .settings import HARDENING, NAMESPACES, NOFILE_MAX, REDIRECTS, VERSION
 

@@ -11,12 +11,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
+from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import Exit, SwapFailed, SystemdError, ZddError
+
+if TYPE_CHECKING:
+    from . import deploy, fastpath
 
 EXIT_CODES = "\n".join(f"  {int(e):>3}  {e.name.lower()}" for e in Exit)
 
@@ -36,11 +39,19 @@ Exit codes:
 
 class Ctx:
     def __init__(self, config_dir: Path, state_dir: Path, agent_config: Path,
-                 explicit_paths: bool) -> None:
+                 explicit_paths: bool, sent: fastpath.Sent | None = None) -> None:
+        self._dirs = (config_dir, state_dir, agent_config)
+        self.explicit_paths = explicit_paths
+        self.sent = sent  # this call's request, sent before the command line loaded
+
+    @property
+    def paths(self) -> deploy.Paths:
+        """Built when a command runs in this process: deploy.py imports all
+        of the swap (pystemd, psutil, the census...), which a call to the
+        daemon never needs (issue 16)."""
         from .deploy import Paths
 
-        self.paths = Paths(config_dir, state_dir, agent_config)
-        self.explicit_paths = explicit_paths
+        return Paths(*self._dirs)
 
 
 def _out(data: Any) -> None:
@@ -53,21 +64,34 @@ def _fmt_time(ts: float | None) -> str:
 
 class Progress:
     """Renders swap events: a live line on a terminal, plain lines otherwise,
-    nothing with --json (one result object at the end instead)."""
+    nothing with --json (one result object at the end instead).
+
+    Rich, and with it whether stderr is a terminal, comes in at start(),
+    which dispatch() calls once the request is on its way to the daemon (or
+    before the command runs in-process): the daemon starts the swap while
+    this process imports rich (about 30 ms of CPU), and a --json call never
+    imports it (issue 16)."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
-
         self.enabled = enabled
-        self.console = Console(stderr=True)
-        self.live = enabled and self.console.is_terminal
+        self.console: Any = None
+        self.live = False
         self.status: Any = None
         self.last_plain = 0.0
 
-    def __enter__(self) -> Progress:
+    def start(self) -> None:
+        """Show the live line on a terminal, from "preflight" on; once."""
+        if not self.enabled or self.console is not None:
+            return
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
         if self.live:
             self.status = self.console.status("preflight")
             self.status.__enter__()
+
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,6 +101,7 @@ class Progress:
     def line(self, text: str, transient: bool = False) -> None:
         if not self.enabled:
             return
+        self.start()
         if self.live:
             self.status.update(text)
             if not transient:
@@ -179,7 +204,7 @@ class SafePath(click.Path):
 def cli(ctx: click.Context, config_dir: Path, state_dir: Path, agent_config: Path) -> None:
     explicit = any(ctx.get_parameter_source(p) not in (click.core.ParameterSource.DEFAULT, None)
                    for p in ("config_dir", "state_dir", "agent_config"))
-    ctx.obj = Ctx(config_dir, state_dir, agent_config, explicit)
+    ctx.obj = Ctx(config_dir, state_dir, agent_config, explicit, sent=ctx.obj)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -188,28 +213,34 @@ local_option = click.option("--local", is_flag=True,
 
 
 def dispatch(ctx: Ctx, cmd: str, args: dict[str, Any], local: bool,
-             on_event: Any = None) -> dict[str, Any]:
+             progress: Progress | None = None) -> dict[str, Any]:
     """Run a command through the daemon when one answers, else in-process.
-    Both give the same reply: {"result", "exit_code"} or {"error", ...}."""
-    from . import commands, protocol
-    from .client import DaemonUnavailable, call
-    from .daemon import CONTROL_SOCKET
+    Both give the same reply: {"result", "exit_code"} or {"error", ...}.
+    `progress` gets the events, and is started once the request is sent."""
+    from .defaults import CONTROL_SOCKET
 
-    emit = on_event or (lambda kind, data: None)
+    emit = progress or (lambda kind, data: None)
+    start = progress.start if progress else (lambda: None)
     # The daemon uses its own config and state: explicit paths mean this host's
-    # files as given, so they are acted on in-process.
-    if not local and not ctx.explicit_paths and CONTROL_SOCKET.exists():
+    # files as given, so they are acted on in-process. A request sent before
+    # the command line loaded (fastpath.py) is this call's: its reply is read.
+    if ctx.sent or (not local and not ctx.explicit_paths and CONTROL_SOCKET.exists()):
+        from .client import DaemonUnavailable, call, interrupted
+
         try:
-            return call(CONTROL_SOCKET, cmd, args, emit)
+            conn = ctx.sent.claim(cmd, args) if ctx.sent else None
+            return call(CONTROL_SOCKET, cmd, args, emit, start, conn)
         except DaemonUnavailable as e:
             click.echo(f"zdd-agent: {e}; acting in-process", err=True)
         except KeyboardInterrupt:
-            if cmd in ("swap", "rollback") and not args.get("dry_run"):
-                click.echo(f"\ninterrupted: the daemon goes on with the {cmd} of "
-                           f"{args['service']} (it rolls back or finishes, never stops "
-                           f"half-way); see `zdd-agent status {args['service']}` and "
-                           "`zdd-agent history`", err=True)
+            note = interrupted(cmd, args)
+            if note:
+                click.echo(note, err=True)
             raise SystemExit(130) from None
+    # In-process only: commands imports everything a command may do.
+    from . import commands, protocol
+
+    start()
     try:
         with _stop_requests(cmd in ("swap", "rollback") and not args.get("dry_run")) as asked:
             code, out = commands.execute(ctx.paths, cmd, args, emit, asked)
@@ -875,9 +906,10 @@ def demo(swaps: int, clients: int, as_json: bool) -> None:
         raise SystemExit(int(Exit.INTERNAL))
 
 
-def main() -> None:
+def main(sent: fastpath.Sent | None = None) -> None:
+    """The command line; `sent`: its request, when entry.py sent it already."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, obj=sent)
     except ZddError as e:
         if "--json" in sys.argv[1:]:  # machines get the error as JSON too
             _out({"error": str(e), "exit_code": int(e.exit_code),

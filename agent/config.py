@@ -56,10 +56,6 @@ MAX_YAML_DEPTH = 32
 # Python's 4,300-digit limit on int(str)) are refused before they exist.
 MAX_YAML_INT = 2**63 - 1
 
-DEFAULT_CONFIG_DIR = Path("/etc/zdd-agent/services")
-DEFAULT_AGENT_CONFIG = Path("/etc/zdd-agent/agent.yaml")
-DEFAULT_STATE_DIR = Path("/var/lib/zdd-agent")
-
 
 def check_name(name: object, where: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):

@@ -37,6 +37,7 @@ from typing import Any
 
 from . import commands, deploy, protocol, units
 from .config import AgentConfig, load_agent_config, load_all
+from .defaults import CONTROL_SOCKET
 from .errors import LockedError, SwapFailed, ZddError
 from .log import SwapLogger, log
 from .metrics import Metrics, parse_listen
@@ -45,7 +46,6 @@ from .sd import notify as sd_notify
 from .state import StateStore, secure_state_dir
 from .errors import StateError
 
-CONTROL_SOCKET = Path(os.environ.get("ZDD_CONTROL_SOCKET", "/run/zdd-agent/control.sock"))
 READ_DEADLINE = 5.0  # seconds a client has to send its whole request
 MAX_CLIENTS = 256  # connections being read at once; beyond it the oldest is closed
 MAX_CLIENTS_PER_UID = 64  # of those, one user's; beyond it that user's oldest is closed

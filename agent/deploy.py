@@ -20,9 +20,9 @@ from typing import Any
 
 from . import oom, rollout, tcpstats, units
 from .census import Census
-from .config import (DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR,
-                     ServiceConfig, check_version, load_agent_config, load_all, load_service,
+from .config import (ServiceConfig, check_version, load_agent_config, load_all, load_service,
                      parse_service)
+from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import (ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError,
                      ZddError)
 from .probes import ProbeResult, free_port, probe
