@@ -99,6 +99,24 @@ class ServiceState:
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # each history entry as written last: id -> (the entry, its JSON). A
+        # swap writes its intent before every phase, and encoding the whole
+        # history each time cost a swap tens of ms of CPU (issue 16)
+        self._encoded: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def _history_json(self, history: list[dict[str, Any]]) -> str:
+        """The history as a JSON array, one entry a line; an entry already
+        written by this store (the same object) is not encoded again."""
+        keep: dict[int, tuple[dict[str, Any], str]] = {}
+        lines = []
+        for entry in history:
+            hit = self._encoded.get(id(entry))
+            if hit is None or hit[0] is not entry:
+                hit = (entry, json.dumps(entry, sort_keys=True))
+            keep[id(entry)] = hit
+            lines.append(hit[1])
+        self._encoded = keep
+        return "[" + ",\n".join(lines) + "]"
 
     def _path(self, name: str) -> Path:
         return self.root / "services" / f"{check_name(name)}.json"
@@ -139,11 +157,12 @@ class StateStore:
 
     def save(self, st: ServiceState) -> None:
         _d, gid = self._dir("services")
-        data = {"serving": st.serving, "previous": st.previous, "since": st.since,
-                "history": st.history, "intent": st.intent, "watch": st.watch,
-                "adopted": st.adopted}
-        atomic_write(self._path(st.name), json.dumps(data, indent=1, sort_keys=True) + "\n",
-                     mode=file_mode(gid), group=gid)
+        fields = {"serving": st.serving, "previous": st.previous, "since": st.since,
+                  "intent": st.intent, "watch": st.watch, "adopted": st.adopted}
+        parts = {k: json.dumps(v, sort_keys=True) for k, v in fields.items()}
+        parts["history"] = self._history_json(st.history)
+        text = "{" + ",\n".join(f"{json.dumps(k)}: {parts[k]}" for k in sorted(parts)) + "}\n"
+        atomic_write(self._path(st.name), text, mode=file_mode(gid), group=gid)
 
     def names(self) -> list[str]:
         d = self.root / "services"

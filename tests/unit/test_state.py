@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.errors import LockedError, StateDenied, StateError
 from agent.state import HISTORY_LIMIT, StateStore, secure_state_dir
@@ -71,6 +73,31 @@ def test_save_is_json(tmp_path: Path) -> None:
     store.save(st)
     data = json.loads((tmp_path / "services" / "api.json").read_text())
     assert data["serving"] == "v1"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["record", "intent", "save", "reload"]),
+                          st.text(max_size=8)), max_size=40))
+def test_every_save_reads_back_as_the_state_it_wrote(tmp_path_factory, steps) -> None:
+    """The store encodes each history entry once (issue 16): whatever the
+    order of records, intents, saves and reloads, the file reads back as
+    exactly the state saved."""
+    root = tmp_path_factory.mktemp("state")
+    store = StateStore(root)
+    state = store.load("api")
+    for i, (step, text) in enumerate(steps):
+        if step == "record":
+            state.record({**result(state.serving, f"v{i}"), "reason": text,
+                          "nested": {"k": [text, i]}})
+        elif step == "intent":
+            state.intent = {"from": state.serving, "to": text, "phase": "bake", "n": i}
+        elif step == "reload":
+            state = store.load("api") if (root / "services" / "api.json").exists() else state
+            continue
+        store.save(state)
+        back = StateStore(root).load("api")
+        assert (back.serving, back.previous, back.since, back.history, back.intent) == (
+            state.serving, state.previous, state.since, state.history, state.intent)
 
 
 # ------------------------------------------------------------ permissions
