@@ -835,6 +835,25 @@ def swap(paths: Paths, name: str, version: str, emit: Emit | None = None,
     that the daemon will watch the new version afterwards (strategy.watch);
     `auto_revert` is the watch's reason when it swaps back by itself (no
     bake: the version it returns to served until the last swap)."""
+    cpu0 = time.thread_time()
+    try:
+        result = _swap(paths, name, version, emit, interrupted, watched, auto_revert)
+    except SwapFailed as e:
+        _command_cpu(e.details.get("result"), cpu0)
+        raise
+    _command_cpu(result, cpu0)
+    return result
+
+
+def _command_cpu(result: object, cpu0: float) -> None:
+    """The swap command's CPU in this thread (ms) as result.cpu_ms["command"]."""
+    if isinstance(result, SwapResult):
+        result.cpu_ms["command"] = round((time.thread_time() - cpu0) * 1000, 1)
+
+
+def _swap(paths: Paths, name: str, version: str, emit: Emit | None,
+          interrupted: Callable[[], bool] | None, watched: bool,
+          auto_revert: str | None) -> SwapResult:
     svc = load_service(paths.config_dir, name)
     if auto_revert is not None:
         svc = dataclasses.replace(svc, min_ready=0.0)

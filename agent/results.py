@@ -27,8 +27,11 @@ class SwapResult:
     started_at: float = 0.0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
-    # the swap thread's CPU time, ms: "total" and per phase (what the bake's
-    # and the drain's polling cost, beside the fixed work of a swap)
+    # the swap thread's CPU time, ms: "total" (the rollout) and per phase
+    # (what the bake's and the drain's polling cost, beside the fixed work of
+    # a swap); "command": the whole swap command in that thread, the config,
+    # the unit files, the recovery check and the records included (up to
+    # the last record's write, which cannot hold its own cost)
     cpu_ms: dict[str, float] = field(default_factory=dict)
     readiness_checks: int = 0
     drain: DrainResult | None = None
