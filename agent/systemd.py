@@ -76,6 +76,35 @@ NOT_RESENT = frozenset({b"StartTransientUnit", b"KillUnit"})
 # own default timeout is 25 s
 RECONNECT_S = 30.0
 
+# org.freedesktop.systemd1(5): the names and D-Bus signatures the agent reads
+# and calls without introspecting the objects first (pystemd's objects ask
+# each one for its XML, about 10 ms of CPU a unit on every new connection)
+DEST = b"org.freedesktop.systemd1"
+MANAGER_PATH = b"/org/freedesktop/systemd1"
+MANAGER = b"org.freedesktop.systemd1.Manager"
+UNIT, SERVICE, SLICE = (b"org.freedesktop.systemd1.Unit", b"org.freedesktop.systemd1.Service",
+                        b"org.freedesktop.systemd1.Slice")
+# Manager methods by their in-signature; a method not listed goes through
+# pystemd's introspected Manager (StartTransientUnit: its a(sv) properties)
+MANAGER_METHODS = {
+    "Reload": "", "StartUnit": "ss", "RestartUnit": "ss", "StopUnit": "ss", "GetUnit": "s",
+    "LoadUnit": "s", "ResetFailedUnit": "s", "EnableUnitFiles": "asbb",
+    "DisableUnitFiles": "asb", "GetUnitFileState": "s", "ListJobs": "",
+    "ListUnitsByPatterns": "asas", "KillUnit": "ssi"}
+
+
+def unit_path(unit: str) -> bytes:
+    """The unit's D-Bus object path (systemd's unit_dbus_path(): each byte
+    but ASCII letters, and digits after the first, as _xx in hex). A Get on
+    it loads the unit as LoadUnit would (systemd's find_unit)."""
+    out = []
+    for i, b in enumerate(unit.encode()):
+        if (65 <= b <= 90) or (97 <= b <= 122) or (i > 0 and 48 <= b <= 57):
+            out.append(chr(b))
+        else:
+            out.append(f"_{b:02x}")
+    return b"/org/freedesktop/systemd1/unit/" + "".join(out or ["_"]).encode()
+
 
 def _gone(e: BaseException, opening: bool = False) -> bool:
     """Whether `e` says the connection is gone (not what systemd answered);
@@ -116,6 +145,9 @@ def bus_class(name: str) -> type:
                 signals.restore(previous)
 
         def open_(self: Any) -> None:
+            # signal matches belong to a connection: Systemd.wait_change adds
+            # them again when this count moved
+            self.opens = getattr(self, "opens", 0) + 1
             if base is dbuslib.DBusAddress:
                 # sd_bus_new() stored the new object before the connection
                 # could fail: it is this instance's to free
@@ -173,12 +205,23 @@ class Systemd:
     def __init__(self, unit_dir: Path = UNIT_DIR) -> None:
         self.unit_dir = unit_dir
         self._bus: Any = None
-        self._manager: Any = None
+        self._manager: Any = None  # pystemd's Manager, introspected on first use
+        self._version = ""
+        # wait_change: the object paths whose PropertiesChanged are matched on
+        # this connection, the connection's open count they belong to, and a
+        # count of the signals seen (pystemd keeps no reference to the
+        # callback: this object holds it)
+        self._watched: set[bytes] = set()
+        self._watch_opens = 0
+        self._changes = 0
+
+        def on_change(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            self._changes += 1
+
+        self._on_change = on_change
         self._units: dict[str, Any] = {}  # name -> pystemd Unit, introspected once
 
     def __enter__(self) -> Systemd:
-        from pystemd.systemd1 import Manager
-
         try:
             if os.geteuid() == 0 and PRIVATE_SOCKET.exists():
                 self._bus = bus_class("DBusAddress")(f"unix:path={PRIVATE_SOCKET}".encode(),
@@ -186,8 +229,9 @@ class Systemd:
             else:
                 self._bus = bus_class("DBus")()
             self._bus.open()
-            self._manager = Manager(bus=self._bus)
-            self._manager.load()
+            # one round trip proves the connection (and the version is cheap)
+            self._version = _s(self._bus.get_property(DEST, MANAGER_PATH, MANAGER,
+                                                      b"Version", b"s"))
         except Exception as e:
             if self._bus is not None:
                 self._bus.close()  # once per open(): bus_class
@@ -203,17 +247,99 @@ class Systemd:
             self._bus.close()
             self._bus = None
             self._units.clear()
+            self._manager = None
+            self._watched.clear()
+            self._watch_opens = 0
+
+    @property
+    def manager(self) -> Any:
+        """pystemd's Manager object, introspected once per connection: for
+        the methods MANAGER_METHODS does not list and the manager's
+        properties by name."""
+        if self._manager is None:
+            from pystemd.systemd1 import Manager
+
+            m = Manager(bus=self._bus)
+            m.load()
+            self._manager = m
+        return self._manager
+
+    def _method(self, name: str, *args: Any) -> Any:
+        """A Manager method's reply body, called with the signature
+        MANAGER_METHODS gives (strings as str or bytes)."""
+        from pystemd.dbuslib import apply_signature
+
+        sig = MANAGER_METHODS.get(name)
+        if sig is None:
+            return getattr(self.manager.Manager, name)(*args)
+        return self._bus.call_method(DEST, MANAGER_PATH, MANAGER, name.encode(),
+                                     apply_signature(sig.encode(), list(args))).body
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         """fn(*args), a Manager method given by name or a callable; its
         error as SystemdError("what: ..."). (A connection systemd closed
         as it re-executed is replaced underneath: bus_class.)"""
-        call = getattr(self._manager.Manager, fn) if isinstance(fn, str) else fn
         try:
-            return call(*args)
+            return self._method(fn, *args) if isinstance(fn, str) else fn(*args)
         except Exception as e:
             msg = _s(getattr(e, "args", [e])[0]) if e.args else e
             raise SystemdError(f"{what}: {msg}") from e
+
+    def wait_change(self, units: list[str], timeout: float) -> bool:
+        """Wait up to `timeout` seconds for systemd to announce a change of
+        one of `units` (PropertiesChanged on its object path,
+        org.freedesktop.systemd1(5): systemd sends its signals to every
+        connection of its private socket). True when one came or may have
+        (the connection was replaced, a signal interrupted the wait), False
+        at the timeout. A wake-up only: the caller reads the state again,
+        never the signal's content (sent after systemd's own dispatch).
+        The signals about other units are read and dropped on the way:
+        left unread they would pile up on the connection."""
+        bus = self._bus
+        if getattr(bus, "opens", 0) != self._watch_opens:
+            self._watch_opens = getattr(bus, "opens", 0)
+            self._watched.clear()
+            changed = self._watch_opens > 1  # signals of the old connection are lost
+        else:
+            changed = False
+        for unit in units:
+            path = unit_path(unit)
+            if path not in self._watched:
+                bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
+                                 b"PropertiesChanged", self._on_change)
+                self._watched.add(path)
+        deadline = time.monotonic() + timeout
+        try:
+            changed = self._read_signals() or changed
+            # other units' signals wake sd_bus_wait too: wait on to the deadline
+            while not changed and (left := deadline - time.monotonic()) > 0:
+                bus.wait(max(1, int(left * 1e6)))
+                changed = self._read_signals()
+        except Exception as e:
+            if not _gone(e) and getattr(e, "errno", None) != -errno.EINTR:
+                raise
+            return True  # the next read reconnects (bus_class)
+        return changed
+
+    def _read_signals(self) -> bool:
+        """Process what the connection holds (sd_bus_process); True if a
+        watched unit changed. Bounded: a storm of signals is read at the
+        next wait."""
+        before = self._changes
+        for _ in range(4096):
+            seen = self._changes
+            if self._bus.process().is_empty() and self._changes == seen:
+                break
+        return self._changes != before
+
+    def _get(self, unit: str, iface: bytes, prop: str, sig: bytes) -> Any:
+        """One property of the unit's object (org.freedesktop.systemd1(5)
+        gives each one's signature); SystemdError when it cannot be read."""
+        try:
+            return self._bus.get_property(DEST, unit_path(unit), iface, prop.encode(), sig)
+        except Exception as e:
+            msg = _s(e.args[0]) if e.args else e
+            raise SystemdError(f"cannot read {prop} of {unit}: {msg}") from e
 
     # ------------------------------------------------------------ unit files
 
@@ -258,7 +384,7 @@ class Systemd:
     def stop(self, unit: str) -> None:
         """Queue a stop job; a unit systemd has not loaded is not running."""
         try:
-            self._manager.Manager.GetUnit(unit.encode())
+            self._method("GetUnit", unit)
         except Exception:
             return  # NoSuchUnit: never loaded (e.g. its drop-in was never written)
         self._call(f"cannot stop {unit}", "StopUnit",
@@ -276,7 +402,7 @@ class Systemd:
 
     def reset_failed(self, unit: str) -> None:
         try:
-            self._manager.Manager.ResetFailedUnit(unit.encode())
+            self._method("ResetFailedUnit", unit)
         except Exception:
             pass  # not loaded or not failed: nothing to reset
 
@@ -290,7 +416,7 @@ class Systemd:
 
     def is_enabled(self, unit: str) -> str:
         try:
-            return _s(self._manager.Manager.GetUnitFileState(unit.encode()))
+            return _s(self._method("GetUnitFileState", unit))
         except Exception:
             return "not-found"
 
@@ -310,23 +436,24 @@ class Systemd:
         return u
 
     def state(self, unit: str) -> UnitState:
-        u = self._unit(unit)
-        is_service = unit.endswith(".service")
-        props = u.Unit
-        svc = u.Service if is_service else None
+        """The unit's state in ten property reads on its object path."""
+        get = self._get
         # The job first, then the state: read the other way round, a start
         # job that ends in between (Type=exec starts in a few ms) looks like
         # "inactive, no job": an instance that exited during start-up.
-        job = self._job_type(unit) if props.Job[0] else ""
-        load = _s(props.LoadState)
+        job = self._job_type(unit) if get(unit, UNIT, "Job", b"(uo)")[0] else ""
+        load = _s(get(unit, UNIT, "LoadState", b"s"))
+        svc = unit.endswith(".service") and load == "loaded"
         return UnitState(
-            name=unit, load=load, active=_s(props.ActiveState), sub=_s(props.SubState),
-            result=_s(svc.Result) if svc is not None and load == "loaded" else "",
-            main_pid=int(svc.MainPID) if svc is not None and load == "loaded" else 0,
-            restarts=int(svc.NRestarts) if svc is not None and load == "loaded" else 0,
-            since_us=int(props.StateChangeTimestamp), job=job,
-            exit=exit_description(int(svc.ExecMainCode), int(svc.ExecMainStatus))
-            if svc is not None and load == "loaded" else "")
+            name=unit, load=load, active=_s(get(unit, UNIT, "ActiveState", b"s")),
+            sub=_s(get(unit, UNIT, "SubState", b"s")),
+            result=_s(get(unit, SERVICE, "Result", b"s")) if svc else "",
+            main_pid=int(get(unit, SERVICE, "MainPID", b"u")) if svc else 0,
+            restarts=int(get(unit, SERVICE, "NRestarts", b"u")) if svc else 0,
+            since_us=int(get(unit, UNIT, "StateChangeTimestamp", b"t")), job=job,
+            exit=exit_description(int(get(unit, SERVICE, "ExecMainCode", b"i")),
+                                  int(get(unit, SERVICE, "ExecMainStatus", b"i")))
+            if svc else "")
 
     def _job_type(self, unit: str) -> str:
         for _id, name, jtype, _state, _job, _unit in self._call(
@@ -369,15 +496,15 @@ class Systemd:
             self._call(f"cannot start {unit}", "StartTransientUnit", unit.encode(), b"fail",
                        props)
             while True:
-                u = self._unit(unit)
-                active = _s(u.Unit.ActiveState)
-                if active in ("active", "failed", "inactive") and not u.Unit.Job[0]:
+                active = _s(self._get(unit, UNIT, "ActiveState", b"s"))
+                if (active in ("active", "failed", "inactive")
+                        and not self._get(unit, UNIT, "Job", b"(uo)")[0]):
                     break
                 if time.monotonic() > deadline:
                     return False, f"timed out after {timeout:g}s (systemd did not end it)"
                 time.sleep(0.02)
-            result = _s(u.Service.Result)
-            code = int(u.Service.ExecMainStatus)
+            result = _s(self._get(unit, SERVICE, "Result", b"s"))
+            code = int(self._get(unit, SERVICE, "ExecMainStatus", b"i"))
             tail = journal_tail(unit, 1, own=True) or [""]
             if result == "timeout":
                 return False, f"timed out after {timeout:g}s"
@@ -385,7 +512,7 @@ class Systemd:
             return ok, f"exit {code} {tail[0]}".strip()
         finally:
             try:
-                self._manager.Manager.StopUnit(unit.encode(), b"replace")
+                self._method("StopUnit", unit, "replace")
             except Exception:
                 pass
             self.reset_failed(unit)
@@ -399,13 +526,14 @@ class Systemd:
         the cgroup's own cgroup.procs is read then, without those.
         SystemdError when neither tells: an instance whose processes cannot
         be listed is not an instance without processes."""
-        u = self._unit(unit)
-        if _s(u.Unit.ActiveState) in ("inactive", "failed"):
+        if _s(self._get(unit, UNIT, "ActiveState", b"s")) in ("inactive", "failed"):
             return []
         try:
-            return sorted({int(pid) for _cg, pid, _cmd in u.Service.GetProcesses()})
+            procs = self._bus.call_method(DEST, unit_path(unit), SERVICE, b"GetProcesses",
+                                          []).body
+            return sorted({int(pid) for _cg, pid, _cmd in procs})
         except Exception as e:
-            pids = _cgroup_pids(_s(u.Service.ControlGroup))
+            pids = _cgroup_pids(_s(self._get(unit, SERVICE, "ControlGroup", b"s")))
             if pids is None:
                 raise SystemdError(f"cannot list the processes of {unit}: {e}") from e
             return pids
@@ -414,7 +542,7 @@ class Systemd:
         """The unit's cgroup memory (page cache included, as the OOM killer
         counts it); None without memory accounting."""
         try:
-            value = int(self._unit(unit).Service.MemoryCurrent)
+            value = int(self._get(unit, SERVICE, "MemoryCurrent", b"t"))
         except Exception:
             return None
         return None if value >= 2**64 - 1 else value
@@ -425,7 +553,7 @@ class Systemd:
         an instance's start-up peak, which memory.current no longer shows.
         None where neither can be read."""
         try:
-            cg = _s(self._unit(unit).Service.ControlGroup)
+            cg = _s(self._get(unit, SERVICE, "ControlGroup", b"s"))
         except Exception:
             return None
         return cgroup_memory(cg, "memory.peak", "memory.max_usage_in_bytes")
@@ -434,8 +562,8 @@ class Systemd:
         """Bytes a slice may still take before its MemoryMax= (MemoryMax
         minus MemoryCurrent); None without a limit or accounting."""
         try:
-            sl = self._unit(unit).Slice
-            limit, current = int(sl.MemoryMax), int(sl.MemoryCurrent)
+            limit = int(self._get(unit, SLICE, "MemoryMax", b"t"))
+            current = int(self._get(unit, SLICE, "MemoryCurrent", b"t"))
         except Exception:
             return None
         if limit >= 2**64 - 1 or current >= 2**64 - 1:
@@ -445,7 +573,7 @@ class Systemd:
     def main_start_monotonic(self, unit: str) -> int:
         """CLOCK_MONOTONIC microseconds when the unit's main process last started."""
         try:
-            return int(self._unit(unit).Service.ExecMainStartTimestampMonotonic)
+            return int(self._get(unit, SERVICE, "ExecMainStartTimestampMonotonic", b"t"))
         except Exception:
             return 0
 
@@ -453,7 +581,7 @@ class Systemd:
         """systemd's major version ("252.38-1~deb12u1" -> 252)."""
         import re
 
-        m = re.match(r"\d+", _s(self._manager.Manager.Version))
+        m = re.match(r"\d+", self._version)
         return int(m.group()) if m else None
 
     def list_units(self, pattern: str) -> list[str]:
@@ -467,7 +595,7 @@ class Systemd:
         org.freedesktop.systemd1(5)), e.g. "DefaultLimitNOFILE", as pystemd
         decodes it (bytes for strings). SystemdError when it cannot be read."""
         try:
-            return getattr(self._manager.Manager, name)
+            return getattr(self.manager.Manager, name)
         except Exception as e:
             raise SystemdError(f"cannot read the manager's {name}: {e}") from e
 

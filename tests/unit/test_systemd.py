@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.systemd import exit_description
+from agent.systemd import exit_description, unit_path
 
 
 @pytest.mark.parametrize(("code", "status", "words"), [
@@ -13,6 +13,17 @@ from agent.systemd import exit_description
 def test_exit_description_from_exec_main_code_and_status(code: int, status: int,
                                                          words: str) -> None:
     assert exit_description(code, status) == words
+
+
+# what systemd 252's LoadUnit answered for these names (a sandbox, 2026-12-01):
+# the agent reads properties on the path it computes, without a LoadUnit
+@pytest.mark.parametrize(("unit", "path"), [
+    ("zdd-api@v1.service", "zdd_2dapi_40v1_2eservice"),
+    ("zdd-api@v1-2.1_x.service", "zdd_2dapi_40v1_2d2_2e1_5fx_2eservice"),
+    ("systemd-journald.service", "systemd_2djournald_2eservice"),
+    ("9foo.socket", "_39foo_2esocket"), ("a\\x2db.service", "a_5cx2db_2eservice")])
+def test_a_units_object_path_is_the_one_systemd_gives(unit: str, path: str) -> None:
+    assert unit_path(unit) == b"/org/freedesktop/systemd1/unit/" + path.encode()
 
 
 def _peer(path: str, *acts: tuple[str, float]) -> int:
