@@ -30,7 +30,6 @@ from .modes import mode_for
 if TYPE_CHECKING:
     from .trial import TrialResult
 
-BAKE_POLL = 0.25  # seconds between two looks at systemd's state
 ACCEPT_POLL = 0.5  # seconds between two connection censuses (they walk /proc/PID/fd)
 # The census samples (every ACCEPT_POLL), so a short connection is seen only
 # if it is open at a poll: a fast new instance (no keep-alive clients yet) can
@@ -259,7 +258,8 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                     host.emit("warning", message=f"connection census failed: {e}")
             if now >= end:
                 break
-            host.sleep(min(BAKE_POLL, end - now))
+            # an exit or a restart of the group wakes it (systemd's news)
+            host.wait(list(admitted), min(next_census, end) - now)
         out.accepted = dict(share.accepted)
         # routed per instance (nat): nothing reaches the group before the bake
         # ends, so no share to judge; the agent's own connections to each

@@ -271,6 +271,9 @@ class SystemdOps:
     def stop(self, version: str) -> None:
         self.sd.stop(self.unit(version))
 
+    def wait(self, instances: list[str], seconds: float) -> None:
+        self.sd.wait_change([self.unit(x) for x in instances], seconds)
+
     def status(self, version: str) -> InstanceStatus:
         st = self.sd.state(self.unit(version))
         return InstanceStatus(st.active, st.sub, st.result, st.restarts, st.job,

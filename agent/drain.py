@@ -23,10 +23,9 @@ from typing import Any
 
 from .instance import Host
 
-# How often a drain counts connections; how often it checks whether the old
-# instance is gone (a cheap property read: the drain ends within 50 ms of it).
+# How often a drain counts connections. That an old instance is gone, systemd
+# announces (ops.wait wakes the drain): the drain ends as it exits.
 DRAIN_POLL = 0.25
-STATE_POLL = 0.05
 # Below this many connections left, a drain lists their peers (long-lived ones:
 # WebSockets, HTTP/2 and gRPC streams), at most once a second.
 LIST_BELOW = 10
@@ -138,7 +137,7 @@ def run_drain(host: Host, olds: list[str],
     counted_at = 0.0
     broken: str | None = None
     while True:
-        clock.sleep(STATE_POLL)
+        ops.wait(olds, max(0.0, counted_at + DRAIN_POLL - (clock.monotonic() - t)))
         host.interrupted()  # the signal is out: a request to stop is noted, the drain goes on
         if watch is not None:
             try:

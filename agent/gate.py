@@ -16,7 +16,10 @@ from .config import Ready
 from .instance import Host
 
 # How often the gate looks at a starting instance between probes.
-START_POLL = 0.05
+START_POLL = 0.05  # seconds between two looks for what systemd does not announce
+# the longest wait for systemd's news of READY=1, an exit or a restart (it
+# wakes the gate at once): how late a deadline may be seen
+EVENT_WAIT = 0.25
 
 
 @dataclass
@@ -138,7 +141,10 @@ def run_gate(host: Host, group: list[str], extra_deadline: float = 0.0) -> GateO
             if not pending:
                 return out
             if not probed:
-                host.sleep(START_POLL)
+                # READY=1, an exit, a restart: systemd announces them (the
+                # wait ends at once); a bind and a probe's time are looked for
+                looking = ready.type != "notify" or any(x in claimed for x in pending)
+                host.wait(pending, START_POLL if looking else EVENT_WAIT)
     finally:
         out.checks = sum(g.checks for g in gates.values())
         out.seconds = clock.monotonic() - t

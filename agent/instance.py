@@ -58,6 +58,9 @@ class InstanceOps(Protocol):
     def start(self, instance: str) -> None: ...  # start job queued (returns at once)
     def stop(self, instance: str) -> None: ...  # stop job queued: the drain signal
     def status(self, instance: str) -> InstanceStatus: ...
+    # sleeps up to `seconds`, woken early when systemd announces a change of
+    # one of `instances` (its start, READY=1, exit, restart): not a poll
+    def wait(self, instances: list[str], seconds: float) -> None: ...
     def probe(self, instance: str) -> tuple[bool, str]: ...  # http/tcp/grpc/exec readiness
     def pids(self, instance: str) -> list[int]: ...
     def connections(self, pids: list[int]) -> int: ...  # census; OSError: unknown
@@ -158,5 +161,12 @@ class Host:
     def sleep(self, seconds: float) -> None:
         """Sleep; raise Interrupted if the operator asked to stop."""
         self.clock.sleep(seconds)
+        if self.interrupted():
+            raise Interrupted()
+
+    def wait(self, instances: list[str], seconds: float) -> None:
+        """ops.wait: up to `seconds`, or until systemd tells of a change of one
+        of `instances`; raise Interrupted if the operator asked to stop."""
+        self.ops.wait(instances, max(0.0, seconds))
         if self.interrupted():
             raise Interrupted()

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from . import results, rollout
 from .bake import AcceptQueue, Baseline, check_admitted, run_bake
 from .config import ServiceConfig
-from .drain import DRAIN_POLL, STATE_POLL, DrainResult, run_drain
+from .drain import DRAIN_POLL, DrainResult, run_drain
 from .errors import SwapBroken, SwapFailed
 from .gate import START_POLL, ReadinessGate, run_gate
 from .instance import (Clock, Emit, Host, InstanceOps, InstanceStatus, Intent, Interrupted,
@@ -36,7 +36,7 @@ from .results import SwapResult
 from .revert import GONE_MARGIN, discard, restore, restore_first, retire, wait_stopped
 from .rollout import Batch
 
-__all__ = ["DRAIN_POLL", "STATE_POLL", "START_POLL", "Clock", "DrainResult", "Emit",
+__all__ = ["DRAIN_POLL", "START_POLL", "Clock", "DrainResult", "Emit",
            "InstanceOps", "InstanceStatus", "Memory", "ReadinessGate", "Swap", "SwapResult",
            "SystemClock", "fit_plan", "fitted_plan", "instance_ids", "peak_extra",
            "plan_recovery", "tcp_delta"]

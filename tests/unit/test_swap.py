@@ -105,6 +105,11 @@ class FakeHost:
             return InstanceStatus("active", "running", "success", main_pid=self.pids(version)[0])
         return InstanceStatus("activating", "start", "success")
 
+    def wait(self, instances: list[str], seconds: float) -> None:
+        """systemd's news comes within 50 ms of a change: the fake's status
+        changes with its clock, so that is how long it sleeps at most."""
+        self.clock.sleep(min(seconds, 0.05))
+
     def missing_listeners(self, version: str) -> list[str]:
         age = self.clock.now - self.started.get(version, self.clock.now)
         return [] if age >= self.scripts[version].listens_after else ["127.0.0.1:8080"]
