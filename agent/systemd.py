@@ -9,7 +9,9 @@ nothing: the journal.
 from __future__ import annotations
 
 import errno
+import math
 import os
+import select
 import signal
 import subprocess
 import time
@@ -311,10 +313,17 @@ class Systemd:
         deadline = time.monotonic() + timeout
         try:
             changed = self._read_signals() or changed
-            # other units' signals wake sd_bus_wait too: wait on to the deadline
+            # poll(2) on the connection's socket, not pystemd's sd_bus_wait,
+            # which keeps the GIL (the daemon's other threads) for the wait;
+            # the queue is empty here, so what comes next is on the socket.
+            # Other units' signals wake it too: wait on to the deadline.
+            poller = select.poll()
+            poller.register(bus.get_fd(), select.POLLIN)
             while not changed and (left := deadline - time.monotonic()) > 0:
-                bus.wait(max(1, int(left * 1e6)))
+                events = poller.poll(max(1, math.ceil(left * 1000)))
                 changed = self._read_signals()
+                if any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in events):
+                    return True  # closed (a re-exec): the next read reconnects
         except Exception as e:
             if not _gone(e) and getattr(e, "errno", None) != -errno.EINTR:
                 raise

@@ -33,8 +33,23 @@ with Systemd() as sd:
                 slept += 1
         return {"woke": woke, "timed_out": slept, "state": sd.state(unit).active}
 
-    # nothing happens to a unit that is not there: the wait times out
-    out["idle"] = sd.wait_change([unit], 0.3)
+    # nothing happens to a unit that is not there: the wait times out, and
+    # the daemon's other threads run meanwhile (the GIL is not held)
+    import threading
+    def spin(seconds, wait):
+        count, stop = [0], threading.Event()
+        def other():
+            while not stop.is_set():
+                count[0] += 1
+        t = threading.Thread(target=other)
+        t.start()
+        result = wait(seconds)
+        stop.set()
+        t.join()
+        return result, count[0]
+    out["idle"], during_wait = spin(0.5, lambda s: sd.wait_change([unit], s))
+    _, during_sleep = spin(0.5, time.sleep)
+    out["other_thread"] = during_wait / during_sleep
     subprocess.run(["systemd-run", "--no-block", "--unit", unit, "-p", "Type=notify",
                     "-p", "NotifyAccess=all", "/bin/sh", "-c",
                     "sleep 1; systemd-notify --ready; sleep 3; exit 3"], check=True)
@@ -61,6 +76,9 @@ def test_systemd_announces_ready_and_exit_and_a_reexec_does_not_silence_it(
     out = json.loads(r.stdout)
     print(out)
     assert out["idle"] is False  # no news: the wait ran to its timeout
+    # another thread ran during the wait about as much as during a sleep
+    # (pystemd's sd_bus_wait would have held the GIL: next to nothing)
+    assert out["other_thread"] > 0.5
     # READY=1 came as news: every wake was systemd's, none a timeout of 10 s
     assert out["ready"]["state"] == "active" and out["ready"]["woke"] >= 1
     assert out["ready"]["timed_out"] == 0
