@@ -20,7 +20,8 @@ from typing import Any
 
 from . import oom, rollout, tcpstats, units
 from .census import Census
-from .config import (ServiceConfig, check_version, load_agent_config, load_all, load_service,
+from .config import (ServiceConfig, check_name, check_version, load_agent_config, load_all,
+                     load_service,
                      parse_service)
 from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import (ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError,
@@ -644,14 +645,23 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
     if svc.socket != "inherit" and not svc.fast_open:
         return []
     sock = units.socket_unit(svc.name)
-    running = svc.socket == "inherit" and sd.state(sock).active == "active"
+    # a mark per service while the agent has set a queue: with fast_open 0
+    # there is then nothing to undo and PID 1's descriptors are not read
+    # (issue 16); no directory yet: an older agent may have set one, look
+    marks = paths.state_dir / "fastopen"
+    mark = marks / check_name(svc.name)
     if not svc.fast_open:
-        if running:
+        if marks.is_dir() and not mark.exists():
+            return []
+        if svc.socket == "inherit" and sd.state(sock).active == "active":
             try:  # nothing was asked: a host that refuses the look is not warned about
                 fastopen.ensure(svc.ports, [1], 0)
             except (fastopen.FastOpenError, OSError):
-                pass
+                return []  # looked for again at the next swap
+        marks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mark.unlink(missing_ok=True)
         return []
+    running = svc.socket == "inherit" and sd.state(sock).active == "active"
     warnings = []
     # the server bit, for the socket unit's listeners and a reuseport
     # program's own alike
@@ -683,6 +693,8 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
         if not found:
             warnings.append(f"no listener of {sock} found held by PID 1 on ports "
                             f"{', '.join(map(str, svc.ports))}: TCP Fast Open not enabled")
+        marks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mark.touch(mode=0o600)
     for c in changes:
         (emit or (lambda kind, data: None))(
             "fast_open", {"address": c.listener.address, "old": c.old,

@@ -121,3 +121,15 @@ def test_tfo_clients_send_their_request_in_the_syn_after_swaps(host: DemoHost) -
     assert again["delta"]["TCPFastOpenPassive"] == 3, again
     assert again["answers"] == [["HTTP/1.1 200 OK", "v2"]] * 3
     assert fast_open_finding(host, "demo")["level"] == "ok"
+
+    # fast_open taken out of the config: the next swap turns the queue off
+    # again (the agent marked that it set one), and a swap after that has
+    # nothing to undo
+    configure(host, "demo", 8080)
+    swap(host, "demo", "v1")
+    qlens = host.sb.run([sys.executable, "-c", "from agent import fastopen; "
+                         "print([x.qlen for x in fastopen.read([8080], [1])])"], capture=True)
+    assert qlens.stdout.strip() == "[0]", qlens.stdout
+    assert fast_open_finding(host, "demo") == {}
+    swap(host, "demo", "v2")
+    assert fast_open_finding(host, "demo") == {}
