@@ -6,14 +6,17 @@ each new connection, to the private ports of the instances that serve
 (kube-proxy's way of mapping a Service to its endpoints):
 
     chain api-prerouting { type nat hook prerouting priority dstnat; ... }
-        fib daddr type local tcp dport 8080
+        fib daddr type local tcp flags syn / fin,syn,rst,ack tcp dport 8080
             redirect to :numgen inc mod 2 map { 0 : 41001, 1 : 41002 }
     chain api-output { type nat hook output priority dstnat; ... }   (clients on this host)
-        fib daddr type local tcp dport 8080 redirect to :41001
+        fib daddr type local tcp flags syn / fin,syn,rst,ack tcp dport 8080
+            redirect to :41001
 
 Connection tracking (nf_conntrack) keeps every established flow on the
 instance it started with: a rule change moves new connections only, which
-is what makes the swap safe. A wildcard or loopback address is redirected
+is what makes the swap safe. Only a connection's opening SYN is rewritten:
+one that conntrack first meets mid-stream (it ran before this namespace
+tracked connections: a takeover's legacy clients) keeps its server. A wildcard or loopback address is redirected
 (to the incoming interface's address, or to loopback for local clients:
 the instance binds a wildcard or that loopback address); another address
 is DNATed to itself on the new port. `fib daddr type local`: only traffic
@@ -122,6 +125,13 @@ def rule(service: str, hook: str, host: str | None, port: int,
             expr.append({"match": {"op": "==",
                                    "left": {"payload": {"protocol": proto, "field": "daddr"}},
                                    "right": str(addr)}})
+    # a connection's opening SYN only: a running connection that conntrack
+    # first sees mid-stream (opened before any NAT chain made it track this
+    # namespace: a takeover's legacy clients; nf_conntrack_tcp_loose picks
+    # it up as new) is left to the server it has
+    expr.append({"match": {"op": "==", "left": {"&": [
+        {"payload": {"protocol": "tcp", "field": "flags"}}, ["fin", "syn", "rst", "ack"]]},
+        "right": "syn"}})
     expr.append({"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
                            "right": port}})
     if dnat_to is None:
