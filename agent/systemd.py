@@ -9,6 +9,7 @@ nothing: the journal.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import select
@@ -95,6 +96,7 @@ MANAGER_METHODS = {
     "ListUnitsByPatterns": "asas", "KillUnit": "ssi"}
 
 
+@functools.lru_cache(maxsize=1024)
 def unit_path(unit: str) -> bytes:
     """The unit's D-Bus object path (systemd's unit_dbus_path(): each byte
     but ASCII letters, and digits after the first, as _xx in hex). A Get on
