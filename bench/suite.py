@@ -27,7 +27,7 @@ Then the census benchmark at 1k, 10k and 20k connections (bench/census.py)
 and a plot of one zdd-agent swap over time.
 
     .venv/bin/python bench/suite.py [--swaps 20] [--clients 64] [--only a,d]
-        [--json results.json] [--plot swap.png]
+        [--json results.json] [--plot swap.png] [--replicas 4,16]
 
 Needs root. About 6-8 minutes at the defaults on a 2-core VM.
 """
@@ -130,13 +130,15 @@ class ReusePort:
 class Agent:
     """(d), (e): zdd-agent, through its daemon for (d)."""
 
-    def __init__(self, mode: str, daemon: bool) -> None:
-        self.mode, self.daemon = mode, daemon
-        self.label = f"zdd-agent, {mode}"
+    def __init__(self, mode: str, daemon: bool, replicas: int = 1) -> None:
+        self.mode, self.daemon, self.replicas = mode, daemon, replicas
+        self.label = f"zdd-agent, {mode}" + (f", {replicas} replicas" if replicas > 1 else "")
         self.pid = 0
 
     def setup(self, host: DemoHost) -> None:
         cfg = host.configure()
+        if self.replicas > 1:  # the scale rows: each instance its own drop-in
+            cfg.write_text(cfg.read_text() + f"replicas: {self.replicas}\n")
         if self.mode in ("reuseport", "nat"):
             text = cfg.read_text().replace(f'listen: ["127.0.0.1:{PORT}"]',
                                            f'listen: ["127.0.0.1:{PORT}"]\nsocket: {self.mode}')
@@ -169,11 +171,16 @@ class Agent:
         code, r = host.zdd_json("swap", "demo", "--version", version)
         if code != 0:
             raise RuntimeError(f"swap to {version} failed: {r.get('reason')}")
-        props = sh(host, "systemctl", "show", "-p", "ExecMainStartTimestampMonotonic",
-                   "-p", "ActiveEnterTimestampMonotonic", f"zdd-demo@{version}.service")
-        t = dict(line.split("=", 1) for line in props.split())
-        startup = (int(t["ActiveEnterTimestampMonotonic"])
-                   - int(t["ExecMainStartTimestampMonotonic"])) / 1e6
+        if self.replicas > 1:
+            # several instances start in batches (max_surge): the gate's time
+            # stands for their start-up, so the overhead is the rest
+            startup = float(r["phases"].get("ready", 0.0))
+        else:
+            props = sh(host, "systemctl", "show", "-p", "ExecMainStartTimestampMonotonic",
+                       "-p", "ActiveEnterTimestampMonotonic", f"zdd-demo@{version}.service")
+            t = dict(line.split("=", 1) for line in props.split())
+            startup = (int(t["ActiveEnterTimestampMonotonic"])
+                       - int(t["ExecMainStartTimestampMonotonic"])) / 1e6
         drain = float((r.get("drain") or {}).get("seconds") or 0)
         bake = float((r.get("bake") or {}).get("seconds") or 0)
         return {"swap": r, "seconds": float(r["seconds"]), "startup": startup, "drain": drain,
@@ -304,13 +311,13 @@ def plot_one_swap(path: Path, clients: int) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'':2} {'scenario':<30} {'requests':>9} {'failed':>7} {'per 1k repl.':>12} "
+    out = [f"{'':3} {'scenario':<30} {'requests':>9} {'failed':>7} {'per 1k repl.':>12} "
            f"{'p99 steady':>10} {'p99 repl.':>9} {'ratio':>6} {'repl. s':>8} {'bake s':>6} "
            f"{'overhead ms':>11} {'daemon RSS':>10} {'CPU ms/swap':>11} {'fixed ms':>8} "
            f"{'bake ms/s':>9} {'drain ms/s':>10}"]
     for r in rows:
         out.append(
-            f"{r['scenario']:<2} {r['label']:<30} {r['requests']:>9} {r['failed']:>7} "
+            f"{r['scenario']:<3} {r['label']:<30} {r['requests']:>9} {r['failed']:>7} "
             f"{r['failed_per_1000']:>12.0f} {r['p99_steady_ms']:>10.1f} "
             f"{r['p99_during_ms']:>9.1f} {r['p99_ratio'] or 0:>6.2f} "
             f"{r['replace_seconds']:>8.2f} {r.get('bake_s', '-'):>6} "
@@ -357,12 +364,18 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every figure (and the series) here")
     ap.add_argument("--plot", type=Path, help="PNG of one zdd-agent swap (scenario d)")
     ap.add_argument("--census", default="1000,10000,20000", help="census sizes ('' to skip)")
+    ap.add_argument("--replicas", default="",
+                    help="scale rows: (d) again with these replicas, e.g. 4,16")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/suite.py boots sandboxed systemds: run it as root", file=sys.stderr)
         return 2
     rows = []
-    for key in args.only.split(","):
+    keys = [k for k in args.only.split(",") if k]
+    for n in [int(x) for x in args.replicas.split(",") if x]:
+        SCENARIOS[f"d{n}"] = lambda n=n: Agent("inherit", daemon=True, replicas=n)
+        keys.append(f"d{n}")
+    for key in keys:
         scenario = SCENARIOS[key]()
         print(f"({key}) {scenario.label} ...", flush=True)
         rows.append(drive(key, scenario, args.swaps, args.clients))
@@ -374,7 +387,8 @@ def main() -> int:
           "replacements / steady p99 (same run); repl. s: median wall time of one "
           "replacement as the operator runs it (CLI included, with zdd-agent's default bake, "
           "strategy.min_ready); bake s: of it, the bake; overhead: swap time - the new "
-          "version's start-up (exec to READY=1) - bake - drain, median; CPU ms/swap: the "
+          "version's start-up (exec to READY=1; with replicas, the gate's time) - bake - "
+          "drain, median; CPU ms/swap: the "
           "daemon process's CPU over the run / swaps; fixed ms: the swap command's CPU in "
           "the daemon's thread apart from the bake and the drain (cpu_ms in the result), "
           "median; bake/drain "
