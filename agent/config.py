@@ -7,6 +7,7 @@ can fix it without reading code. Nothing here changes the host.
 
 from __future__ import annotations
 
+import copy
 import errno
 import ipaddress
 import os
@@ -922,11 +923,25 @@ def read_yaml(path: Path) -> Any:
         text = data.decode()
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: cannot read: {e}", file=str(path), key="") from None
+    hit = _PARSED.get(str(path))
+    if hit is not None and hit[0] == data:
+        return copy.deepcopy(hit[1])
     try:
-        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass
+        doc = yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}",
                           file=str(path), key="") from None
+    if len(_PARSED) >= 256:
+        _PARSED.clear()
+    _PARSED[str(path)] = (data, copy.deepcopy(doc))
+    return doc
+
+
+# path -> (the bytes last read there, their document): the daemon reads a
+# service's config and agent.yaml at every swap, and PyYAML's pure-Python
+# parser cost a few ms of CPU each time (issue 16). Keyed by the content,
+# read and checked as always above, so a changed file is parsed again.
+_PARSED: dict[str, tuple[bytes, Any]] = {}
 
 
 def service_path(config_dir: Path, name: str) -> Path:

@@ -272,6 +272,22 @@ def test_checks_are_on_the_descriptor_that_is_read(tmp_path: Path,
     assert looked_up == []
 
 
+def test_a_file_read_again_is_checked_again_and_parsed_only_when_it_changed(
+        tmp_path: Path) -> None:
+    """read_yaml keeps the last document per path (issue 16): the same bytes
+    give an equal document that the caller may change freely, other bytes
+    are parsed afresh, and the owner and mode checks run at every read."""
+    p = write(tmp_path, GOOD)
+    first = read_yaml(p)
+    first["name"] = "changed by the caller"
+    assert read_yaml(p)["name"] == "api"
+    p.write_text(GOOD.replace("name: api", "name: web"))
+    assert read_yaml(p)["name"] == "web"
+    p.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable"):
+        read_yaml(p)
+
+
 def test_bad_service_name_on_command_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid service name"):
         load_service(tmp_path, "../etc/passwd")
