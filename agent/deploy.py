@@ -231,7 +231,8 @@ class SystemdOps:
 
     def prepare(self, instance: str, version: str, keep: bool = False) -> None:
         """What the instance runs: the template's own ExecStart (%i), or a
-        drop-in (replicas, or a readiness port per start) and a reload.
+        drop-in (replicas, or a port per start), with a daemon-reload only
+        if systemd had that instance loaded already (Systemd.reload_for).
         `keep`: a rollback starts an old instance again with the drop-in it
         ran with (on disk, or the one this swap's cleanup removed), not one
         rendered from the new config."""
@@ -247,15 +248,15 @@ class SystemdOps:
             self.ports[instance] = units.dropin_port(kept)
             self.mode.track(self.ports[instance])
             if self.sd.write_unit_files({path: kept}):
-                self.sd.reload()
+                self.sd.reload_for(self.unit(instance))
             return
         if units.version_in_template(self.svc) and instance == version:
-            if self.sd.remove_unit_file(path):  # left from another config: reload once
-                self.sd.reload()
+            if self.sd.remove_unit_file(path):  # left from another config
+                self.sd.reload_for(self.unit(instance))
             return
         dropin = units.render_instance_dropin(self.svc, version, port, instance)
         if self.sd.write_unit_files({path: dropin}):
-            self.sd.reload()
+            self.sd.reload_for(self.unit(instance))
 
     def port_of(self, instance: str) -> int | None:
         """The private port given to the instance: from this swap's prepare(),

@@ -384,6 +384,18 @@ class Systemd:
     def reload(self) -> None:
         self._call("daemon-reload", "Reload")
 
+    def reload_for(self, unit: str) -> bool:
+        """daemon-reload only if `unit` needs it for its files on disk
+        (NeedDaemonReload, org.freedesktop.systemd1(5)): a unit systemd has
+        not loaded is loaded now, from the files as they are, drop-ins
+        included, and needs none. A new instance's drop-in thus costs no
+        reload of every unit on the host (100-250 ms here, issue 16).
+        Whether it reloaded."""
+        if not self._get(unit, UNIT, "NeedDaemonReload", b"b"):
+            return False
+        self.reload()
+        return True
+
     def start(self, unit: str) -> None:
         self._call(f"cannot start {unit}", "StartUnit",
                    unit.encode(), b"replace")
