@@ -100,6 +100,21 @@ def test_every_save_reads_back_as_the_state_it_wrote(tmp_path_factory, steps) ->
             state.serving, state.previous, state.since, state.history, state.intent)
 
 
+def test_a_state_file_in_the_older_layout_still_loads(tmp_path: Path) -> None:
+    """Before issue 16 the file was json.dumps(indent=1): it reads the same,
+    and the next save writes the new layout, which reads back equal."""
+    data = {"serving": "v2", "previous": "v1", "since": 3.0, "intent": None, "watch": None,
+            "adopted": None, "history": [result(None, "v1"), result("v1", "v2")]}
+    (tmp_path / "services").mkdir(mode=0o750)
+    (tmp_path / "services" / "api.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    store = StateStore(tmp_path)
+    st = store.load("api")
+    assert (st.serving, st.previous, st.history) == ("v2", "v1", data["history"])
+    store.save(st)
+    again = StateStore(tmp_path).load("api")
+    assert (again.serving, again.previous, again.history) == ("v2", "v1", data["history"])
+
+
 # ------------------------------------------------------------ permissions
 # The records hold journal lines and hook output: root and the admin group only.
 
