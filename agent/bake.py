@@ -259,7 +259,8 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
             if now >= end:
                 break
             # an exit or a restart of the group wakes it (systemd's news)
-            host.wait(list(admitted), min(next_census, end) - now)
+            wake = min(next_census, end, *(next_probe.values() if probing else ()))
+            host.wait(list(admitted), wake - now)
         out.accepted = dict(share.accepted)
         # routed per instance (nat): nothing reaches the group before the bake
         # ends, so no share to judge; the agent's own connections to each

@@ -248,15 +248,15 @@ class SystemdOps:
             self.ports[instance] = units.dropin_port(kept)
             self.mode.track(self.ports[instance])
             if self.sd.write_unit_files({path: kept}):
-                self.sd.reload_for(self.unit(instance))
+                self.sd.reload_for(self.unit(instance), path, present=True)
             return
         if units.version_in_template(self.svc) and instance == version:
             if self.sd.remove_unit_file(path):  # left from another config
-                self.sd.reload_for(self.unit(instance))
+                self.sd.reload_for(self.unit(instance), path, present=False)
             return
         dropin = units.render_instance_dropin(self.svc, version, port, instance)
         if self.sd.write_unit_files({path: dropin}):
-            self.sd.reload_for(self.unit(instance))
+            self.sd.reload_for(self.unit(instance), path, present=True)
 
     def port_of(self, instance: str) -> int | None:
         """The private port given to the instance: from this swap's prepare(),
@@ -273,8 +273,8 @@ class SystemdOps:
     def stop(self, version: str) -> None:
         self.sd.stop(self.unit(version))
 
-    def wait(self, instances: list[str], seconds: float) -> None:
-        self.sd.wait_change([self.unit(x) for x in instances], seconds)
+    def wait(self, instances: list[str], seconds: float) -> bool:
+        return self.sd.wait_change([self.unit(x) for x in instances], seconds)
 
     def status(self, version: str) -> InstanceStatus:
         st = self.sd.state(self.unit(version))
@@ -646,21 +646,25 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
     if svc.socket != "inherit" and not svc.fast_open:
         return []
     sock = units.socket_unit(svc.name)
-    # a mark per service while the agent has set a queue: with fast_open 0
-    # there is then nothing to undo and PID 1's descriptors are not read
-    # (issue 16); no directory yet: an older agent may have set one, look
+    # per service, the queue length the agent last left on its listeners
+    # ("0" once it looked and found none or turned it off): with fast_open 0
+    # and a "0", PID 1's descriptors are not read (issue 16); no mark (an
+    # older agent may have set a queue): look once
     marks = paths.state_dir / "fastopen"
     mark = marks / check_name(svc.name)
     if not svc.fast_open:
-        if marks.is_dir() and not mark.exists():
-            return []
+        try:
+            if mark.read_text() == "0":
+                return []
+        except OSError:
+            pass
         if svc.socket == "inherit" and sd.state(sock).active == "active":
             try:  # nothing was asked: a host that refuses the look is not warned about
                 fastopen.ensure(svc.ports, [1], 0)
             except (fastopen.FastOpenError, OSError):
                 return []  # looked for again at the next swap
         marks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mark.unlink(missing_ok=True)
+        mark.write_text("0")
         return []
     running = svc.socket == "inherit" and sd.state(sock).active == "active"
     warnings = []
@@ -695,7 +699,7 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
             warnings.append(f"no listener of {sock} found held by PID 1 on ports "
                             f"{', '.join(map(str, svc.ports))}: TCP Fast Open not enabled")
         marks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mark.touch(mode=0o600)
+        mark.write_text(str(svc.fast_open))
     for c in changes:
         (emit or (lambda kind, data: None))(
             "fast_open", {"address": c.listener.address, "old": c.old,

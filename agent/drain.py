@@ -24,8 +24,11 @@ from typing import Any
 from .instance import Host
 
 # How often a drain counts connections. That an old instance is gone, systemd
-# announces (ops.wait wakes the drain): the drain ends as it exits.
+# announces (ops.wait wakes the drain): the drain ends as it exits. The close
+# watch's notifications are read every WATCH_READ seconds meanwhile (each read
+# is bounded: read seldom, a busy port's would overflow the socket's buffer).
 DRAIN_POLL = 0.25
+WATCH_READ = 0.05
 # Below this many connections left, a drain lists their peers (long-lived ones:
 # WebSockets, HTTP/2 and gRPC streams), at most once a second.
 LIST_BELOW = 10
@@ -137,7 +140,8 @@ def run_drain(host: Host, olds: list[str],
     counted_at = 0.0
     broken: str | None = None
     while True:
-        ops.wait(olds, max(0.0, counted_at + DRAIN_POLL - (clock.monotonic() - t)))
+        left = max(0.0, counted_at + DRAIN_POLL - (clock.monotonic() - t))
+        news = ops.wait(olds, min(left, WATCH_READ) if watch is not None else left)
         host.interrupted()  # the signal is out: a request to stop is noted, the drain goes on
         if watch is not None:
             try:
@@ -145,8 +149,10 @@ def run_drain(host: Host, olds: list[str],
             except Exception as e:
                 host.emit("warning", message=f"following the closes failed: {e}")
                 watch = None
-        states = [ops.status(x) for x in olds]
         elapsed = clock.monotonic() - t
+        if not news and elapsed - counted_at < DRAIN_POLL:
+            continue  # nothing from systemd, no census due: the state is as read
+        states = [ops.status(x) for x in olds]
         if all(st.stopped for st in states):
             d.exits = [st.exit for st in states]
             d.killed_at_grace = any(st.result == "timeout" for st in states)

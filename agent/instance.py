@@ -59,8 +59,9 @@ class InstanceOps(Protocol):
     def stop(self, instance: str) -> None: ...  # stop job queued: the drain signal
     def status(self, instance: str) -> InstanceStatus: ...
     # sleeps up to `seconds`, woken early when systemd announces a change of
-    # one of `instances` (its start, READY=1, exit, restart): not a poll
-    def wait(self, instances: list[str], seconds: float) -> None: ...
+    # one of `instances` (its start, READY=1, exit, restart): not a poll.
+    # True when it did (or may have), False at the timeout
+    def wait(self, instances: list[str], seconds: float) -> bool: ...
     def probe(self, instance: str) -> tuple[bool, str]: ...  # http/tcp/grpc/exec readiness
     def pids(self, instance: str) -> list[int]: ...
     def connections(self, pids: list[int]) -> int: ...  # census; OSError: unknown
@@ -164,9 +165,10 @@ class Host:
         if self.interrupted():
             raise Interrupted()
 
-    def wait(self, instances: list[str], seconds: float) -> None:
+    def wait(self, instances: list[str], seconds: float) -> bool:
         """ops.wait: up to `seconds`, or until systemd tells of a change of one
-        of `instances`; raise Interrupted if the operator asked to stop."""
-        self.ops.wait(instances, max(0.0, seconds))
+        of `instances` (True); raise Interrupted if the operator asked to stop."""
+        news = self.ops.wait(instances, max(0.0, seconds))
         if self.interrupted():
             raise Interrupted()
+        return news

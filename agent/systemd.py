@@ -93,7 +93,7 @@ MANAGER_METHODS = {
     "Reload": "", "StartUnit": "ss", "RestartUnit": "ss", "StopUnit": "ss", "GetUnit": "s",
     "LoadUnit": "s", "ResetFailedUnit": "s", "EnableUnitFiles": "asbb",
     "DisableUnitFiles": "asb", "GetUnitFileState": "s", "ListJobs": "",
-    "ListUnitsByPatterns": "asas", "KillUnit": "ssi"}
+    "ListUnitsByPatterns": "asas", "KillUnit": "ssi", "Subscribe": ""}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -211,6 +211,7 @@ class Systemd:
         self._bus: Any = None
         self._manager: Any = None  # pystemd's Manager, introspected on first use
         self._version = ""
+        self._private = False  # systemd's private socket (root), else the system bus
         # wait_change: the object paths whose PropertiesChanged are matched on
         # this connection, the connection's open count they belong to, and a
         # count of the signals seen (pystemd keeps no reference to the
@@ -227,7 +228,8 @@ class Systemd:
 
     def __enter__(self) -> Systemd:
         try:
-            if os.geteuid() == 0 and PRIVATE_SOCKET.exists():
+            self._private = os.geteuid() == 0 and PRIVATE_SOCKET.exists()
+            if self._private:
                 self._bus = bus_class("DBusAddress")(f"unix:path={PRIVATE_SOCKET}".encode(),
                                                      peer_to_peer=True)
             else:
@@ -300,20 +302,27 @@ class Systemd:
         The signals about other units are read and dropped on the way:
         left unread they would pile up on the connection."""
         bus = self._bus
-        if getattr(bus, "opens", 0) != self._watch_opens:
-            self._watch_opens = getattr(bus, "opens", 0)
-            self._watched.clear()
-            changed = self._watch_opens > 1  # signals of the old connection are lost
-        else:
-            changed = False
-        for unit in units:
-            path = unit_path(unit)
-            if path not in self._watched:
-                bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
-                                 b"PropertiesChanged", self._on_change)
-                self._watched.add(path)
         deadline = time.monotonic() + timeout
         try:
+            if getattr(bus, "opens", 0) != self._watch_opens:
+                self._watch_opens = getattr(bus, "opens", 0)
+                self._watched.clear()
+                changed = self._watch_opens > 1  # signals of the old connection are lost
+                if not self._private:
+                    # on the system bus systemd signals only its subscribers
+                    # (its private socket's connections get every signal)
+                    try:
+                        self._method("Subscribe")
+                    except Exception:  # AlreadySubscribed; else the waits time out
+                        pass
+            else:
+                changed = False
+            for unit in units:
+                path = unit_path(unit)
+                if path not in self._watched:
+                    bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
+                                     b"PropertiesChanged", self._on_change)
+                    self._watched.add(path)
             changed = self._read_signals() or changed
             # poll(2) on the connection's socket, not pystemd's sd_bus_wait,
             # which keeps the GIL (the daemon's other threads) for the wait;
@@ -341,6 +350,8 @@ class Systemd:
             seen = self._changes
             if self._bus.process().is_empty() and self._changes == seen:
                 break
+        else:
+            return True  # more queued than read: one of them may be ours
         return self._changes != before
 
     def _get(self, unit: str, iface: bytes, prop: str, sig: bytes) -> Any:
@@ -384,14 +395,23 @@ class Systemd:
     def reload(self) -> None:
         self._call("daemon-reload", "Reload")
 
-    def reload_for(self, unit: str) -> bool:
-        """daemon-reload only if `unit` needs it for its files on disk
-        (NeedDaemonReload, org.freedesktop.systemd1(5)): a unit systemd has
-        not loaded is loaded now, from the files as they are, drop-ins
-        included, and needs none. A new instance's drop-in thus costs no
-        reload of every unit on the host (100-250 ms here, issue 16).
-        Whether it reloaded."""
-        if not self._get(unit, UNIT, "NeedDaemonReload", b"b"):
+    def reload_for(self, unit: str, dropin: str, present: bool) -> bool:
+        """daemon-reload only if `unit` needs it after the agent wrote
+        (`present`) or removed its drop-in `dropin` (relative to unit_dir).
+        A unit systemd has not loaded is loaded now, from the files as they
+        are, and needs none: a new instance's drop-in thus costs no reload
+        of every unit on the host (100-250 ms here, issue 16). Reloaded
+        when systemd says the unit needs it (NeedDaemonReload: a drop-in
+        changed since it was loaded) or when its DropInPaths disagree with
+        the disk: systemd finds drop-in directories through a cache rebuilt
+        when its unit directories' mtimes change, and two directories made
+        within one coarse timestamp tick would leave the second unseen; on
+        systemd < 257 NeedDaemonReload also misses a new drop-in directory
+        of a loaded unit (systemd#31752). Whether it reloaded."""
+        path = str(self.unit_dir / dropin)
+        need = bool(self._get(unit, UNIT, "NeedDaemonReload", b"b"))
+        listed = {_s(p) for p in self._get(unit, UNIT, "DropInPaths", b"as")}
+        if not need and (path in listed) == present:
             return False
         self.reload()
         return True

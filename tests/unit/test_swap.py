@@ -105,10 +105,12 @@ class FakeHost:
             return InstanceStatus("active", "running", "success", main_pid=self.pids(version)[0])
         return InstanceStatus("activating", "start", "success")
 
-    def wait(self, instances: list[str], seconds: float) -> None:
+    def wait(self, instances: list[str], seconds: float) -> bool:
         """systemd's news comes within 50 ms of a change: the fake's status
-        changes with its clock, so that is how long it sleeps at most."""
+        changes with its clock, so that is how long it sleeps at most, and
+        it always says something may have changed."""
         self.clock.sleep(min(seconds, 0.05))
+        return True
 
     def missing_listeners(self, version: str) -> list[str]:
         age = self.clock.now - self.started.get(version, self.clock.now)

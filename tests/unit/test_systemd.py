@@ -226,3 +226,27 @@ def test_only_a_lost_connection_is_gone(errno_: int, name: bytes | None, opening
     from agent.systemd import _gone
 
     assert _gone(DBusError(errno_, name, b"message"), opening=opening) is gone
+
+
+@pytest.mark.parametrize(("need", "listed", "present", "reloads"), [
+    (False, ["zdd-api@v2.service.d/zdd.conf"], True, False),  # loaded with it: none
+    (True, ["zdd-api@v2.service.d/zdd.conf"], True, True),  # changed since it was loaded
+    # loaded without the drop-in just written, and systemd does not say so
+    # (a stale drop-in directory cache, or systemd#31752): reload
+    (False, [], True, True),
+    (False, ["zdd-api@v2.service.d/zdd.conf"], False, True),  # removed, still applied
+    (False, [], False, False),
+])
+def test_a_drop_in_is_reloaded_for_only_when_systemd_lacks_it(
+        tmp_path, need: bool, listed: list[str], present: bool, reloads: bool) -> None:
+    from agent.systemd import Systemd
+
+    sd = Systemd(unit_dir=tmp_path)
+    props = {"NeedDaemonReload": need,
+             "DropInPaths": [str(tmp_path / p).encode() for p in listed]}
+    sd._get = lambda unit, iface, prop, sig: props[prop]  # type: ignore[method-assign]
+    calls: list[str] = []
+    sd.reload = lambda: calls.append("reload")  # type: ignore[method-assign]
+    assert sd.reload_for("zdd-api@v2.service", "zdd-api@v2.service.d/zdd.conf",
+                         present) is reloads
+    assert calls == (["reload"] if reloads else [])
