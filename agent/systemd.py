@@ -219,9 +219,22 @@ class Systemd:
         self._watched: set[bytes] = set()
         self._watch_opens = 0
         self._changes = 0
+        # object path -> how its main process last ended, as the signal told
+        # it: systemd collects a stopped instance nothing refers to before it
+        # sends the signal, and a read after that finds a fresh unit
+        self._exits: dict[bytes, str] = {}
 
         def on_change(msg: Any, error: Any = None, userdata: Any = None) -> None:
             self._changes += 1
+            try:
+                msg.process_reply(False)
+                _iface, changed, _gone_props = msg.body
+                code = changed.get(b"ExecMainCode")
+                if code:
+                    self._exits[msg.get_path()] = exit_description(
+                        int(code), int(changed.get(b"ExecMainStatus", 0)))
+            except Exception:  # a wake-up all the same
+                pass
 
         self._on_change = on_change
         self._units: dict[str, Any] = {}  # name -> pystemd Unit, introspected once
@@ -487,16 +500,32 @@ class Systemd:
         job = self._job_type(unit) if get(unit, UNIT, "Job", b"(uo)")[0] else ""
         load = _s(get(unit, UNIT, "LoadState", b"s"))
         svc = unit.endswith(".service") and load == "loaded"
+        active = _s(get(unit, UNIT, "ActiveState", b"s"))
         return UnitState(
-            name=unit, load=load, active=_s(get(unit, UNIT, "ActiveState", b"s")),
-            sub=_s(get(unit, UNIT, "SubState", b"s")),
+            name=unit, load=load, active=active, sub=_s(get(unit, UNIT, "SubState", b"s")),
             result=_s(get(unit, SERVICE, "Result", b"s")) if svc else "",
             main_pid=int(get(unit, SERVICE, "MainPID", b"u")) if svc else 0,
             restarts=int(get(unit, SERVICE, "NRestarts", b"u")) if svc else 0,
             since_us=int(get(unit, UNIT, "StateChangeTimestamp", b"t")), job=job,
-            exit=exit_description(int(get(unit, SERVICE, "ExecMainCode", b"i")),
-                                  int(get(unit, SERVICE, "ExecMainStatus", b"i")))
-            if svc else "")
+            exit=self._exit(unit, active, exit_description(
+                int(get(unit, SERVICE, "ExecMainCode", b"i")),
+                int(get(unit, SERVICE, "ExecMainStatus", b"i"))) if svc else "")
+            if unit.endswith(".service") else "")
+
+    def _exit(self, unit: str, active: str, read: str) -> str:
+        """How the main process last ended: as read, or, for a stopped unit
+        that reads as never run (or not found: a transient one), as its last
+        PropertiesChanged said (wait_change): systemd had collected it
+        before the agent read it."""
+        if read or active not in ("inactive", "failed"):
+            return read
+        path = unit_path(unit)
+        if path in self._watched and path not in self._exits:
+            try:  # the signal may have come during this read, still unprocessed
+                self._read_signals()
+            except Exception:
+                pass
+        return self._exits.get(path, "")
 
     def _job_type(self, unit: str) -> str:
         for _id, name, jtype, _state, _job, _unit in self._call(
