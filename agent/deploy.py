@@ -21,8 +21,7 @@ from typing import Any
 from . import oom, rollout, tcpstats, units
 from .census import Census
 from .config import (ServiceConfig, check_name, check_version, load_agent_config, load_all,
-                     load_service,
-                     parse_service)
+                     load_service, parse_service)
 from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import (ConfigError, NoHistoryError, StateError, SwapFailed, SystemdError,
                      ZddError)
@@ -652,6 +651,11 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
     # older agent may have set a queue): look once
     marks = paths.state_dir / "fastopen"
     mark = marks / check_name(svc.name)
+
+    def left(qlen: int) -> None:
+        marks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mark.write_text(str(qlen))
+
     if not svc.fast_open:
         try:
             if mark.read_text() == "0":
@@ -663,8 +667,7 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
                 fastopen.ensure(svc.ports, [1], 0)
             except (fastopen.FastOpenError, OSError):
                 return []  # looked for again at the next swap
-        marks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mark.write_text("0")
+        left(0)
         return []
     running = svc.socket == "inherit" and sd.state(sock).active == "active"
     warnings = []
@@ -698,8 +701,7 @@ def ensure_fast_open(svc: ServiceConfig, sd: Systemd, paths: Paths,
         if not found:
             warnings.append(f"no listener of {sock} found held by PID 1 on ports "
                             f"{', '.join(map(str, svc.ports))}: TCP Fast Open not enabled")
-        marks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mark.write_text(str(svc.fast_open))
+        left(svc.fast_open)
     for c in changes:
         (emit or (lambda kind, data: None))(
             "fast_open", {"address": c.listener.address, "old": c.old,

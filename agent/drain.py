@@ -150,7 +150,8 @@ def run_drain(host: Host, olds: list[str],
                 host.emit("warning", message=f"following the closes failed: {e}")
                 watch = None
         elapsed = clock.monotonic() - t
-        if not news and elapsed - counted_at < DRAIN_POLL:
+        census = elapsed - counted_at >= DRAIN_POLL
+        if not news and not census:
             continue  # nothing from systemd, no census due: the state is as read
         states = [ops.status(x) for x in olds]
         if all(st.stopped for st in states):
@@ -160,7 +161,7 @@ def run_drain(host: Host, olds: list[str],
             if not d.killed_at_grace:
                 d.held = []
             break
-        if elapsed - counted_at < DRAIN_POLL:
+        if not census:
             continue
         counted_at = elapsed
         broken = check()

@@ -16,11 +16,12 @@ Connection tracking (nf_conntrack) keeps every established flow on the
 instance it started with: a rule change moves new connections only, which
 is what makes the swap safe. Only a connection's opening SYN is rewritten:
 one that conntrack first meets mid-stream (it ran before this namespace
-tracked connections: a takeover's legacy clients) keeps its server. A wildcard or loopback address is redirected
-(to the incoming interface's address, or to loopback for local clients:
-the instance binds a wildcard or that loopback address); another address
-is DNATed to itself on the new port. `fib daddr type local`: only traffic
-for this host, never connections it forwards or makes to other hosts.
+tracked connections: a takeover's legacy clients) keeps its server. A
+wildcard or loopback address is redirected (to the incoming interface's
+address, or to loopback for local clients: the instance binds a wildcard
+or that loopback address); another address is DNATed to itself on the new
+port. `fib daddr type local`: only traffic for this host, never connections
+it forwards or makes to other hosts.
 
 Source: nft(8) ("NAT STATEMENTS", "NUMGEN EXPRESSION", "FIB EXPRESSIONS"),
 libnftables-json(5); the transaction is all or nothing (nf_tables batch,

@@ -310,10 +310,11 @@ class Systemd:
         org.freedesktop.systemd1(5): systemd sends its signals to every
         connection of its private socket). True when one came or may have
         (the connection was replaced, a signal interrupted the wait), False
-        at the timeout. A wake-up only: the caller reads the state again,
-        never the signal's content (sent after systemd's own dispatch).
-        The signals about other units are read and dropped on the way:
-        left unread they would pile up on the connection."""
+        at the timeout. A wake-up: the caller reads the state again, as the
+        signal is sent after systemd's own dispatch; only a main process's
+        exit is kept from it (state(): systemd may have collected the unit
+        by then). The signals about other units are read and dropped on the
+        way: left unread they would pile up on the connection."""
         bus = self._bus
         deadline = time.monotonic() + timeout
         try:
@@ -509,15 +510,14 @@ class Systemd:
             since_us=int(get(unit, UNIT, "StateChangeTimestamp", b"t")), job=job,
             exit=self._exit(unit, active, exit_description(
                 int(get(unit, SERVICE, "ExecMainCode", b"i")),
-                int(get(unit, SERVICE, "ExecMainStatus", b"i"))) if svc else "")
-            if unit.endswith(".service") else "")
+                int(get(unit, SERVICE, "ExecMainStatus", b"i"))) if svc else ""))
 
     def _exit(self, unit: str, active: str, read: str) -> str:
         """How the main process last ended: as read, or, for a stopped unit
         that reads as never run (or not found: a transient one), as its last
         PropertiesChanged said (wait_change): systemd had collected it
         before the agent read it."""
-        if read or active not in ("inactive", "failed"):
+        if read or active not in ("inactive", "failed") or not unit.endswith(".service"):
             return read
         path = unit_path(unit)
         if path in self._watched and path not in self._exits:
