@@ -17,6 +17,7 @@ grace period.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,12 @@ class DrainResult:
     closes: dict[str, Any] = field(default_factory=dict)
     closed_idle: int = 0  # closed by the program while idle since the signal
     census_errors: list[str] = field(default_factory=list)
+    # what the census cost: counts taken, their wall time summed and the
+    # longest (ms; a count is one sock_diag dump of the instance's ports and
+    # the match against its processes' sockets)
+    census_polls: int = 0
+    census_ms_total: float = 0.0
+    census_ms_max: float = 0.0
 
     def merge(self, other: DrainResult) -> DrainResult:
         """Several batches' drains as one."""
@@ -73,7 +80,10 @@ class DrainResult:
             held=self.held + other.held, exits=self.exits + other.exits,
             listeners_closed=self.listeners_closed + other.listeners_closed, closes=closes,
             closed_idle=self.closed_idle + other.closed_idle,
-            census_errors=self.census_errors + other.census_errors)
+            census_errors=self.census_errors + other.census_errors,
+            census_polls=self.census_polls + other.census_polls,
+            census_ms_total=round(self.census_ms_total + other.census_ms_total, 2),
+            census_ms_max=max(self.census_ms_max, other.census_ms_max))
 
     @property
     def drained(self) -> int | None:
@@ -91,6 +101,7 @@ def _count(host: Host, pids: list[int] | None, d: DrainResult) -> int | None:
     known: never a reason to stop a drain."""
     if pids is None:
         return None
+    t0 = time.perf_counter()  # a measurement reported, not the drain's clock
     try:
         return host.ops.connections(pids)
     except OSError as e:
@@ -98,6 +109,11 @@ def _count(host: Host, pids: list[int] | None, d: DrainResult) -> int | None:
             d.census_errors.append(str(e))
             host.emit("warning", message=f"connection census failed: {e}; count unknown")
         return None
+    finally:
+        ms = 1000 * (time.perf_counter() - t0)
+        d.census_polls += 1
+        d.census_ms_total = round(d.census_ms_total + ms, 2)
+        d.census_ms_max = round(max(d.census_ms_max, ms), 2)
 
 
 def run_drain(host: Host, olds: list[str],

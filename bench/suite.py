@@ -13,6 +13,10 @@ machine, each in its own sandboxed systemd:
   (g) zdd-nat     zdd-agent (through its daemon), socket: nat: each instance binds
                   its own port (--listen 127.0.0.1:{instance_port}), nftables
                   redirects 8080 to the serving one
+  (h) zdd-held    (d) with one replica per core, each swap draining 10,000 idle
+                  keep-alive connections per core opened just before it
+                  (HOLDER processes): the census's time per count, the
+                  daemon's CPU, and how the held connections ended
 
 Every scenario but (f) runs the bundled demo API (agent/demo/api.py), which
 drains on SIGTERM; (f) runs the same app as WSGI under gunicorn's sync
@@ -187,6 +191,84 @@ class Agent:
                 "bake": bake, "overhead": float(r["seconds"]) - startup - drain - bake}
 
 
+# A client process that opens N connections to the shared port, asks one
+# request on each and keeps them (idle keep-alive connections, the kind a
+# drain must end), until SIGUSR1; then it says how each ended. One process
+# holds at most HOLD_PER_PROCESS: the hard open-files limit is 20,000 here.
+HOLD_PER_PROCESS = 10_000
+HELD_PER_CORE = 10_000  # issue 16: a swap with 10,000 held connections per core
+HOLDER = r"""
+import json, resource, signal, socket, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, n = int(sys.argv[1]), int(sys.argv[2])
+req = b"GET / HTTP/1.1\r\nHost: held\r\n\r\n"
+socks, failed = [], 0
+for _ in range(n):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(req)
+        socks.append(s)
+    except OSError:
+        failed += 1
+held = []
+for s in socks:
+    try:
+        head = s.recv(65536)
+    except OSError:
+        head = b""
+    if head.startswith(b"HTTP/1.1 200"):
+        held.append(s)
+    else:
+        failed += 1
+print(json.dumps({"held": len(held), "failed": failed}), flush=True)
+signal.sigwait({signal.SIGUSR1})
+ended = {"closed": 0, "reset": 0, "open": 0}
+for s in held:
+    s.setblocking(False)
+    try:
+        ended["closed" if s.recv(1) == b"" else "open"] += 1
+    except BlockingIOError:
+        ended["open"] += 1
+    except OSError:
+        ended["reset"] += 1
+print(json.dumps(ended), flush=True)
+"""
+
+
+class Held(Agent):
+    """(h): zdd-agent, inherit, one replica per core, each swap draining
+    HELD_PER_CORE idle keep-alive connections per core (opened just before
+    it by HOLDER processes) beside the load."""
+
+    def __init__(self, per_core: int) -> None:
+        cores = os.cpu_count() or 1
+        super().__init__("inherit", daemon=True, replicas=cores)
+        self.held = per_core * cores
+        self.label = f"zdd-agent, inherit, {self.held:,} held"
+
+    def replace(self, host: DemoHost, version: str) -> dict[str, Any]:
+        procs = []
+        for i in range(0, self.held, HOLD_PER_PROCESS):
+            n = min(HOLD_PER_PROCESS, self.held - i)
+            procs.append(host.sb.popen([sys.executable, "-c", HOLDER, str(PORT), str(n)],
+                                       net_only=True, stdout=subprocess.PIPE))
+        opened = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
+        try:
+            info = super().replace(host, version)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGUSR1)
+            ended = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
+            for p in procs:
+                p.wait(timeout=60)
+        info["held"] = {k: sum(int(x.get(k, 0)) for x in opened) for k in ("held", "failed")}
+        info["held"].update({k: sum(int(x.get(k, 0)) for x in ended)
+                             for k in ("closed", "reset", "open")})
+        return info
+
+
 class Gunicorn:
     """(f): gunicorn's USR2 re-exec, as bench/gunicorn_usr2.py sets it up."""
 
@@ -264,6 +346,16 @@ def drive(name: str, scenario: Any, swaps: int, clients: int,
                 per_s = [c.get(phase, 0) / x[phase] for c, x in zip(cpu, agent) if x[phase] > 0]
                 if per_s:
                     row[f"{phase}_cpu_ms_per_s"] = round(statistics.median(per_s), 1)
+    held = [x["held"] for x in agent if "held" in x]
+    if held:
+        drains = [x["swap"].get("drain") or {} for x in agent]
+        polls = sum(int(d.get("census_polls") or 0) for d in drains)
+        row["held"] = {k: sum(h[k] for h in held) for k in held[0]}
+        row["held"]["at_drain_start"] = [d.get("connections_at_start") for d in drains]
+        row["held"]["census_polls"] = polls
+        row["held"]["census_ms_mean"] = round(
+            sum(float(d.get("census_ms_total") or 0) for d in drains) / max(1, polls), 2)
+        row["held"]["census_ms_max"] = max(float(d.get("census_ms_max") or 0) for d in drains)
     if usage0 and usage1:
         row["daemon_rss_mib"] = round(usage1[0], 1)
         row["daemon_rss_before_mib"] = round(usage0[0], 1)
@@ -279,7 +371,7 @@ def watcher(host: DemoHost) -> subprocess.Popen[str]:
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "a": Restart, "b": lambda: ReusePort(0), "c": lambda: ReusePort(1),
     "d": lambda: Agent("inherit", daemon=True), "e": lambda: Agent("reuseport", daemon=True),
-    "f": Gunicorn, "g": lambda: Agent("nat", daemon=True)}
+    "f": Gunicorn, "g": lambda: Agent("nat", daemon=True), "h": lambda: Held(HELD_PER_CORE)}
 
 
 def plot_one_swap(path: Path, clients: int) -> None:
@@ -360,7 +452,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--only", default="a,b,c,d,e,f,g", help="scenarios, e.g. a,d")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h", help="scenarios, e.g. a,d")
     ap.add_argument("--json", type=Path, help="write every figure (and the series) here")
     ap.add_argument("--plot", type=Path, help="PNG of one zdd-agent swap (scenario d)")
     ap.add_argument("--census", default="1000,10000,20000", help="census sizes ('' to skip)")
@@ -393,6 +485,15 @@ def main() -> int:
           "the daemon's thread apart from the bake and the drain (cpu_ms in the result), "
           "median; bake/drain "
           "ms/s: the swap thread's CPU per second of bake / drain")
+    for r in rows:
+        if "held" in r:
+            h = r["held"]
+            print(f"{r['scenario']}: held connections (all swaps): {h['held']:,} held, "
+                  f"{h['failed']} failed to open or answer, at the drain's start "
+                  f"{h['at_drain_start']}; then closed {h['closed']:,}, reset {h['reset']}, "
+                  f"still open {h['open']:,} (on the new instances); census: "
+                  f"{h['census_polls']} counts, {h['census_ms_mean']} ms mean, "
+                  f"{h['census_ms_max']} ms max")
     lines = targets(rows)
     if lines:
         print("\ntargets (issue 16):")
