@@ -150,6 +150,13 @@ class AcceptShare:
                 self.accepted[x] += len(inodes - before)
             self.last[x] = inodes
 
+    def settled(self, news: list[str]) -> bool:
+        """Whether every new instance was seen accepting: nothing later can
+        raise the suspicion, so the census may stop (with thousands of
+        connections, each count walks the listening instances' descriptor
+        tables). `accepted` then counts what was seen until then."""
+        return all(self.accepted.get(x, 0) > 0 for x in news)
+
     def idle(self, news: list[str], olds: list[str]) -> tuple[list[str], int]:
         """The new instances seen accepting nothing while the others were
         seen accepting something (traffic flows); and what the old ones
@@ -167,7 +174,9 @@ class BakeOutcome:
     reason: str = ""
     failed: str | None = None
     seconds: float = 0.0
-    accepted: dict[str, int] = field(default_factory=dict)  # new connections per instance
+    # new connections seen accepted per instance, until each new one was seen
+    # accepting (AcceptShare.settled)
+    accepted: dict[str, int] = field(default_factory=dict)
     trial: dict[str, Any] | None = None  # trial.TrialResult.as_dict(), when one ran
     evidence: list[str] = field(default_factory=list)
 
@@ -252,10 +261,11 @@ def run_bake(host: Host, group: list[str], admitted: dict[str, Baseline],
                             return fail(x, f"{svc.name} {x} does not accept: on its own "
                                            f"listener {stuck}{refuted}, "
                                            f"{now - t0:.1f}s into the bake")
-                try:
-                    share.observe(ops.connection_sets(counted))
-                except OSError as e:  # the census is evidence, not a reason to fail
-                    host.emit("warning", message=f"connection census failed: {e}")
+                if not share.settled(group):
+                    try:
+                        share.observe(ops.connection_sets(counted))
+                    except OSError as e:  # the census is evidence, not a reason to fail
+                        host.emit("warning", message=f"connection census failed: {e}")
             if now >= end:
                 break
             # an exit or a restart of the group wakes it (systemd's news)

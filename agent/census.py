@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import unixdiag
 from .netlink import NLMSG_DONE, NLMSG_ERROR, messages, receive
@@ -111,11 +111,21 @@ def _request(family: int, bytecode: bytes, seq: int, states: int, ext: int = 0,
                           seq, 0) + body
 
 
-def fd_inodes(pid: int) -> dict[str, int]:
+def fd_inodes(pid: int, known: Mapping[str, int] | None = None,
+              stale: set[int] | frozenset[int] = frozenset()) -> dict[str, int]:
     """fd -> socket inode for one process (threads share the table); {} for a
     process that is gone or not ours to read. Each link is read relative to
     the open fd directory (readlinkat): the kernel then looks up one name,
-    not /proc, the pid and fd again for every descriptor (12% of a walk)."""
+    not /proc, the pid and fd again for every descriptor (12% of a walk).
+
+    `known` (fd -> inode, from an earlier walk) spares the readlink of a
+    descriptor still listed whose socket is not in `stale`: the caller has
+    just seen that socket alive (an established connection in a dump), and
+    a descriptor number is reused only after its close, which a socket
+    still established and held by this one descriptor has not had. (A
+    program that dup2()s another socket over it, or hands it on and closes
+    it, keeps it alive elsewhere: the census may then credit this process
+    with it until the caller marks it stale.)"""
     try:
         fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -128,6 +138,11 @@ def fd_inodes(pid: int) -> dict[str, int]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             return {}
         for fd in names:
+            if known is not None:
+                ino = known.get(fd)
+                if ino is not None and ino not in stale:
+                    found[fd] = ino
+                    continue
             try:
                 target = readlink(fd, dir_fd=fd_dir)
             except OSError:
@@ -389,6 +404,7 @@ class _Holding:
 
     inodes: set[int]  # established connections on our ports
     listener_fds: list[tuple[int, str]]  # (pid, fd) that held one of our listeners
+    fds: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> fd -> socket inode
 
 
 class Census:
@@ -538,19 +554,36 @@ class Census:
         return sorted(self.peers(held.inodes).values())
 
     @staticmethod
-    def _fd_inodes(pid: int) -> dict[str, int]:
-        return fd_inodes(pid)
+    def _fd_inodes(pid: int, known: Mapping[str, int] | None = None,
+                   stale: set[int] | frozenset[int] = frozenset()) -> dict[str, int]:
+        return fd_inodes(pid, known, stale)
 
-    def _walk(self, pids: frozenset[int]) -> _Holding:
+    def _walk(self, pids: frozenset[int], before: _Holding | None = None,
+              parts: list[Iterable[int]] = ()) -> _Holding:
+        """The group's descriptor tables. With `before`, the group's last
+        walk, and `parts`, this look's dump: a descriptor whose socket the
+        dump still shows established keeps its inode without a readlink
+        (fd_inodes), so a listening instance with thousands of connections
+        costs a listing of its table and a readlink for each descriptor
+        that is new or whose socket is no longer established."""
         listeners = self.listener_inodes()
+        stale: set[int] = set()
+        if before is not None:
+            for fds in before.fds.values():
+                stale.update(fds.values())
+            for part in parts:
+                stale.difference_update(part)
         inodes: set[int] = set()
         listener_fds: list[tuple[int, str]] = []
+        tables: dict[int, dict[str, int]] = {}
         for pid in pids:
-            for fd, ino in self._fd_inodes(pid).items():
+            known = before.fds.get(pid) if before is not None else None
+            tables[pid] = table = self._fd_inodes(pid, known, stale)
+            for fd, ino in table.items():
                 inodes.add(ino)
                 if ino in listeners:
                     listener_fds.append((pid, fd))
-        return _Holding(inodes, listener_fds)
+        return _Holding(inodes, listener_fds, tables)
 
     @staticmethod
     def _still_listens(held: _Holding) -> bool:
@@ -590,7 +623,7 @@ class Census:
                 continue
             held = self._held.get(key)
             if held is None or self._still_listens(held):
-                held = self._walk(key)
+                held = self._walk(key, held, parts)
             live[key] = held
         _keep_dumped([held.inodes for held in live.values()], parts)
         out = {name: live[key].inodes if key else set() for name, key in keys.items()}

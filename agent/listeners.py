@@ -206,10 +206,54 @@ def missing(listen: Sequence[tuple[str | None, int]], pids: Iterable[int],
     entries = list(listen)
     if sockets is None:
         sockets = listening({port for _, port in entries})
-    held = held_by(pids, sockets)
-    mine = [s for s in sockets if s.inode in held]
-    return [_fmt(host, port) for host, port in entries
-            if not any(covers(s, host, port) for s in mine)]
+    pids = set(pids)
+    by_inode = {s.inode: s for s in sockets}
+
+    def uncovered(mine: Iterable[ListenSocket]) -> list[str]:
+        mine = list(mine)
+        return [_fmt(host, port) for host, port in entries
+                if not any(covers(s, host, port) for s in mine)]
+
+    # The descriptors where these processes held our listeners last time,
+    # read again (one readlink each): a baking or draining instance holds
+    # thousands of connections, and a whole walk costs about 6 us a
+    # descriptor. Only a full walk may say an address is missing.
+    if not uncovered(by_inode[i] for i in _recheck(pids, by_inode)):
+        return []
+    found: dict[int, dict[int, str]] = {}
+    for pid in pids:
+        found[pid] = {ino: fd for fd, ino in fd_inodes(pid).items() if ino in by_inode}
+    _remember(found)
+    return uncovered(by_inode[i] for fds in found.values() for i in fds)
+
+
+# pid -> {inode: fd} where `missing` last found our listeners; bounded
+_LISTENER_FDS: dict[int, dict[int, str]] = {}
+_LISTENER_FDS_MAX = 256
+
+
+def _remember(found: dict[int, dict[int, str]]) -> None:
+    for pid, fds in found.items():
+        _LISTENER_FDS.pop(pid, None)
+        if fds:
+            _LISTENER_FDS[pid] = fds
+    while len(_LISTENER_FDS) > _LISTENER_FDS_MAX:  # the oldest first (insertion order)
+        del _LISTENER_FDS[next(iter(_LISTENER_FDS))]
+
+
+def _recheck(pids: set[int], wanted: dict[int, ListenSocket]) -> set[int]:
+    """The inodes in `wanted` that `pids` still hold at the descriptors
+    where they were last found."""
+    held: set[int] = set()
+    for pid in pids:
+        for ino, fd in _LISTENER_FDS.get(pid, {}).items():
+            if ino in wanted and ino not in held:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{ino}]":
+                        held.add(ino)
+                except OSError:
+                    pass
+    return held
 
 
 def missing_unix(paths: Sequence[str], pids: Iterable[int],

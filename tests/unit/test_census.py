@@ -317,6 +317,60 @@ def test_inodes_many_tells_which_connections_are_new() -> None:
             s.close()
 
 
+def test_a_listening_group_is_walked_again_reading_only_what_changed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group that still listens is walked at every count (it may accept),
+    but a descriptor whose socket the dump still shows established keeps
+    its inode: the second walk reads the links of the few other
+    descriptors, not of every connection. A connection closed and its
+    descriptor number reused by a new one is found at once (its old socket
+    is no longer in the dump), and the new one counts as new."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(64)
+    port = lst.getsockname()[1]
+    clients: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+    links: list[str] = []
+    real = os.readlink
+
+    def counted(path: str, *, dir_fd: int | None = None) -> str:
+        links.append(path)
+        return real(path, dir_fd=dir_fd)
+
+    def connect(n: int) -> None:
+        for _ in range(n):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            accepted.append(lst.accept()[0])
+    try:
+        census = Census.for_listen([("127.0.0.1", port)])
+        me = {"me": [os.getpid()]}
+        connect(40)
+        monkeypatch.setattr(os, "readlink", counted)
+        first = census.inodes_many(me)["me"]
+        assert len(first) == 40 and len(links) >= 80  # every descriptor (clients too)
+        links.clear()
+        again = census.inodes_many(me)["me"]
+        # the server sides are kept; the client sides (not on our port) are
+        # read again, as are the process's other descriptors
+        assert again == first and len(links) < len(first) + 40, len(links)
+        # close one server side; the next accepted connection reuses its number
+        clients.append(socket.create_connection(("127.0.0.1", port)))  # waits in the queue
+        gone = accepted.pop(5)
+        number, old_ino = gone.fileno(), os.fstat(gone.fileno()).st_ino
+        gone.close()
+        accepted.append(lst.accept()[0])
+        assert accepted[-1].fileno() == number
+        links.clear()
+        now = census.inodes_many(me)["me"]
+        new_ino = os.fstat(accepted[-1].fileno()).st_ino
+        assert now - first == {new_ino} and first - now == {old_ino}
+        assert census.count(me["me"]) == 40
+    finally:
+        for sk in clients + accepted + [lst]:
+            sk.close()
+
+
 # ------------------------------------------------ parsing synthetic buffers
 # A dump's messages as the kernel lays them out (include/uapi/linux/inet_diag.h):
 # nlmsghdr, then struct inet_diag_msg (idiag_sport at +4, network order;

@@ -182,6 +182,40 @@ def test_missing_names_the_addresses_no_process_of_ours_serves() -> None:
         a.close()
 
 
+def test_missing_rereads_where_the_listener_was_and_walks_again_only_when_it_moved(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baking instance is asked at every look whether it still holds its
+    listener: the second look reads the descriptor found the first time
+    (no walk of a table of thousands of connections); a listener closed
+    (its descriptor number now another socket) is found missing by a walk."""
+    walks: list[int] = []
+    real = listeners.fd_inodes
+
+    def counted(pid: int) -> dict[str, int]:
+        walks.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(listeners, "fd_inodes", counted)
+    a = listener()
+    port = a.getsockname()[1]
+    want, me = [("127.0.0.1", port)], [os.getpid()]
+    try:
+        assert listeners.missing(want, me) == [] and walks == [os.getpid()]
+        assert listeners.missing(want, me) == [] and len(walks) == 1  # reread, no walk
+        # the listener's descriptor now names another socket (dup2 closes the listener)
+        other = socket.socket()
+        fd = a.detach()
+        os.dup2(other.fileno(), fd)
+        try:
+            assert listeners.missing(want, me) == [f"127.0.0.1:{port}"] and len(walks) == 2
+            assert listeners.missing(want, me) == [f"127.0.0.1:{port}"] and len(walks) == 3
+        finally:
+            os.close(fd)
+            other.close()
+    finally:
+        a.close()
+
+
 def test_destroy_closes_a_listener_and_is_quiet_when_it_is_gone() -> None:
     a = listener()
     port = a.getsockname()[1]

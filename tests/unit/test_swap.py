@@ -737,6 +737,39 @@ def baked(min_ready: float = 5.0, **kw: object) -> ServiceConfig:
     return ServiceConfig(**{**base.__dict__, "min_ready": min_ready, **kw})  # type: ignore[arg-type]
 
 
+def census_counting(host: FakeHost) -> list[list[str]]:
+    """The bake's censuses (connection_sets calls) of `host`, as they come."""
+    calls: list[list[str]] = []
+    real = host.connection_sets
+
+    def counted(instances: list[str]) -> dict[str, frozenset[int]]:
+        calls.append(list(instances))
+        return real(instances)
+
+    host.connection_sets = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_the_bake_stops_counting_once_every_new_instance_was_seen_accepting() -> None:
+    """Each census walks the listening instances' descriptor tables (thousands
+    of connections under load): once the new instance was seen taking a
+    connection nothing can make it suspect, so the census stops; one that
+    takes none keeps being counted to the end of the bake."""
+    seen: dict[str, list[list[str]]] = {}
+
+    def count(name: str) -> Callable[[FakeHost], None]:
+        return lambda h: seen.__setitem__(name, census_counting(h))
+
+    _, res, _ = swap_with({"v1": Script(), "v2": Script()}, baked(5.0), "v1", "v2",
+                          setup=count("accepts"))
+    assert res.result == "ok" and res.bake["accepted"]["v2"] > 0
+    # the baseline and the look that saw v2 accept
+    assert 2 <= len(seen["accepts"]) <= 3, seen
+    swap_with({"v1": Script(), "v2": Script(accepts=False)}, baked(5.0), "v1", "v2",
+              setup=count("idle"))
+    assert len(seen["idle"]) >= 10, seen  # every 0.5 s of the bake
+
+
 def test_ready_then_dies_during_the_bake_rolls_back_before_the_old_is_signalled() -> None:
     # gunicorn's arbiter: READY=1 at 0.3 s, its workers cannot import the app, exit at 1.2 s
     scripts = {"v1": Script(), "v2": Script(ready_after=0.3, dies_after=1.2)}
