@@ -78,6 +78,10 @@ NOT_RESENT = frozenset({b"StartTransientUnit", b"KillUnit"})
 # how long a re-executing systemd may take to listen again; sd_bus_call's
 # own default timeout is 25 s
 RECONNECT_S = 30.0
+# How long a read of a stopped, watched unit that reads as never run waits
+# for the PropertiesChanged with its exit: systemd may collect the unit
+# (and answer the read from a fresh one) before it sends that signal
+EXIT_SIGNAL_WAIT = 0.2
 
 # org.freedesktop.systemd1(5): the names and D-Bus signatures the agent reads
 # and calls without introspecting the objects first (pystemd's objects ask
@@ -431,10 +435,12 @@ class Systemd:
         return True
 
     def start(self, unit: str) -> None:
+        self._exits.pop(unit_path(unit), None)  # an earlier life's exit is not this one's
         self._call(f"cannot start {unit}", "StartUnit",
                    unit.encode(), b"replace")
 
     def restart(self, unit: str) -> None:
+        self._exits.pop(unit_path(unit), None)
         self._call(f"cannot restart {unit}", "RestartUnit",
                    unit.encode(), b"replace")
 
@@ -508,22 +514,32 @@ class Systemd:
             main_pid=int(get(unit, SERVICE, "MainPID", b"u")) if svc else 0,
             restarts=int(get(unit, SERVICE, "NRestarts", b"u")) if svc else 0,
             since_us=int(get(unit, UNIT, "StateChangeTimestamp", b"t")), job=job,
-            exit=self._exit(unit, active, exit_description(
+            exit=self._exit(unit, active, job, exit_description(
                 int(get(unit, SERVICE, "ExecMainCode", b"i")),
                 int(get(unit, SERVICE, "ExecMainStatus", b"i"))) if svc else ""))
 
-    def _exit(self, unit: str, active: str, read: str) -> str:
+    def _exit(self, unit: str, active: str, job: str, read: str) -> str:
         """How the main process last ended: as read, or, for a stopped unit
-        that reads as never run (or not found: a transient one), as its last
-        PropertiesChanged said (wait_change): systemd had collected it
-        before the agent read it."""
-        if read or active not in ("inactive", "failed") or not unit.endswith(".service"):
+        with no job that reads as never run (or not found: a transient one),
+        as its last PropertiesChanged said (wait_change): systemd had
+        collected it before the agent read it. systemd collects a unit before
+        it sends the signal that carries the exit (measured: a read can be
+        answered by the fresh unit first), so a watched unit's read waits for
+        that signal, EXIT_SIGNAL_WAIT at most."""
+        if read or job or active not in ("inactive", "failed") \
+                or not unit.endswith(".service"):
             return read
         path = unit_path(unit)
         if path in self._watched and path not in self._exits:
-            try:  # the signal may have come during this read, still unprocessed
-                self._read_signals()
-            except Exception:
+            deadline = time.monotonic() + EXIT_SIGNAL_WAIT
+            try:
+                self._read_signals()  # it may have come during this read
+                poller = select.poll()
+                poller.register(self._bus.get_fd(), select.POLLIN)
+                while path not in self._exits and (left := deadline - time.monotonic()) > 0:
+                    poller.poll(max(1, math.ceil(left * 1000)))
+                    self._read_signals()
+            except Exception:  # the exit stays unknown
                 pass
         return self._exits.get(path, "")
 

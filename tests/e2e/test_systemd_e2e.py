@@ -66,6 +66,17 @@ with Systemd() as sd:
     out["after_reexec"] = sd.state(unit).active
     out["exit"] = wait_for(lambda st: st.active == "failed")
     out["exit_description"] = sd.state(unit).exit
+    # a unit that ends well and that nothing refers to is collected by
+    # systemd before it sends its last signal: the exit comes from the signal
+    gone = "zdd-gone.service"
+    subprocess.run(["systemd-run", "--unit", gone, "/bin/sh", "-c",
+                    "trap 'exit 0' TERM; sleep 30 & wait"], check=True, capture_output=True)
+    sd.wait_change([gone], 0.5)
+    sd.stop(gone)
+    deadline = time.monotonic() + 10
+    while sd.state(gone).active not in ("inactive", "failed") and time.monotonic() < deadline:
+        sd.wait_change([gone], 0.25)
+    out["collected_exit"] = sd.state(gone).exit
 print(json.dumps(out))
 '''
 
@@ -87,3 +98,4 @@ def test_systemd_announces_ready_and_exit_and_a_reexec_does_not_silence_it(
     assert out["exit"]["state"] == "failed" and out["exit"]["woke"] >= 1
     assert out["exit"]["timed_out"] == 0
     assert out["exit_description"] == "exited 3"
+    assert out["collected_exit"] == "exited 0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agent.systemd import exit_description, unit_path
@@ -250,3 +252,65 @@ def test_a_drop_in_is_reloaded_for_only_when_systemd_lacks_it(
     assert sd.reload_for("zdd-api@v2.service", "zdd-api@v2.service.d/zdd.conf",
                          present) is reloads
     assert calls == (["reload"] if reloads else [])
+
+
+class _LateSignalBus:
+    """A bus whose PropertiesChanged with the exit arrives `after` seconds
+    after the read (systemd collected the unit before it sent the signal):
+    its fd turns readable then, and process() dispatches it."""
+
+    def __init__(self, sd, path: bytes, after: float) -> None:
+        import threading
+
+        self.sd, self.path = sd, path
+        self.r, self.w = os.pipe()
+        self.pending = False
+        self.timer = threading.Timer(after, lambda: os.write(self.w, b"x"))
+        self.timer.start()
+
+    def get_fd(self) -> int:
+        return self.r
+
+    def process(self):
+        import select
+        from types import SimpleNamespace
+
+        ready = bool(select.select([self.r], [], [], 0)[0])
+        if ready:
+            os.read(self.r, 1)
+            msg = SimpleNamespace(
+                process_reply=lambda _raw: None, get_path=lambda: self.path,
+                body=(b"org.freedesktop.systemd1.Service",
+                      {b"ExecMainCode": 1, b"ExecMainStatus": 0}, []))
+            self.sd._on_change(msg)
+        return SimpleNamespace(is_empty=lambda: not ready)
+
+
+@pytest.mark.parametrize("after, job, expect", [
+    (0.05, "", "exited 0"),  # the signal comes: the exit is the signal's
+    (5.0, "", ""),  # it does not come in time: unknown, and the read is not held long
+    (0.05, "start", ""),  # a unit with a job is starting, not collected: no wait
+])
+def test_a_collected_units_exit_waits_briefly_for_its_signal(
+        tmp_path, after: float, job: str, expect: str) -> None:
+    import time
+
+    from agent import systemd
+    from agent.systemd import Systemd, unit_path
+
+    unit = "zdd-api@v1.service"
+    sd = Systemd(unit_dir=tmp_path)
+    sd._bus = bus = _LateSignalBus(sd, unit_path(unit), after)
+    sd._watched.add(unit_path(unit))
+    t0 = time.monotonic()
+    try:
+        assert sd._exit(unit, "inactive", job, "") == expect
+        took = time.monotonic() - t0
+        assert took < systemd.EXIT_SIGNAL_WAIT + 0.1
+        if job:
+            assert took < 0.02
+    finally:
+        bus.timer.cancel()
+        bus.timer.join()
+        os.close(bus.r)
+        os.close(bus.w)
