@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from .census import Census
 from .config import Listen
 
-TRIAL_POLL = 0.01  # seconds between two looks for who accepted a connection
+TRIAL_POLL = 0.01  # seconds between two looks for who accepted a connection, at most
+# the first wait after a connect: a server that accepts takes a fraction of a
+# millisecond on loopback, so the looks start close together and space out
+TRIAL_POLL_FIRST = 0.001
 TRIAL_WAIT = 0.25  # seconds one connection may wait to be accepted
 TRIAL_BUDGET = 10.0  # seconds for the whole trial, whatever the count
 
@@ -127,12 +130,14 @@ def accept_trial(census: Census, groups: Callable[[], Mapping[str, list[int]]],
             mine[port] = s
             res.opened += 1
             wait_end = min(end, monotonic() + TRIAL_WAIT)
+            delay = TRIAL_POLL_FIRST
             while True:
                 seen.update({p: g for p, g in _holders(census, groups(), unix).items()
                              if p in mine})
                 if port in seen or monotonic() >= wait_end:
                     break
-                sleep(TRIAL_POLL)
+                sleep(delay)
+                delay = min(TRIAL_POLL, delay * 2)
             if close_each and port in seen:
                 mine.pop(port).close()
         # a last look: late accepts count too

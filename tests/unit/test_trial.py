@@ -122,3 +122,26 @@ def test_wildcard_addresses_are_reached_on_loopback() -> None:
     assert connect_address(Listen("0.0.0.0", 80)) == (socket.AF_INET, ("127.0.0.1", 80))
     assert connect_address(Listen("::", 80)) == (socket.AF_INET6, ("::1", 80))
     assert connect_address(Listen("10.1.2.3", 80)) == (socket.AF_INET, ("10.1.2.3", 80))
+
+
+def test_the_looks_after_each_connect_start_close_together_and_space_out(procs) -> None:
+    """A server that accepts does so within a millisecond on loopback: the
+    first look after a connect comes TRIAL_POLL_FIRST later, and the waits
+    double up to TRIAL_POLL while nobody has taken it (the nat private
+    trial's eight connections took about 100 ms at a look every 10 ms)."""
+    from agent import trial as trial_mod
+
+    port, (idle,) = reuseport_servers(procs, "idle")
+    waits: list[float] = []
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        time.sleep(s)
+
+    census = Census([port], [socket.AF_INET])
+    res = accept_trial(census, lambda: {"idle": [idle.pid]}, Listen("127.0.0.1", port), 1,
+                       sleep=sleep)
+    assert res.unaccepted == 1
+    assert waits[0] == trial_mod.TRIAL_POLL_FIRST < trial_mod.TRIAL_POLL
+    assert waits[1] == 2 * waits[0] and max(waits) == trial_mod.TRIAL_POLL
+    assert all(b >= a for a, b in zip(waits, waits[1:]))
