@@ -33,6 +33,14 @@ class Package:
     sysctl: Path
 
 
+def module_root() -> str:
+    """The directory that holds the agent package: a child `python3 -m
+    agent...` or a demo release script needs it on its path when the agent is
+    in the package's private directory (/usr/share/zdd-agent), which Debian's
+    python3 does not search."""
+    return str(Path(__file__).resolve().parents[1])
+
+
 def version() -> str:
     try:
         return metadata.version(DIST)
