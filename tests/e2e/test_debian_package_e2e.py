@@ -59,6 +59,17 @@ def run(sb: Sandbox, *argv: str, check: bool = True) -> subprocess.CompletedProc
     return r
 
 
+def wait_active(sb: Sandbox) -> None:
+    """Type=notify: active once the daemon said READY=1."""
+    deadline = time.monotonic() + 30
+    while (state := run(sb, "systemctl", "is-active", "zdd-agent.service",
+                        check=False).stdout.strip()) == "activating":
+        assert time.monotonic() < deadline, "zdd-agent.service still activating after 30s"
+        time.sleep(0.2)
+    assert state == "active", run(sb, "journalctl", "-u", "zdd-agent.service", "--no-pager",
+                                  check=False).stdout[-3000:]
+
+
 def zdd_files(upper: Path) -> set[str]:
     """Paths under the sandbox's overlay upper directories that say zdd:
     what the package, dpkg and the agent wrote and left."""
@@ -105,18 +116,18 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
         assert f"package   {path} (left to the package manager: zdd-agent" in first, path
     assert "start     zdd-agent.service" in first
     assert not list(sb.path("/etc/systemd/system").glob("zdd-agent*"))  # nothing shadows them
-    # Type=notify: active once the daemon said READY=1
-    deadline = time.monotonic() + 30
-    while (state := run(sb, "systemctl", "is-active", "zdd-agent.service",
-                        check=False).stdout.strip()) == "activating":
-        assert time.monotonic() < deadline, "zdd-agent.service still activating after 30s"
-        time.sleep(0.2)
-    assert state == "active", run(sb, "journalctl", "-u", "zdd-agent.service", "--no-pager",
-                                  check=False).stdout[-3000:]
+    wait_active(sb)
     again = json.loads(run(sb, "zdd-agent", "install", "--json").stdout)
     assert again["changed"] is False and again["package"] == "zdd-agent", again
     state = json.loads(run(sb, "zdd-agent", "host-state", "--json").stdout)
     assert state["drained"] is False  # answered by the daemon: Debian's pystemd drives it
+    # an upgrade (here the same version again) restarts the running daemon
+    # (postinst: daemon-reload, try-restart) and leaves it running
+    pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
+    run(sb, "apt-get", "install", "-y", "--reinstall", str(deb))
+    wait_active(sb)
+    again_pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
+    assert pid != "0" and again_pid not in ("0", pid), (pid, again_pid)
     r = run(sb, "zdd-agent", "uninstall", check=False)
     assert r.returncode != 0 and "apt purge zdd-agent" in r.stderr, r.stderr
 
