@@ -190,7 +190,22 @@ class SafePath(click.Path):
             self.fail(f"{value!r} contains a NUL byte", param, ctx)
         return super().convert(value, param, ctx)
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .install import installed_package
+    from .origin import describe
+    from .units import data_dir
+
+    click.echo(describe(installed_package(), data_dir("units").parent))
+    ctx.exit()
+
+
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version,
+              help="Print the version and where the agent was installed from (the Debian "
+                   "package, or pip / a checkout), then exit.")
 @click.option("--config-dir", type=SafePath(path_type=Path), envvar="ZDD_CONFIG_DIR",
               default=DEFAULT_CONFIG_DIR, show_default=True,
               help="Directory of service configs, one NAME.yaml per service [env ZDD_CONFIG_DIR].")
@@ -858,20 +873,29 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
 
 @cli.command(help="Put the agent's units (zdd-agent.service/.socket, zdd.target), "
                   "/etc/sysctl.d/60-zdd-agent.conf and a config skeleton in place, create "
-                  "the admin group, enable and start the daemon. Idempotent.")
+                  "the admin group, enable and start the daemon. Idempotent. Run from the "
+                  "Debian package, the units and the sysctl.d file are the package's: it says "
+                  "so (\"package\" lines), writes only agent.yaml's sysctl overrides, and "
+                  "enables and starts the daemon.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @json_option
 @click.pass_obj
 def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
     from .config import load_agent_config
     from .install import install as do_install
+    from .install import installed_package
 
     conf = load_agent_config(ctx.paths.agent_config)
-    steps = do_install(dry_run, conf.admin_group, conf.sysctl)
+    pkg = installed_package()
+    steps = do_install(dry_run, conf.admin_group, conf.sysctl, pkg)
     if as_json:
         _out({"changed": any(s.changed for s in steps), "dry_run": dry_run,
+              "package": pkg.name if pkg else None,
               "steps": [{"action": s.action, "target": s.target} for s in steps]})
         return
+    if pkg is not None:
+        click.echo(f"zdd-agent runs from the Debian package {pkg.name}: its units and sysctl.d "
+                   f"file are left to the package manager (apt upgrade, apt remove, apt purge)")
     for step in steps:
         click.echo(f"{'would ' if dry_run else ''}{step}")
 
@@ -879,14 +903,16 @@ def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
 @cli.command(help="Stop and remove the daemon's units and the sysctl.d file; keep the "
                   "operator's configs, the state and the services' units. The NAT rules of "
                   "socket: nat services go too: refused while such a service has rules "
-                  "(its public port would stop answering) unless --remove-nat.")
+                  "(its public port would stop answering) unless --remove-nat. Refused when "
+                  "installed from the Debian package: apt remove or purge it.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @click.option("--remove-nat", is_flag=True, help="Remove the NAT rules even though socket: nat "
                                                  "services are served through them.")
 def uninstall(dry_run: bool, remove_nat: bool) -> None:
+    from .install import installed_package
     from .install import uninstall as do_uninstall
 
-    for step in do_uninstall(dry_run, remove_nat):
+    for step in do_uninstall(dry_run, remove_nat, installed_package()):
         click.echo(f"{'would ' if dry_run else ''}{step}")
 
 
@@ -909,7 +935,7 @@ def demo(swaps: int, clients: int, as_json: bool) -> None:
 def main(sent: fastpath.Sent | None = None) -> None:
     """The command line; `sent`: its request, when entry.py sent it already."""
     try:
-        cli.main(standalone_mode=False, obj=sent)
+        cli.main(standalone_mode=False, obj=sent, prog_name="zdd-agent")
     except ZddError as e:
         if "--json" in sys.argv[1:]:  # machines get the error as JSON too
             _out({"error": str(e), "exit_code": int(e.exit_code),

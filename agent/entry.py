@@ -30,3 +30,7 @@ def main() -> None:
         note = sent.close() if sent else ""  # unclaimed: stopped before the reply
         if note:
             sys.stderr.write(f"{note}\n")
+
+
+if __name__ == "__main__":  # python3 -m agent.entry (help2man in debian/rules)
+    main()

@@ -1,6 +1,13 @@
 """`zdd-agent install` / `uninstall`: put the agent's units, its sysctl.d
 file and a config skeleton in place on a real host, idempotently, saying
-what changes. Uninstall keeps the operator's configs and the state."""
+what changes. Uninstall keeps the operator's configs and the state.
+
+Run from the Debian package (origin.package), the units and the sysctl.d
+file are the package's: install says so ("package" lines) and writes
+only what the package cannot know, the sysctl.d file in /etc carrying
+agent.yaml's overrides, and takes away the agent units an earlier
+`zdd-agent install` from pip left in /etc/systemd/system (they would
+shadow the package's). Uninstall is then apt's job."""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from . import origin
 from .defaults import DEFAULT_AGENT_CONFIG, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
 from .errors import ConfigError
 from .errors import SystemdError
@@ -28,12 +36,14 @@ NAT_UNIT = "zdd-agent-nat.service"  # socket: nat's rules at boot (wanted by zdd
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # create, update, unchanged, remove, run, enable, start, restart, keep
+    # create, update, unchanged, remove, run, enable, start, restart, keep,
+    # package (left to the package manager)
+    action: str
     target: str
 
     @property
     def changed(self) -> bool:
-        return self.action not in ("unchanged", "keep")
+        return self.action not in ("unchanged", "keep", "package")
 
     def __str__(self) -> str:
         return f"{self.action:<9} {self.target}"
@@ -71,14 +81,75 @@ def _state(path: Path, content: str) -> str:
         return "update"
 
 
-def install(dry_run: bool, admin_group: str = "zdd-admin",
-            sysctl: Iterable[tuple[str, str | None]] = ()) -> list[Step]:
-    steps: list[Step] = []
-    for path, (content, mode) in files(sysctl).items():
-        action = _state(path, content)
-        steps.append(Step(action, str(path)))
+# The first line of the files `zdd-agent install` writes (units/, sysctl.d/):
+# what tells them from an operator's own override of the package's units.
+WRITTEN_BY_AGENT = ("# Installed by `zdd-agent install`", "# Installed by zdd-agent")
+
+
+def _written_by_agent(path: Path) -> bool:
+    try:
+        with path.open() as f:
+            return f.readline().startswith(WRITTEN_BY_AGENT)
+    except OSError:
+        return False
+
+
+def installed_package() -> origin.Package | None:
+    return origin.package(data_dir("units").parent)
+
+
+def package_steps(pkg: origin.Package, dry_run: bool,
+                  sysctl: Iterable[tuple[str, str | None]] = ()) -> list[Step]:
+    """The units and the sysctl.d file when the package installed them: left
+    to it, save agent.yaml's sysctl overrides (an /etc/sysctl.d file of the
+    same name replaces the package's, sysctl.d(5)) and the agent units an
+    earlier install from pip wrote to /etc/systemd/system, which would
+    shadow the package's (systemd.unit(5): /etc comes first)."""
+    steps = []
+    for unit in (*AGENT_UNITS, NAT_UNIT, TARGET):
+        steps.append(Step("package", f"{pkg.unit_dir / unit} (left to the package manager: "
+                                     f"{pkg.name})"))
+        shadow = UNIT_DIR / unit
+        if shadow.exists() and _written_by_agent(shadow):
+            steps.append(Step("remove", f"{shadow} (an earlier zdd-agent install's copy; it "
+                                        "would shadow the package's unit)"))
+            if not dry_run:
+                shadow.unlink()
+        elif shadow.exists():
+            steps.append(Step("keep", f"{shadow} (not written by zdd-agent: it overrides the "
+                                      "package's unit)"))
+    stock = pkg.sysctl.read_text()
+    content = render_sysctl_d(stock, sysctl)
+    if content != stock:
+        action = _state(SYSCTL_D, content)
+        steps.append(Step(action, f"{SYSCTL_D} (agent.yaml's sysctl overrides, in place of "
+                                  f"{pkg.sysctl})"))
         if not dry_run and action != "unchanged":
-            write_if_changed(path, content, mode)
+            write_if_changed(SYSCTL_D, content, 0o644)
+    else:
+        steps.append(Step("package", f"{pkg.sysctl} (left to the package manager: {pkg.name}; "
+                                     "agent.yaml has no sysctl overrides)"))
+        if SYSCTL_D.exists() and _written_by_agent(SYSCTL_D):
+            steps.append(Step("remove", f"{SYSCTL_D} (no overrides left: the package's file "
+                                        "applies)"))
+            if not dry_run:
+                SYSCTL_D.unlink()
+    return steps
+
+
+def install(dry_run: bool, admin_group: str = "zdd-admin",
+            sysctl: Iterable[tuple[str, str | None]] = (),
+            pkg: origin.Package | None = None) -> list[Step]:
+    """`pkg`: the Debian package this agent runs from (installed_package())."""
+    steps: list[Step] = []
+    if pkg is not None:
+        steps += package_steps(pkg, dry_run, sysctl)
+    else:
+        for path, (content, mode) in files(sysctl).items():
+            action = _state(path, content)
+            steps.append(Step(action, str(path)))
+            if not dry_run and action != "unchanged":
+                write_if_changed(path, content, mode)
     for d in (DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR):
         steps.append(Step("unchanged" if d.is_dir() else "create", f"{d}/"))
         if not dry_run:  # the state is private (state.py); the daemon sets its group
@@ -162,7 +233,13 @@ def _remove_nat(dry_run: bool, force: bool) -> list[Step]:
     return [step]
 
 
-def uninstall(dry_run: bool, remove_nat: bool = False) -> list[Step]:
+def uninstall(dry_run: bool, remove_nat: bool = False,
+              pkg: origin.Package | None = None) -> list[Step]:
+    if pkg is not None:
+        raise ConfigError(f"zdd-agent was installed from the Debian package {pkg.name}: its "
+                          f"units and sysctl.d file are the package manager's. Remove it with "
+                          f"`apt remove {pkg.name}` (keeps the configs) or `apt purge {pkg.name}` "
+                          "(keeps only the service configs you wrote)")
     nat_steps = _remove_nat(True, remove_nat)  # refuses before anything changes
     steps = [Step("run", "systemctl stop zdd-agent.service zdd-agent.socket; disable them")]
     if not dry_run:

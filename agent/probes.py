@@ -58,9 +58,14 @@ def probe_http(url: str, timeout: float) -> ProbeResult:
 
 def probe_h2c(url: str, timeout: float) -> ProbeResult:
     """GET over HTTP/2 cleartext with prior knowledge (RFC 9113 3.3), with h2."""
-    import h2.config
-    import h2.connection
-    import h2.events
+    try:
+        import h2.config
+        import h2.connection
+        import h2.events
+        import h2.exceptions
+    except ImportError:
+        return ProbeResult(False, "HTTP/2 probes need h2 (Debian: apt install python3-h2; "
+                                  "pip: h2)")
 
     rest = url[len("http://"):]
     hostport, _, path = rest.partition("/")
@@ -91,19 +96,88 @@ def probe_h2c(url: str, timeout: float) -> ProbeResult:
         return ProbeResult(False, f"{type(e).__name__}: {e}")
 
 
+# grpc.health.v1 (grpc/health/v1/health.proto), encoded by hand: the request
+# is one string field and the reply one enum field, so the agent needs
+# grpcio alone, not grpcio-health-checking (which Debian 12 does not package).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def health_request(service: str) -> bytes:
+    """HealthCheckRequest{service}: field 1, length-delimited (proto3 leaves
+    an empty string out)."""
+    raw = service.encode()
+    return b"\x0a" + _varint(len(raw)) + raw if raw else b""
+
+
+def health_status(reply: bytes) -> int:
+    """HealthCheckResponse's status (field 1, varint); fields it does not
+    know are skipped, as protobuf readers do. ValueError on a malformed one."""
+    i, status = 0, 0
+
+    def varint() -> int:
+        nonlocal i
+        n = shift = 0
+        while True:
+            if i >= len(reply) or shift > 63:
+                raise ValueError("truncated varint")
+            b = reply[i]
+            i += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+
+    while i < len(reply):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+            if field == 1:
+                status = value
+        elif wire == 2:
+            length = varint()  # before the addition: varint() moves i
+            i += length
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+    if i != len(reply):
+        raise ValueError("truncated field")
+    return status
+
+
 def probe_grpc(target: str, service: str, timeout: float) -> ProbeResult:
     """grpc.health.v1.Health/Check of `service` ("" = the server as a whole)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        import grpc
+    except ImportError:
+        return ProbeResult(False, "gRPC probes need grpcio (Debian: apt install python3-grpcio; "
+                                  "pip: grpcio)")
 
     with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+        check = channel.unary_unary(HEALTH_CHECK, request_serializer=health_request,
+                                    response_deserializer=bytes)
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = check(service, timeout=timeout)
         except grpc.RpcError as e:
             return ProbeResult(False, f"gRPC {e.code().name}: {e.details()}")
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return ProbeResult(reply.status == health_pb2.HealthCheckResponse.SERVING, f"gRPC {name}")
+    try:
+        status = health_status(reply)
+    except ValueError as e:
+        return ProbeResult(False, f"gRPC: malformed HealthCheckResponse ({e})")
+    return ProbeResult(status == 1, f"gRPC {SERVING_STATUS.get(status, str(status))}")
 
 
 def probe_tcp(url: str, timeout: float) -> ProbeResult:

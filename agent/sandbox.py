@@ -4,8 +4,10 @@ Used by `zdd-agent demo` and the end-to-end tests. The facts it rests on are in
 shared/SANDBOX.md: systemd 252 boots in container mode as PID 1 of a new PID
 namespace; before it does, the mounts must be made private and /run, /tmp and
 /var/tmp replaced by fresh tmpfs (systemd-tmpfiles once emptied the machine's
-real /tmp), and /etc and /var must be overlays so that the agent's unit files
-and state stay inside the sandbox. Keeping the overlay's upper directories and
+real /tmp), and /etc, /var and /usr must be overlays so that the agent's unit
+files and state, and whatever dpkg or apt install inside (a package's files
+under /usr, its conffiles in /etc, dpkg's database in /var/lib/dpkg, apt's
+cache and logs in /var), stay inside the sandbox. Keeping the overlay's upper directories and
 booting again over them is a "reboot" of that host.
 
 The host side (`Sandbox`) only spawns, waits, runs commands inside with
@@ -28,9 +30,19 @@ from pathlib import Path
 
 SYSTEMD = "/lib/systemd/systemd"
 TARGET = "zdd.target"
+# What the sandbox boots: its own target, in the namespace's /run, that wants
+# zdd.target. A stand-in zdd.target there would shadow the one a package
+# installs into /lib/systemd/system (/run comes first, systemd.unit(5)) and
+# make it "static" until the next boot.
+BOOT_TARGET = "zdd-sandbox.target"
 # Sandboxes live outside /etc and /var (overlaid inside) and outside /tmp and
 # /run (replaced by tmpfs inside).
 DEFAULT_ROOT = Path(os.environ.get("ZDD_SANDBOX_ROOT", "/srv/zdd-sandbox"))
+
+# What a sandbox overlays on the machine's own directories: its writes stay in
+# ROOT/upper/NAME. dpkg writes nowhere else (/lib, /bin, /sbin are in /usr;
+# where they are not, _boot overlays them too).
+OVERLAID = ("etc", "var", "usr")
 
 # Units of the machine that must not run in a sandbox: they write host-global
 # kernel state (sysctl, binfmt, modules, clock) or clean directories.
@@ -58,10 +70,13 @@ MASKED = (
     "dev-hugepages.mount",
 )
 
-# The boot target, when the agent has not installed its own zdd.target yet.
-_FALLBACK_TARGET = """\
+# zdd.target, once the agent or its package installed it, starts the serving
+# instances (a "reboot" of the host); before that, the want finds no unit and
+# the boot goes on.
+_BOOT_TARGET_UNIT = f"""\
 [Unit]
 Description=zdd sandbox boot target
+Wants={TARGET}
 """
 
 
@@ -85,7 +100,12 @@ def _bind_keep(paths: Sequence[str]) -> list[tuple[int, str]]:
 def _boot(root: Path, keep: Sequence[str]) -> None:  # pragma: no cover - runs as PID 1
     """Namespace side: prepare mounts, bring lo up, exec systemd."""
     _run(["mount", "--make-rprivate", "/"])
-    for name in ("etc", "var"):
+    # /usr too: a package installed inside (the fleet's hosts install the
+    # agent's .deb) writes there; /lib, /bin and /sbin are links into /usr on
+    # a merged-/usr system (Debian 12), so this overlay covers them.
+    unmerged = [n for n in ("bin", "sbin", "lib", "lib64")
+                if os.path.isdir(f"/{n}") and not os.path.islink(f"/{n}")]
+    for name in (*OVERLAID, *unmerged):
         upper, work = root / "upper" / name, root / "work" / name
         upper.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -103,8 +123,7 @@ def _boot(root: Path, keep: Sequence[str]) -> None:  # pragma: no cover - runs a
     unit_dir.mkdir(parents=True, exist_ok=True)
     for unit in MASKED:
         (unit_dir / unit).symlink_to("/dev/null")
-    if not Path("/etc/systemd/system", TARGET).exists():
-        (unit_dir / TARGET).write_text(_FALLBACK_TARGET)
+    (unit_dir / BOOT_TARGET).write_text(_BOOT_TARGET_UNIT)
     # Journald in the sandbox keeps logs in memory only.
     conf = Path("/run/systemd/journald.conf.d")
     conf.mkdir(parents=True, exist_ok=True)
@@ -115,7 +134,7 @@ def _boot(root: Path, keep: Sequence[str]) -> None:  # pragma: no cover - runs a
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     env = {"container": "zdd-sandbox", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C.UTF-8"}
-    os.execve(SYSTEMD, [SYSTEMD, "--system", f"--unit={TARGET}", "--log-target=journal",
+    os.execve(SYSTEMD, [SYSTEMD, "--system", f"--unit={BOOT_TARGET}", "--log-target=journal",
                         "--log-level=warning"], env)
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ServiceConfig, check_version, parse_service, read_yaml
 from .errors import ConfigError, ZddError
+from .origin import module_root
 from .traffic.series import Series
 
 if TYPE_CHECKING:
@@ -388,7 +389,10 @@ def run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         watch = _Lines(watcher)
         started = time.time()
+        # python3 -m agent.traffic...: from the Debian package the agent is in
+        # a directory python3 does not search
         client = host.sb.popen(client_argv(opts, svc, budget), net_only=True,
+                               env={"PYTHONPATH": module_root()},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         swaps: list[dict[str, Any]] = []
         try:

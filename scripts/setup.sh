@@ -18,9 +18,18 @@ fi
 # haproxy, and Ansible's apt module there needs python3-apt; nginx proxies to a
 # service's Unix-socket listener in the e2e of `listen: ["unix:..."]`.
 # nftables and python3-nftables (libnftables JSON) carry socket: nat.
+# The Debian package (scripts/build-deb, tests/debpkg.py) builds with debhelper,
+# dh-python, pybuild-plugin-pyproject and help2man, is checked by lintian, and
+# its runtime dependencies (debian/control's Depends and Recommends) are
+# installed here too, so the package and the fleet's hosts install from apt
+# without the network.
 packages=(systemd libsystemd-dev pkg-config gcc python3-dev python3-venv wrk curl iproute2 nodejs
           util-linux openssh-server openssh-client haproxy python3-apt nginx nftables
-          python3-nftables)
+          python3-nftables
+          debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+          help2man lintian dpkg-dev
+          python3-click python3-prometheus-client python3-psutil python3-pyroute2
+          python3-pystemd python3-rich python3-yaml python3-grpcio python3-h2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import check_version
+from ..origin import module_root
 
 PROGRAMS = {"api": "agent.demo.api", "asgi": "agent.demo.asgi_api",
             "wsgi": "agent.demo.wsgi_api", "grpc": "agent.demo.grpc_api"}
@@ -20,6 +21,7 @@ PROGRAMS = {"api": "agent.demo.api", "asgi": "agent.demo.asgi_api",
 _SCRIPT = """#!{python}
 # zdd-agent demo release {version}
 import sys
+sys.path.insert(0, {root!r})  # the Debian package's private directory, or a checkout
 from {module} import main
 sys.argv = [sys.argv[0], "--version", {version!r}, *{flags!r}, *sys.argv[1:]]
 sys.exit(main())
@@ -31,7 +33,8 @@ def make_release(root: Path, version: str, flags: tuple[str, ...] = (),
     check_version(version)
     exe = root / version / "bin" / program
     exe.parent.mkdir(parents=True, exist_ok=True)
-    exe.write_text(_SCRIPT.format(python=sys.executable, version=version, flags=list(flags),
+    exe.write_text(_SCRIPT.format(python=sys.executable, root=module_root(), version=version,
+                                  flags=list(flags),
                                   module=PROGRAMS[program]))
     exe.chmod(0o755)
     return exe

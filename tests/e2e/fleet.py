@@ -35,9 +35,10 @@ from agent.sandbox import DEFAULT_ROOT, Sandbox
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
-# The role's virtualenv, on the sandbox's private /var (the machine's /opt is
-# shared by every sandbox).
-AGENT_VENV = "/var/lib/zdd-fleet/agent"
+# The role installs the Debian package (scripts/build-deb) with apt: the
+# package's command. Every write of dpkg lands in the sandbox's overlays
+# (/usr, /etc, /var: agent/sandbox.py).
+AGENT = "/usr/bin/zdd-agent"
 SERVICE_PORT = 8080
 HOST_READY_PORT = 9470
 LB_PORT = 8000
@@ -93,7 +94,7 @@ class Host(DemoHost):
     def __init__(self, name: str, index: int, root: Path) -> None:
         super().__init__(Sandbox(root=root))
         self.name, self.index = name, index
-        self.agent = [f"{AGENT_VENV}/bin/zdd-agent"]
+        self.agent = [AGENT]
 
     @property
     def addr(self) -> str:
@@ -117,13 +118,13 @@ class Playbook:
 
 
 class Fleet:
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, deb: Path, size: int = 3) -> None:
         tag = uuid.uuid4().hex[:8]
+        self.deb = deb  # under /srv: each host sees the machine's file there
         self.root = DEFAULT_ROOT / f"fleet-{tag}"
         self.netns = f"zdd-fleet-{tag}"
         self.hosts = [Host(f"host{i}", i, self.root / f"host{i}") for i in range(1, size + 1)]
         self.key = self.root / "ssh" / "id_ed25519"
-        self.wheels = self.root / "wheels"
         self.haproxy: subprocess.Popen[str] | None = None
         self._netns_made = False
 
@@ -198,21 +199,14 @@ class Fleet:
     def in_ctrl(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
 
-    def build_wheels(self) -> None:
-        """The agent and its dependencies as wheels: the hosts install from
-        them with --no-index (they have no network), as air-gapped fleets do."""
-        run([str(BIN / "pip"), "wheel", "-q", "--disable-pip-version-check", "--wheel-dir",
-             str(self.wheels), str(REPO)], timeout=600)
-
     def inventory(self, services: dict[str, Any]) -> Path:
         inv = {"zdd_fleet": {
             "hosts": {h.name: {"ansible_host": h.addr} for h in self.hosts},
             "vars": {
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
-                "zdd_agent_venv": AGENT_VENV,
-                "zdd_agent_pip_spec": "zdd-agent",
-                "zdd_agent_pip_extra_args": ["--no-index", "--find-links", str(self.wheels)],
+                "zdd_agent_install_method": "deb",
+                "zdd_agent_deb": str(self.deb),
                 "zdd_agent_host_ready_listen": f"0.0.0.0:{HOST_READY_PORT}",
                 "zdd_agent_services": services,
             }}}

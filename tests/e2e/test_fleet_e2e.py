@@ -1,5 +1,6 @@
 """The Ansible content against a fleet of three simulated hosts (fleet.py):
-the role installs the agent from wheels over ssh, rolling-deploy.yml rolls
+the role installs the agent's Debian package (scripts/build-deb) with apt
+over ssh (no pip, no build on the hosts), rolling-deploy.yml rolls
 v1 -> v2 with each host drained from HAProxy around its swap, then a broken
 v3 stops the rollout at the first host, which the agent rolls back. Load
 runs through HAProxy the whole time; the client must see 0 failed requests.
@@ -12,10 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from fleet import SERVICE_PORT, Fleet, StateWatch
+from fleet import AGENT, SERVICE_PORT, Fleet, StateWatch
 
 from agent.demo.run import RELEASES
 
@@ -31,15 +33,15 @@ SERVICES = {SERVICE: {
 
 
 @pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
+def fleet(deb: Path) -> Iterator[Fleet]:
     if os.geteuid() != 0:
         pytest.skip("the fleet needs root")
     for tool in ("sshd", "ssh", "haproxy", "wrk", "ip", "curl"):
         assert shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}"), \
             f"{tool} is not installed (.ci/run installs it)"
-    f = Fleet(3)
+    assert not os.path.lexists(AGENT), f"{AGENT} on the machine itself: the hosts must get theirs"
+    f = Fleet(deb, 3)
     try:
-        f.build_wheels()
         f.boot()
         for h in f.hosts:
             h.release("v1")
@@ -48,6 +50,13 @@ def fleet() -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+def task_results(out: str, task: str) -> set[str]:
+    """The per-host result lines ("changed: [host1]") of the role's task."""
+    block = out.split(f"TASK [zdd.agent.zdd_agent : {task}]", 1)[1].split("TASK [", 1)[0]
+    return {line.split("]")[0] + "]" for line in block.splitlines()
+            if line.startswith(("ok: [", "changed: [", "skipping: [", "failed: [", "fatal: ["))}
 
 
 def show(book: object) -> str:
@@ -67,6 +76,23 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
     assert again.changed() == dict.fromkeys(names, 0), show(again)
     for h in fleet.hosts:
         assert h.zdd_json("host-state")[1]["drained"] is False
+        # from the package, by apt: Debian's python3 and libraries, no virtualenv
+        status = h.sb.run(["dpkg-query", "-W", "-f=${Status} ${Version}", "zdd-agent"],
+                          capture=True).stdout
+        assert status.startswith("install ok installed "), status
+        version = h.zdd("--version").stdout
+        assert "(Debian package zdd-agent; units in /lib/systemd/system" in version, version
+        assert h.sb.run(["head", "-1", AGENT], capture=True).stdout.startswith(
+            "#!/usr/bin/python3")
+        pips = h.sb.run(["find", "/opt", "/var/lib", "/usr/local", "-name", "pyvenv.cfg"],
+                        capture=True, check=False).stdout
+        assert not pips.strip(), pips
+    assert task_results(site.out, "Install the zdd-agent package file with apt") == {
+        f"changed: [{n}]" for n in names}
+    for pip_task in ("Install the system packages the virtualenv needs",
+                     "Install zdd-agent into its virtualenv"):
+        assert task_results(site.out, pip_task) == {f"skipping: [{n}]" for n in names}
+    assert not os.path.lexists(AGENT)  # dpkg wrote into the hosts' overlays only
 
     # First deploy of v1 everywhere; rolling it again is no change.
     first = fleet.playbook("rolling-deploy.yml", inv, "-e", "zdd_service=api",

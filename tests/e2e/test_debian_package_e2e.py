@@ -1,0 +1,147 @@
+"""The Debian package in a fresh sandboxed host: apt installs the .deb that
+scripts/build-deb made (its dependencies are Debian's, already on the
+machine: no pip, no compiler, no network), the units are enabled and not
+started, `zdd-agent install` says what it leaves to the package manager and
+starts the daemon on Debian's python3 and pystemd, then apt purges it and
+nothing is left but the file the operator wrote. Everything dpkg writes
+lands in the sandbox's overlays (agent/sandbox.py): the machine's own /usr,
+/etc and /var never see the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.sandbox import Sandbox
+
+OPERATOR_FILE = "/etc/zdd-agent/services/api.yaml"
+OPERATOR_CONFIG = """\
+name: api
+command: /srv/api/{version}/bin/api
+listen: ["127.0.0.1:8080"]
+"""
+# Files of the package and of what it starts, on the machine: none may appear.
+MACHINE_PATHS = ("/usr/bin/zdd-agent", "/usr/share/zdd-agent", "/lib/systemd/system/zdd.target",
+                 "/var/lib/dpkg/info/zdd-agent.list", "/etc/zdd-agent/agent.yaml")
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+@pytest.fixture
+def fresh() -> Iterator[Sandbox]:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox needs root")
+    assert shutil.which("apt-get") and shutil.which("dpkg")
+    present = [p for p in MACHINE_PATHS if os.path.lexists(p)]
+    assert not present, f"the machine itself has the package's files: {present}"
+    sb = Sandbox().boot()
+    try:
+        # The machine's /usr/sbin/policy-rc.d (a container image's "exit 101")
+        # forbids every service action of maintainer scripts, the prerm's stop
+        # too; a real host has none. Removed in the sandbox's /usr overlay only.
+        if sb.path("/usr/sbin/policy-rc.d").exists():
+            sb.run(["rm", "/usr/sbin/policy-rc.d"])
+        yield sb
+    finally:
+        sb.close()
+
+
+def run(sb: Sandbox, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = sb.run(list(argv), capture=True, check=False, env=APT_ENV)
+    if check:
+        assert r.returncode == 0, f"{' '.join(argv)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def wait_active(sb: Sandbox) -> None:
+    """Type=notify: active once the daemon said READY=1."""
+    deadline = time.monotonic() + 30
+    while (state := run(sb, "systemctl", "is-active", "zdd-agent.service",
+                        check=False).stdout.strip()) == "activating":
+        assert time.monotonic() < deadline, "zdd-agent.service still activating after 30s"
+        time.sleep(0.2)
+    assert state == "active", run(sb, "journalctl", "-u", "zdd-agent.service", "--no-pager",
+                                  check=False).stdout[-3000:]
+
+
+def zdd_files(upper: Path) -> set[str]:
+    """Paths under the sandbox's overlay upper directories that say zdd:
+    what the package, dpkg and the agent wrote and left."""
+    return {str(p.relative_to(upper)) for p in upper.rglob("*")
+            if "zdd" in str(p.relative_to(upper)).lower()}
+
+
+def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: Path) -> None:
+    sb = fresh
+    assert not zdd_files(sb.root / "upper")
+
+    out = run(sb, "apt-get", "install", "-y", "--no-install-recommends", str(deb)).stdout
+    print(out[-1500:])
+    assert "Setting up zdd-agent" in out
+    # the package alone: its dependencies are Debian's, already in place
+    assert "0 upgraded, 1 newly installed, 0 to remove" in out
+    status = run(sb, "dpkg-query", "-W", "-f=${Status} ${Version}", "zdd-agent").stdout
+    assert status.startswith("install ok installed ")
+
+    # dpkg wrote into the sandbox's overlays, never into the machine
+    assert (sb.root / "upper" / "usr" / "bin" / "zdd-agent").is_file()
+    assert not [p for p in MACHINE_PATHS if os.path.lexists(p)]
+
+    # Debian's python3 and the private module directory: no virtualenv
+    version = run(sb, "zdd-agent", "--version").stdout.strip()
+    print(version)
+    assert version.startswith("zdd-agent 0.1.0 (Debian package zdd-agent; units in "
+                              "/lib/systemd/system, data in /usr/share/zdd-agent)"), version
+    assert run(sb, "head", "-1", "/usr/bin/zdd-agent").stdout.startswith("#!/usr/bin/python3")
+    for unit in ("zdd-agent.service", "zdd-agent.socket", "zdd.target"):
+        assert run(sb, "systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled"
+        assert run(sb, "systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
+    assert run(sb, "getent", "group", "zdd-admin").stdout.startswith("zdd-admin:")
+    assert not sb.path("/etc/sysctl.d/60-zdd-agent.conf").exists()
+
+    # `zdd-agent install` leaves the units and sysctl.d file to the package
+    # and starts the daemon
+    first = run(sb, "zdd-agent", "install").stdout
+    print(first)
+    assert first.startswith("zdd-agent runs from the Debian package zdd-agent: its units and "
+                            "sysctl.d file are left to the package manager")
+    for path in ("/lib/systemd/system/zdd-agent.service", "/lib/systemd/system/zdd.target",
+                 "/usr/lib/sysctl.d/60-zdd-agent.conf"):
+        assert f"package   {path} (left to the package manager: zdd-agent" in first, path
+    assert "start     zdd-agent.service" in first
+    assert not list(sb.path("/etc/systemd/system").glob("zdd-agent*"))  # nothing shadows them
+    wait_active(sb)
+    again = json.loads(run(sb, "zdd-agent", "install", "--json").stdout)
+    assert again["changed"] is False and again["package"] == "zdd-agent", again
+    state = json.loads(run(sb, "zdd-agent", "host-state", "--json").stdout)
+    assert state["drained"] is False  # answered by the daemon: Debian's pystemd drives it
+    # an upgrade (here the same version again) restarts the running daemon
+    # (postinst: daemon-reload, try-restart) and leaves it running
+    pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
+    run(sb, "apt-get", "install", "-y", "--reinstall", str(deb))
+    wait_active(sb)
+    again_pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
+    assert pid != "0" and again_pid not in ("0", pid), (pid, again_pid)
+    r = run(sb, "zdd-agent", "uninstall", check=False)
+    assert r.returncode != 0 and "apt purge zdd-agent" in r.stderr, r.stderr
+
+    # the operator writes a service config; purge keeps it and nothing else
+    sb.path(OPERATOR_FILE).write_text(OPERATOR_CONFIG)
+    out = run(sb, "apt-get", "purge", "-y", "zdd-agent").stdout
+    print(out[-1500:])
+    assert run(sb, "dpkg-query", "-W", "-f=${Status}", "zdd-agent",
+               check=False).stdout.strip() in ("", "unknown ok not-installed")
+    assert run(sb, "systemctl", "is-active", "zdd-agent.service",
+               check=False).stdout.strip() == "inactive"
+    assert sb.path(OPERATOR_FILE).read_text() == OPERATOR_CONFIG
+    left = zdd_files(sb.root / "upper")
+    print("left after purge:", sorted(left))
+    assert left == {"etc/zdd-agent", "etc/zdd-agent/services",
+                    "etc/zdd-agent/services/api.yaml"}, sorted(left)
+    assert not [p for p in MACHINE_PATHS if os.path.lexists(p)]
