@@ -37,8 +37,8 @@ from collections import Counter
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
 
+from ..probes import health_request
 from .series import Series, merge
 
 UNARY = "/zdd.demo.Echo/Unary"
@@ -71,7 +71,7 @@ def _unary_loop(target: str, until: float, timeout: float, health: str | None,
     method, request = UNARY, b"{}"
     if health is not None:
         method = HEALTH_CHECK
-        request = health_pb2.HealthCheckRequest(service=health).SerializeToString()
+        request = health_request(health)  # grpc.health.v1, as the probe sends it
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(method, request_serializer=_identity,
                                    response_deserializer=_identity)

@@ -144,3 +144,23 @@ def test_exec_gets_pid_and_port() -> None:
     assert not probes.probe(ready, 9999, {"ZDD_MAIN_PID": "43"}).ok
     slow = Ready(type="exec", command=("/bin/sleep", "5"), timeout=0.2)
     assert probes.probe(slow, None, {}) == probes.ProbeResult(False, "timed out after 0.2s")
+
+
+def test_the_grpc_probe_and_load_client_need_grpcio_alone() -> None:
+    """Debian 12 packages grpcio but not grpcio-health-checking: the probe
+    and `verify --protocol grpc`'s load client encode grpc.health.v1
+    themselves, so both import with grpc_health out of reach."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'grpc_health':\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import agent.probes, agent.traffic.grpc_client\n"
+            "assert agent.probes.health_request('x') == b'\\n\\x01x'\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
