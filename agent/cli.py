@@ -897,7 +897,7 @@ def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
         click.echo(f"zdd-agent runs from the Debian package {pkg.name}: its units and sysctl.d "
                    f"file are left to the package manager (apt upgrade, apt remove, apt purge)")
     for step in steps:
-        click.echo(f"{'would ' if dry_run else ''}{step}")
+        click.echo(f"{'would ' if dry_run and step.changed else ''}{step}")
 
 
 @cli.command(help="Stop and remove the daemon's units and the sysctl.d file; keep the "
@@ -913,7 +913,7 @@ def uninstall(dry_run: bool, remove_nat: bool) -> None:
     from .install import uninstall as do_uninstall
 
     for step in do_uninstall(dry_run, remove_nat, installed_package()):
-        click.echo(f"{'would ' if dry_run else ''}{step}")
+        click.echo(f"{'would ' if dry_run and step.changed else ''}{step}")
 
 
 @cli.command(help="Boot a throwaway systemd sandbox, deploy the bundled demo API under the "

@@ -2,12 +2,14 @@
 file and a config skeleton in place on a real host, idempotently, saying
 what changes. Uninstall keeps the operator's configs and the state.
 
-Run from the Debian package (origin.package), the units and the sysctl.d
-file are the package's: install says so ("package" lines) and writes
-only what the package cannot know, the sysctl.d file in /etc carrying
-agent.yaml's overrides, and takes away the agent units an earlier
-`zdd-agent install` from pip left in /etc/systemd/system (they would
-shadow the package's). Uninstall is then apt's job."""
+Run from the Debian package (origin.package), the agent's units and the
+sysctl.d file are the package's: install says so ("package" lines) and
+writes only what the package cannot know, the sysctl.d file in /etc
+carrying agent.yaml's overrides, and zdd.target (the serving instances'
+target, which every swap writes too: it outlives the package, so a purge
+leaves the services coming back at boot), and takes away the agent units
+an earlier `zdd-agent install` from pip left in /etc/systemd/system (they
+would shadow the package's). Uninstall is then apt's job."""
 
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def package_steps(pkg: origin.Package, dry_run: bool,
     earlier install from pip wrote to /etc/systemd/system, which would
     shadow the package's (systemd.unit(5): /etc comes first)."""
     steps = []
-    for unit in (*AGENT_UNITS, NAT_UNIT, TARGET):
+    for unit in (*AGENT_UNITS, NAT_UNIT):
         steps.append(Step("package", f"{pkg.unit_dir / unit} (left to the package manager: "
                                      f"{pkg.name})"))
         shadow = UNIT_DIR / unit
@@ -118,6 +120,14 @@ def package_steps(pkg: origin.Package, dry_run: bool,
         elif shadow.exists():
             steps.append(Step("keep", f"{shadow} (not written by zdd-agent: it overrides the "
                                       "package's unit)"))
+    # zdd.target is not the package's: it holds the serving instances of the
+    # operator's services (every swap writes it, as here), so it stays, and
+    # they come back at boot, when the package is purged
+    target = (TEMPLATE_DIR / TARGET).read_text()
+    action = _state(UNIT_DIR / TARGET, target)
+    steps.append(Step(action, str(UNIT_DIR / TARGET)))
+    if not dry_run and action != "unchanged":
+        write_if_changed(UNIT_DIR / TARGET, target, 0o644)
     stock = pkg.sysctl.read_text()
     content = render_sysctl_d(stock, sysctl)
     if content != stock:

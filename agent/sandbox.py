@@ -31,9 +31,8 @@ from pathlib import Path
 SYSTEMD = "/lib/systemd/systemd"
 TARGET = "zdd.target"
 # What the sandbox boots: its own target, in the namespace's /run, that wants
-# zdd.target. A stand-in zdd.target there would shadow the one a package
-# installs into /lib/systemd/system (/run comes first, systemd.unit(5)) and
-# make it "static" until the next boot.
+# zdd.target, whoever wrote that (`zdd-agent install`, a swap) and wherever,
+# and boots on when there is none yet.
 BOOT_TARGET = "zdd-sandbox.target"
 # Sandboxes live outside /etc and /var (overlaid inside) and outside /tmp and
 # /run (replaced by tmpfs inside).

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from agent.demo.release import make_release
 from agent.sandbox import Sandbox
 
 OPERATOR_FILE = "/etc/zdd-agent/services/api.yaml"
-OPERATOR_CONFIG = """\
+# The operator's releases, inside the sandbox's /var overlay: the demo API of
+# this checkout (agent/demo/release.py), which outlives the package
+RELEASES = "/var/lib/e2e-api"
+OPERATOR_CONFIG = f"""\
 name: api
-command: /srv/api/{version}/bin/api
+command: {RELEASES}/{{version}}/bin/api
 listen: ["127.0.0.1:8080"]
 """
 # Files of the package and of what it starts, on the machine: none may appear.
@@ -70,6 +74,15 @@ def wait_active(sb: Sandbox) -> None:
                                   check=False).stdout[-3000:]
 
 
+def answer(sb: Sandbox) -> str | None:
+    """The version the service on 127.0.0.1:8080 says it is (None: no answer)."""
+    r = run(sb, "curl", "-s", "-m", "2", "http://127.0.0.1:8080/", check=False)
+    try:
+        return json.loads(r.stdout)["version"]
+    except (ValueError, KeyError):
+        return None
+
+
 def zdd_files(upper: Path) -> set[str]:
     """Paths under the sandbox's overlay upper directories that say zdd:
     what the package, dpkg and the agent wrote and left."""
@@ -99,7 +112,7 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     assert version.startswith("zdd-agent 0.1.0 (Debian package zdd-agent; units in "
                               "/lib/systemd/system, data in /usr/share/zdd-agent)"), version
     assert run(sb, "head", "-1", "/usr/bin/zdd-agent").stdout.startswith("#!/usr/bin/python3")
-    for unit in ("zdd-agent.service", "zdd-agent.socket", "zdd.target"):
+    for unit in ("zdd-agent.service", "zdd-agent.socket"):
         assert run(sb, "systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled"
         assert run(sb, "systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
     assert run(sb, "getent", "group", "zdd-admin").stdout.startswith("zdd-admin:")
@@ -111,10 +124,12 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     print(first)
     assert first.startswith("zdd-agent runs from the Debian package zdd-agent: its units and "
                             "sysctl.d file are left to the package manager")
-    for path in ("/lib/systemd/system/zdd-agent.service", "/lib/systemd/system/zdd.target",
+    for path in ("/lib/systemd/system/zdd-agent.service",
                  "/usr/lib/sysctl.d/60-zdd-agent.conf"):
         assert f"package   {path} (left to the package manager: zdd-agent" in first, path
-    assert "start     zdd-agent.service" in first
+    # zdd.target is the agent's, as every swap writes it: it outlives the package
+    assert "create    /etc/systemd/system/zdd.target" in first
+    assert "enable    zdd.target" in first and "start     zdd-agent.service" in first
     assert not list(sb.path("/etc/systemd/system").glob("zdd-agent*"))  # nothing shadows them
     wait_active(sb)
     again = json.loads(run(sb, "zdd-agent", "install", "--json").stdout)
@@ -131,8 +146,18 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     r = run(sb, "zdd-agent", "uninstall", check=False)
     assert r.returncode != 0 and "apt purge zdd-agent" in r.stderr, r.stderr
 
-    # the operator writes a service config; purge keeps it and nothing else
+    # the operator deploys a service; `install` after a swap changes nothing
+    for v in ("v1", "v2"):
+        make_release(sb.path(RELEASES), v)
     sb.path(OPERATOR_FILE).write_text(OPERATOR_CONFIG)
+    run(sb, "zdd-agent", "swap", "api", "--version", "v1")
+    run(sb, "zdd-agent", "swap", "api", "--version", "v2")
+    assert answer(sb) == "v2"
+    again = json.loads(run(sb, "zdd-agent", "install", "--json").stdout)
+    assert again["changed"] is False, again
+
+    # purge keeps the operator's config and the service, which still serves
+    # and comes back at boot (zdd.target and its units are not the package's)
     out = run(sb, "apt-get", "purge", "-y", "zdd-agent").stdout
     print(out[-1500:])
     assert run(sb, "dpkg-query", "-W", "-f=${Status}", "zdd-agent",
@@ -140,8 +165,15 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     assert run(sb, "systemctl", "is-active", "zdd-agent.service",
                check=False).stdout.strip() == "inactive"
     assert sb.path(OPERATOR_FILE).read_text() == OPERATOR_CONFIG
+    assert answer(sb) == "v2"
     left = zdd_files(sb.root / "upper")
     print("left after purge:", sorted(left))
-    assert left == {"etc/zdd-agent", "etc/zdd-agent/services",
-                    "etc/zdd-agent/services/api.yaml"}, sorted(left)
+    assert {x for x in left if not x.startswith("etc/systemd/system/")} == {
+        "etc/zdd-agent", "etc/zdd-agent/services", "etc/zdd-agent/services/api.yaml"}, left
+    assert not [x for x in left if "zdd-agent" in x.removeprefix("etc/zdd-agent")], left
+    sb.reboot()
+    deadline = time.monotonic() + 30
+    while (got := answer(sb)) != "v2" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert got == "v2", run(sb, "systemctl", "list-units", "--all", "zdd*", check=False).stdout
     assert not [p for p in MACHINE_PATHS if os.path.lexists(p)]

@@ -66,9 +66,11 @@ def test_every_runtime_dependency_comes_from_debian(deb: Path) -> None:
 
 def test_files_are_where_debian_puts_them(deb: Path) -> None:
     files = members(deb)
-    for unit in ("zdd-agent.service", "zdd-agent.socket", "zdd-agent-nat.service",
-                 "zdd.target"):
+    for unit in ("zdd-agent.service", "zdd-agent.socket", "zdd-agent-nat.service"):
         assert files[f"/lib/systemd/system/{unit}"].mode == 0o644, unit
+    # zdd.target is the agent's (install and every swap write it to /etc): a
+    # purge must not take the serving instances' target away
+    assert not [f for f in files if f.endswith("/zdd.target") and "/units/" not in f]
     service = content(deb, "/lib/systemd/system/zdd-agent.service")
     assert "ExecStart=/usr/bin/zdd-agent daemon" in service
     assert "ExecReload=/bin/kill -HUP $MAINPID" in service
@@ -96,7 +98,7 @@ def test_maintainer_scripts_follow_policy(deb: Path) -> None:
     # enabled on install, never started: no "start" action, a try-restart on
     # upgrade only ($2 set), and only when systemd runs
     assert "deb-systemd-helper enable 'zdd-agent.service'" in postinst
-    assert "deb-systemd-helper enable 'zdd.target'" in postinst
+    assert "zdd.target" not in postinst and "zdd.target" not in control(deb, "postrm")
     assert not re.search(r"deb-systemd-invoke (start|restart)\b", postinst), postinst
     assert re.search(r'\[ -d /run/systemd/system \]; then\s+systemctl --system daemon-reload'
                      r'[^\n]*\n\s+if \[ -n "\$2" \]; then\s+deb-systemd-invoke try-restart '
@@ -150,9 +152,14 @@ def test_package_needs_its_mark_and_its_units(tmp_path: Path) -> None:
 def test_install_leaves_units_and_sysctl_to_the_package(pkg_host: origin.Package) -> None:
     steps = install.package_steps(pkg_host, dry_run=False)
     package = [s for s in steps if s.action == "package"]
-    assert len(package) == 5 and not any(s.changed for s in steps), steps
+    assert len(package) == 4, steps  # 3 units and the sysctl.d file
     assert all("left to the package manager: zdd-agent" in s.target for s in package)
-    assert not install.SYSCTL_D.exists() and not list(install.UNIT_DIR.iterdir())
+    # zdd.target is the agent's (every swap writes it, a purge leaves it)
+    target = install.UNIT_DIR / "zdd.target"
+    assert [s for s in steps if s.changed] == [Step("create", str(target))]
+    assert "WantedBy=multi-user.target" in target.read_text()
+    assert not install.SYSCTL_D.exists() and list(install.UNIT_DIR.iterdir()) == [target]
+    assert not any(s.changed for s in install.package_steps(pkg_host, dry_run=False))
     assert not Step("package", "x").changed
 
 
@@ -168,7 +175,8 @@ def test_install_removes_an_earlier_pip_install_s_units(pkg_host: origin.Package
     assert not mine.exists() and theirs.exists()
     assert [s.action for s in steps if str(theirs) in s.target] == ["keep"]
     assert install.package_steps(pkg_host, dry_run=False) == [
-        s for s in steps if s.action != "remove"]  # idempotent
+        s if s.action != "create" else Step("unchanged", s.target)
+        for s in steps if s.action != "remove"]  # idempotent
 
 
 def test_install_writes_only_sysctl_overrides(pkg_host: origin.Package) -> None:
@@ -203,3 +211,14 @@ def test_grpc_health_messages_round_trip() -> None:
     for bad in (b"\x08", b"\x12\x05ab", b"\x0b"):
         with pytest.raises(ValueError):
             probes.health_status(bad)
+
+
+def test_the_man_page_spells_the_default_paths_right(deb: Path) -> None:
+    """help2man joins a line click wrapped after the hyphen of
+    /etc/zdd-agent/... as a hyphenated word: debian/rules mends it."""
+    page = subprocess.run(["sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -xOf - '
+                           '"./usr/share/man/man1/zdd-agent.1.gz" | zcat', "-", str(deb)],
+                          check=True, capture_output=True, text=True).stdout
+    assert "zddagent" not in page
+    assert "[default: /etc/zdd\\-agent/services]" in page
+    assert ".SH DESCRIPTION" in page and "swap" in page
