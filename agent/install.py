@@ -17,6 +17,7 @@ import grp
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,11 +207,34 @@ def _activate(sd: Systemd, dry_run: bool, units_changed: bool) -> list[Step]:
             steps.append(Step("start", unit))
             if not dry_run:
                 sd.start(unit)
+                _wait_active(sd, unit)
         elif units_changed and unit == "zdd-agent.service":
             steps.append(Step("restart", unit))
             if not dry_run:
                 sd.restart(unit)
+                _wait_active(sd, unit)
     return steps
+
+
+START_WAIT = 30.0  # seconds a start of the daemon (Type=notify: READY=1) may take
+
+
+def _wait_active(sd: Systemd, unit: str, timeout: float = START_WAIT) -> None:
+    """Until the start job queued for `unit` is done and the unit active, as
+    `systemctl start` waits (a job still queued reads "inactive"); the
+    daemon then answers the next command. SystemdError when it ends
+    otherwise or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = sd.state(unit)
+        if st.active == "active" and not st.job:
+            return
+        if (st.active in ("inactive", "failed") and not st.job) \
+                or time.monotonic() > deadline:
+            why = f", its main process {st.exit}" if st.exit else ""
+            raise SystemdError(f"{unit} did not start: {st.active} ({st.sub}, result "
+                               f"{st.result}{why}); see journalctl -u {unit}")
+        sd.wait_change([unit], min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 def _remove_nat(dry_run: bool, force: bool) -> list[Step]:

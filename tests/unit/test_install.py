@@ -96,3 +96,39 @@ def test_check_config_refuses_unknown_keys_and_bad_agent_config(tmp_path: Path) 
     assert r.exit_code == 2 and "kernel.panic" in r.output
     a.write_text("sysctl:\n  net.core.somaxconn: 4096\n")
     assert CliRunner().invoke(cli, ["check-config", "--agent", str(a)]).exit_code == 0
+
+
+def test_install_waits_for_the_daemon_it_starts() -> None:
+    """A start job still queued reads "inactive": install returns once the
+    unit is active (the next command finds the daemon answering), and says
+    so when the start fails, as `systemctl start` would."""
+    import pytest
+
+    from agent import install
+    from agent.errors import SystemdError
+    from agent.systemd import UnitState
+
+    def state(active: str, job: str = "", exit: str = "") -> UnitState:
+        return UnitState("zdd-agent.service", "loaded", active, "x", "exit-code", 0, 0, 0,
+                         job=job, exit=exit)
+
+    class Sd:
+        def __init__(self, states: list[UnitState]) -> None:
+            self.states, self.waits = states, 0
+
+        def state(self, unit: str) -> UnitState:
+            return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+        def wait_change(self, units: list[str], timeout: float) -> bool:
+            self.waits += 1
+            return False
+
+    sd = Sd([state("inactive", "start"), state("activating", "start"), state("active")])
+    install._wait_active(sd, "zdd-agent.service")  # type: ignore[arg-type]
+    assert sd.waits == 2
+    sd = Sd([state("inactive", "start"), state("failed", exit="exited 1")])
+    with pytest.raises(SystemdError, match="did not start: failed .*exited 1"):
+        install._wait_active(sd, "zdd-agent.service")  # type: ignore[arg-type]
+    sd = Sd([state("activating", "start")])
+    with pytest.raises(SystemdError, match="did not start: activating"):
+        install._wait_active(sd, "zdd-agent.service", timeout=0.0)  # type: ignore[arg-type]
