@@ -286,35 +286,46 @@ def test_a_kernel_that_refuses_the_one_dump_gets_one_per_family(
             s.close()
 
 
+class Served:
+    """A listener in this process and the connections it accepted from
+    clients of this process (both ends held until close())."""
+
+    def __init__(self, backlog: int = 64) -> None:
+        self.lst = socket.socket()
+        self.lst.bind(("127.0.0.1", 0))
+        self.lst.listen(backlog)
+        self.port = self.lst.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        self.accepted: list[socket.socket] = []
+
+    def connect(self, n: int) -> None:
+        for _ in range(n):
+            self.clients.append(socket.create_connection(("127.0.0.1", self.port)))
+            self.accepted.append(self.lst.accept()[0])
+
+    def close(self) -> None:
+        for sk in self.clients + self.accepted + [self.lst]:
+            sk.close()
+
+
 def test_inodes_many_tells_which_connections_are_new() -> None:
     """inodes_many gives the socket inodes per group; the difference of two
     results is what a group accepted in between (count_many is its length)."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(16)
-    port = lst.getsockname()[1]
-    clients: list[socket.socket] = []
-    accepted: list[socket.socket] = []
-
-    def connect(n: int) -> None:
-        for _ in range(n):
-            clients.append(socket.create_connection(("127.0.0.1", port)))
-            accepted.append(lst.accept()[0])
+    srv = Served(16)
     try:
-        census = Census.for_listen([("127.0.0.1", port)])
-        connect(2)
+        census = Census.for_listen([("127.0.0.1", srv.port)])
+        srv.connect(2)
         before = census.inodes_many({"me": [os.getpid()], "none": []})
         assert before["none"] == frozenset()
-        connect(3)
-        accepted.pop(0).close()
+        srv.connect(3)
+        srv.accepted.pop(0).close()
         after = census.inodes_many({"me": [os.getpid()]})
         assert census.count_many({"me": [os.getpid()]}) == {"me": len(after["me"])}
         new = after["me"] - before["me"]
-        assert new == {os.fstat(s.fileno()).st_ino for s in accepted[-3:]}
+        assert new == {os.fstat(s.fileno()).st_ino for s in srv.accepted[-3:]}
         assert len(before["me"] - after["me"]) == 1  # the one closed
     finally:
-        for s in clients + accepted + [lst]:
-            s.close()
+        srv.close()
 
 
 def test_a_listening_group_is_walked_again_reading_only_what_changed(
@@ -325,12 +336,7 @@ def test_a_listening_group_is_walked_again_reading_only_what_changed(
     descriptors, not of every connection. A connection closed and its
     descriptor number reused by a new one is found at once (its old socket
     is no longer in the dump), and the new one counts as new."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(64)
-    port = lst.getsockname()[1]
-    clients: list[socket.socket] = []
-    accepted: list[socket.socket] = []
+    srv = Served(64)
     links: list[str] = []
     real = os.readlink
 
@@ -338,14 +344,10 @@ def test_a_listening_group_is_walked_again_reading_only_what_changed(
         links.append(path)
         return real(path, dir_fd=dir_fd)
 
-    def connect(n: int) -> None:
-        for _ in range(n):
-            clients.append(socket.create_connection(("127.0.0.1", port)))
-            accepted.append(lst.accept()[0])
     try:
-        census = Census.for_listen([("127.0.0.1", port)])
+        census = Census.for_listen([("127.0.0.1", srv.port)])
         me = {"me": [os.getpid()]}
-        connect(40)
+        srv.connect(40)
         monkeypatch.setattr(os, "readlink", counted)
         first = census.inodes_many(me)["me"]
         assert len(first) == 40 and len(links) >= 80  # every descriptor (clients too)
@@ -355,20 +357,19 @@ def test_a_listening_group_is_walked_again_reading_only_what_changed(
         # read again, as are the process's other descriptors
         assert again == first and len(links) < len(first) + 40, len(links)
         # close one server side; the next accepted connection reuses its number
-        clients.append(socket.create_connection(("127.0.0.1", port)))  # waits in the queue
-        gone = accepted.pop(5)
+        srv.clients.append(socket.create_connection(("127.0.0.1", srv.port)))  # queued
+        gone = srv.accepted.pop(5)
         number, old_ino = gone.fileno(), os.fstat(gone.fileno()).st_ino
         gone.close()
-        accepted.append(lst.accept()[0])
-        assert accepted[-1].fileno() == number
+        srv.accepted.append(srv.lst.accept()[0])
+        assert srv.accepted[-1].fileno() == number
         links.clear()
         now = census.inodes_many(me)["me"]
-        new_ino = os.fstat(accepted[-1].fileno()).st_ino
+        new_ino = os.fstat(srv.accepted[-1].fileno()).st_ino
         assert now - first == {new_ino} and first - now == {old_ino}
         assert census.count(me["me"]) == 40
     finally:
-        for sk in clients + accepted + [lst]:
-            sk.close()
+        srv.close()
 
 
 # ------------------------------------------------ parsing synthetic buffers
