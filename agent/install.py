@@ -84,6 +84,16 @@ def _state(path: Path, content: str) -> str:
         return "update"
 
 
+def _put(path: Path, content: str, dry_run: bool, label: str = "",
+         mode: int = 0o644) -> Step:
+    """Write `path` unless it holds `content` already (or dry_run); the step
+    says which, `label` after the path."""
+    action = _state(path, content)
+    if not dry_run and action != "unchanged":
+        write_if_changed(path, content, mode)
+    return Step(action, f"{path}{label}")
+
+
 # The first line of the files `zdd-agent install` writes (units/, sysctl.d/):
 # what tells them from an operator's own override of the package's units.
 WRITTEN_BY_AGENT = ("# Installed by `zdd-agent install`", "# Installed by zdd-agent")
@@ -124,19 +134,12 @@ def package_steps(pkg: origin.Package, dry_run: bool,
     # zdd.target is not the package's: it holds the serving instances of the
     # operator's services (every swap writes it, as here), so it stays, and
     # they come back at boot, when the package is purged
-    target = (TEMPLATE_DIR / TARGET).read_text()
-    action = _state(UNIT_DIR / TARGET, target)
-    steps.append(Step(action, str(UNIT_DIR / TARGET)))
-    if not dry_run and action != "unchanged":
-        write_if_changed(UNIT_DIR / TARGET, target, 0o644)
+    steps.append(_put(UNIT_DIR / TARGET, (TEMPLATE_DIR / TARGET).read_text(), dry_run))
     stock = pkg.sysctl.read_text()
     content = render_sysctl_d(stock, sysctl)
     if content != stock:
-        action = _state(SYSCTL_D, content)
-        steps.append(Step(action, f"{SYSCTL_D} (agent.yaml's sysctl overrides, in place of "
-                                  f"{pkg.sysctl})"))
-        if not dry_run and action != "unchanged":
-            write_if_changed(SYSCTL_D, content, 0o644)
+        steps.append(_put(SYSCTL_D, content, dry_run, f" (agent.yaml's sysctl overrides, in "
+                                                      f"place of {pkg.sysctl})"))
     else:
         steps.append(Step("package", f"{pkg.sysctl} (left to the package manager: {pkg.name}; "
                                      "agent.yaml has no sysctl overrides)"))
@@ -156,11 +159,8 @@ def install(dry_run: bool, admin_group: str = "zdd-admin",
     if pkg is not None:
         steps += package_steps(pkg, dry_run, sysctl)
     else:
-        for path, (content, mode) in files(sysctl).items():
-            action = _state(path, content)
-            steps.append(Step(action, str(path)))
-            if not dry_run and action != "unchanged":
-                write_if_changed(path, content, mode)
+        steps += [_put(path, content, dry_run, mode=mode)
+                  for path, (content, mode) in files(sysctl).items()]
     for d in (DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR):
         steps.append(Step("unchanged" if d.is_dir() else "create", f"{d}/"))
         if not dry_run:  # the state is private (state.py); the daemon sets its group
