@@ -222,6 +222,7 @@ class Systemd:
         # callback: this object holds it)
         self._watched: set[bytes] = set()
         self._watch_opens = 0
+        self._reconnected = False  # _watch saw a new connection: wait_change's news
         self._changes = 0
         # object path -> how its main process last ended, as the signal told
         # it: systemd collects a stopped instance nothing refers to before it
@@ -322,25 +323,8 @@ class Systemd:
         bus = self._bus
         deadline = time.monotonic() + timeout
         try:
-            if getattr(bus, "opens", 0) != self._watch_opens:
-                self._watch_opens = getattr(bus, "opens", 0)
-                self._watched.clear()
-                changed = self._watch_opens > 1  # signals of the old connection are lost
-                if not self._private:
-                    # on the system bus systemd signals only its subscribers
-                    # (its private socket's connections get every signal)
-                    try:
-                        self._method("Subscribe")
-                    except Exception:  # AlreadySubscribed; else the waits time out
-                        pass
-            else:
-                changed = False
-            for unit in units:
-                path = unit_path(unit)
-                if path not in self._watched:
-                    bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
-                                     b"PropertiesChanged", self._on_change)
-                    self._watched.add(path)
+            self._watch(units)
+            changed, self._reconnected = self._reconnected, False
             changed = self._read_signals() or changed
             # poll(2) on the connection's socket, not pystemd's sd_bus_wait,
             # which keeps the GIL (the daemon's other threads) for the wait;
@@ -358,6 +342,32 @@ class Systemd:
                 raise
             return True  # the next read reconnects (bus_class)
         return changed
+
+    def _watch(self, units: list[str]) -> None:
+        """Match the PropertiesChanged signals of `units` on this connection
+        (once per unit and connection), so that a change from now on is
+        seen, an exit too (state()). Before a start or a stop, not after:
+        a unit that ends at once and that nothing refers to is collected
+        with its exit. A replaced connection lost its matches and the
+        signals sent meanwhile: noted for wait_change as news."""
+        bus = self._bus
+        if getattr(bus, "opens", 0) != self._watch_opens:
+            self._watch_opens = getattr(bus, "opens", 0)
+            self._watched.clear()
+            self._reconnected = self._reconnected or self._watch_opens > 1
+            if not self._private:
+                # on the system bus systemd signals only its subscribers
+                # (its private socket's connections get every signal)
+                try:
+                    self._method("Subscribe")
+                except Exception:  # AlreadySubscribed; else the waits time out
+                    pass
+        for unit in units:
+            path = unit_path(unit)
+            if path not in self._watched:
+                bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
+                                 b"PropertiesChanged", self._on_change)
+                self._watched.add(path)
 
     def _read_signals(self) -> bool:
         """Process what the connection holds (sd_bus_process); True if a
@@ -435,14 +445,26 @@ class Systemd:
         return True
 
     def start(self, unit: str) -> None:
-        self._exits.pop(unit_path(unit), None)  # an earlier life's exit is not this one's
+        self._starting(unit)
         self._call(f"cannot start {unit}", "StartUnit",
                    unit.encode(), b"replace")
 
     def restart(self, unit: str) -> None:
-        self._exits.pop(unit_path(unit), None)
+        self._starting(unit)
         self._call(f"cannot restart {unit}", "RestartUnit",
                    unit.encode(), b"replace")
+
+    def _starting(self, unit: str) -> None:
+        self._exits.pop(unit_path(unit), None)  # an earlier life's exit is not this one's
+        self._watch_quietly(unit)
+
+    def _watch_quietly(self, unit: str) -> None:
+        """_watch(unit), if the connection allows; a wait_change later
+        tries again and says why it cannot."""
+        try:
+            self._watch([unit])
+        except Exception:
+            pass
 
     def stop(self, unit: str) -> None:
         """Queue a stop job; a unit systemd has not loaded is not running."""
@@ -450,6 +472,7 @@ class Systemd:
             self._method("GetUnit", unit)
         except Exception:
             return  # NoSuchUnit: never loaded (e.g. its drop-in was never written)
+        self._watch_quietly(unit)
         self._call(f"cannot stop {unit}", "StopUnit",
                    unit.encode(), b"replace")
 

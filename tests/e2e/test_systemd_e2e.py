@@ -12,7 +12,7 @@ from agent.demo.run import DemoHost
 
 # Run inside the sandbox: the steps' outcomes as JSON on stdout.
 SCRIPT = r'''
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 from agent.systemd import Systemd
 
 unit = "zdd-news.service"
@@ -69,9 +69,15 @@ with Systemd() as sd:
     # a unit that ends well and that nothing refers to is collected by
     # systemd before it sends its last signal: the exit comes from the signal
     gone = "zdd-gone.service"
+    trapped = "/run/zdd-gone.trapped"
     subprocess.run(["systemd-run", "--unit", gone, "/bin/sh", "-c",
-                    "trap 'exit 0' TERM; sleep 30 & wait"], check=True, capture_output=True)
-    sd.wait_change([gone], 0.5)
+                    f"trap 'exit 0' TERM; : > {trapped}; sleep 30 & wait"],
+                   check=True, capture_output=True)
+    # the SIGTERM must find the trap set, or the shell dies of it (a loaded
+    # machine can take longer than any fixed pause to get there)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(trapped) and time.monotonic() < deadline:
+        time.sleep(0.01)
     sd.stop(gone)
     deadline = time.monotonic() + 10
     while sd.state(gone).active not in ("inactive", "failed") and time.monotonic() < deadline:
