@@ -363,7 +363,8 @@ def _swap_cmd(ctx: Ctx, cmd: str, args: dict[str, Any], as_json: bool, local: bo
 
 @cli.command(help="Swap SERVICE to VERSION: start it beside the serving one, admit it once "
                   "ready, drain and retire the old one. Also the first deploy. On failure "
-                  "the old version keeps serving and the exit code is 4.")
+                  "the old version keeps serving and the exit code is 4.",
+                  short_help="Swap SERVICE to VERSION, rolling back on failure.")
 @click.argument("service")
 @click.option("--version", "version", required=True, help="The version to serve.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (the batches) and change nothing.")
@@ -422,7 +423,8 @@ def _render_host(out: dict[str, Any], _code: int) -> None:
                   "once its connections are done: zero failed requests. Uses the config "
                   "as it is when it exists (review it first). --undo: start UNIT again, "
                   "remove the redirect, drain the zdd instances, set the config aside. "
-                  "Nothing of UNIT is ever deleted. Runs in this process, as root.")
+                  "Nothing of UNIT is ever deleted. Runs in this process, as root.",
+                  short_help="Take over a service that runs under a unit of its own.")
 @click.argument("unit")
 @click.option("--name", default=None, help="The service's name under zdd-agent (default: "
                                            "UNIT without .service).")
@@ -481,7 +483,8 @@ def _render_adopt(out: dict[str, Any], code: int) -> None:
                                 "the daemon's GET /ready (host_ready.listen in agent.yaml) "
                                 "answers 503 until undrain-host, across restarts and reboots. "
                                 "--wait then gives the balancers' health checks time to "
-                                "notice before maintenance starts.")
+                                "notice before maintenance starts.",
+                                short_help="Take this host out of its load balancers' rotation.")
 @click.option("--reason", default="", help="Shown in the 503 body and in host-state.")
 @click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
               help="Seconds to wait after draining (e.g. 2 x the balancer's check interval "
@@ -514,7 +517,8 @@ def host_state(ctx: Ctx, as_json: bool, local: bool) -> None:
     _finish(dispatch(ctx, "host-state", {}, local), as_json, _render_host)
 
 
-@cli.command(help="Swap SERVICE back to the version that served before the last swap.")
+@cli.command(help="Swap SERVICE back to the version that served before the last swap.",
+             short_help="Swap SERVICE back to the version before the last swap.")
 @click.argument("service")
 @json_option
 @local_option
@@ -589,7 +593,8 @@ def _render_status(rows: list[dict[str, Any]], _code: int) -> None:
 @cli.command(help="Show each service (or SERVICE): serving version, instances, their "
                   "states and connections, the last swap, the daemon's watch of it, and "
                   "listeners on its ports that no instance owns. Exit 11 when a service "
-                  "has no running instance (DOWN).")
+                  "has no running instance (DOWN).",
+                  short_help="Serving versions, instances, connections, last swaps.")
 @click.argument("service", required=False)
 @json_option
 @local_option
@@ -612,7 +617,8 @@ def status(ctx: Ctx, service: str | None, as_json: bool, local: bool) -> None:
                   "keep-alive connections after its drain signal. Needs root. Load: http1/h2 "
                   "with Node's http clients, grpc "
                   "with grpc.health.v1 Check (the config's ready.grpc_service), ws with "
-                  "echo clients on --path.")
+                  "echo clients on --path.",
+                  short_help="Prove zero downtime in a throwaway sandbox under load.")
 @click.option("--config", "config_file", required=True,
               type=SafePath(exists=True, dir_okay=False, path_type=Path),
               help="The service's config (the same YAML as in /etc/zdd-agent/services).")
@@ -660,7 +666,8 @@ def verify(config_file: Path, from_version: str, to_version: str, swaps: int, cl
 
 @cli.command(help="Print SERVICE's connections per running instance every INTERVAL, as JSON "
                   "lines ({\"t\": epoch, \"connections\": {instance: n}}), for SECONDS "
-                  "or until interrupted. Runs here, not through the daemon.")
+                  "or until interrupted. Runs here, not through the daemon.",
+                  short_help="Print SERVICE's connections per instance over time.")
 @click.argument("service")
 @click.option("--interval", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
               help="Seconds between two counts.")
@@ -696,7 +703,8 @@ def _render_history(rows: list[dict[str, Any]], _code: int) -> None:
 
 
 @cli.command(help="List past swaps (all services, or SERVICE), oldest first: when, from, "
-                  "to, duration, result, connections drained and cut at the grace period.")
+                  "to, duration, result, connections drained and cut at the grace period.",
+                  short_help="List past swaps, oldest first.")
 @click.argument("service", required=False)
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 @json_option
@@ -709,7 +717,8 @@ def history(ctx: Ctx, service: str | None, limit: int, as_json: bool, local: boo
     _finish(dispatch(ctx, "history", args, local), as_json, _render_history)
 
 
-@cli.group(help="The NAT rules of socket: nat services (nftables table inet zdd-agent).")
+@cli.group(help="The NAT rules of socket: nat services (nftables table inet zdd-agent).",
+           short_help="The NAT rules of socket: nat services.")
 def nat() -> None:
     pass
 
@@ -717,7 +726,8 @@ def nat() -> None:
 @nat.command("restore", help="Write the rules as the configs and the instances enabled for "
                              "boot say, one transaction per service; remove the chains of "
                              "services no longer socket: nat. Run at boot by "
-                             "zdd-agent-nat.service; by hand after the table was lost.")
+                             "zdd-agent-nat.service; by hand after the table was lost.",
+                             short_help="Write the NAT rules of socket: nat services again.")
 @json_option
 @click.pass_obj
 def nat_restore(ctx: Ctx, as_json: bool) -> None:
@@ -731,7 +741,8 @@ def nat_restore(ctx: Ctx, as_json: bool) -> None:
     _finish(dispatch(ctx, "nat-restore", {}, True), as_json, render)
 
 
-@cli.group(help="Kernel settings for zero-downtime swaps (per network namespace).")
+@cli.group(help="Kernel settings for zero-downtime swaps (per network namespace).",
+           short_help="Kernel settings for zero-downtime swaps.")
 def sysctl() -> None:
     pass
 
@@ -748,7 +759,8 @@ def _render_changes(key: str, verb: str) -> Any:
 
 
 @sysctl.command("apply", help="Write the wanted values to /proc/sys, read them back, and "
-                              "record the old ones for `restore`.")
+                              "record the old ones for `restore`.",
+                              short_help="Write the wanted kernel settings; record the old ones.")
 @json_option
 @local_option
 @click.pass_obj
@@ -766,7 +778,8 @@ def _render_check(out: dict[str, Any], _code: int) -> None:
 
 
 @sysctl.command("check", help="Compare the running values with the wanted ones; exit 6 and "
-                              "list the differences when any differ.")
+                              "list the differences when any differ.",
+                              short_help="Compare running kernel settings with the wanted ones.")
 @json_option
 @local_option
 @click.pass_obj
@@ -793,7 +806,8 @@ def _kernel() -> str:
                   "needs: kernel, sysctls, systemd, the drain signal versus what the program "
                   "handles, PID-1 wrappers, open-file limits, memory headroom. Each finding "
                   "says the symptom, the cause, how to verify and the fix. Exit 8 when "
-                  "anything needs attention.")
+                  "anything needs attention.",
+                  short_help="Check this host and each service for zero-downtime swaps.")
 @json_option
 @click.pass_obj
 def doctor(ctx: Ctx, as_json: bool) -> None:
@@ -817,7 +831,8 @@ def doctor(ctx: Ctx, as_json: bool) -> None:
 
 
 @cli.command(help="Run the long-running root agent (started by zdd-agent.service): the "
-                  "control socket, crash recovery of interrupted swaps, sysctls, metrics.")
+                  "control socket, crash recovery of interrupted swaps, sysctls, metrics.",
+                  short_help="Run the root agent (started by zdd-agent.service).")
 @click.pass_obj
 def daemon(ctx: Ctx) -> None:
     from .daemon import run
@@ -830,7 +845,9 @@ def daemon(ctx: Ctx) -> None:
                                     "with the reason. For Ansible's `validate:` and for CI. "
                                     "A valid config that cannot work (a port probe of "
                                     "gunicorn or uvicorn under socket: inherit) gets a "
-                                    "warning line on stderr; the exit stays 0.")
+                                    "warning line on stderr; the exit stays 0.",
+                                    short_help="Check a service config (or agent.yaml) "
+                                               "without installing it.")
 @click.argument("file", type=SafePath(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="The service the file will be installed as (default: the file's "
                              "name without .yaml).")
@@ -876,7 +893,8 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
                   "the admin group, enable and start the daemon. Idempotent. Run from the "
                   "Debian package, the units and the sysctl.d file are the package's: it says "
                   "so (\"package\" lines), writes only agent.yaml's sysctl overrides, and "
-                  "enables and starts the daemon.")
+                  "enables and starts the daemon.",
+                  short_help="Install and start the daemon's units, sysctls and config.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @json_option
 @click.pass_obj
@@ -904,7 +922,8 @@ def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
                   "operator's configs, the state and the services' units. The NAT rules of "
                   "socket: nat services go too: refused while such a service has rules "
                   "(its public port would stop answering) unless --remove-nat. Refused when "
-                  "installed from the Debian package: apt remove or purge it.")
+                  "installed from the Debian package: apt remove or purge it.",
+                  short_help="Stop and remove the daemon's units; keep configs and state.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @click.option("--remove-nat", is_flag=True, help="Remove the NAT rules even though socket: nat "
                                                  "services are served through them.")
@@ -918,7 +937,8 @@ def uninstall(dry_run: bool, remove_nat: bool) -> None:
 
 @cli.command(help="Boot a throwaway systemd sandbox, deploy the bundled demo API under the "
                   "agent, load it with concurrent clients, swap versions back and forth and "
-                  "report requests sent and failed. Needs root.")
+                  "report requests sent and failed. Needs root.",
+                  short_help="Swap the bundled demo API under load in a sandbox.")
 @click.option("--swaps", default=4, show_default=True, type=click.IntRange(1, 50))
 @click.option("--clients", default=32, show_default=True, type=click.IntRange(1, 1000))
 @json_option
