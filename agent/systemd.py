@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -320,23 +321,13 @@ class Systemd:
         exit is kept from it (state(): systemd may have collected the unit
         by then). The signals about other units are read and dropped on the
         way: left unread they would pile up on the connection."""
-        bus = self._bus
         deadline = time.monotonic() + timeout
         try:
             self._watch(units)
             changed, self._reconnected = self._reconnected, False
             changed = self._read_signals() or changed
-            # poll(2) on the connection's socket, not pystemd's sd_bus_wait,
-            # which keeps the GIL (the daemon's other threads) for the wait;
-            # the queue is empty here, so what comes next is on the socket.
-            # Other units' signals wake it too: wait on to the deadline.
-            poller = select.poll()
-            poller.register(bus.get_fd(), select.POLLIN)
-            while not changed and (left := deadline - time.monotonic()) > 0:
-                events = poller.poll(max(1, math.ceil(left * 1000)))
-                changed = self._read_signals()
-                if any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in events):
-                    return True  # closed (a re-exec): the next read reconnects
+            if not changed:
+                changed = self._pump(deadline, lambda news: news)
         except Exception as e:
             if not _gone(e) and getattr(e, "errno", None) != -errno.EINTR:
                 raise
@@ -368,6 +359,24 @@ class Systemd:
                 bus.match_signal(None, path, b"org.freedesktop.DBus.Properties",
                                  b"PropertiesChanged", self._on_change)
                 self._watched.add(path)
+
+    def _pump(self, deadline: float, done: Callable[[bool], bool]) -> bool:
+        """Read the signals that come until done(news so far) or the
+        monotonic deadline; whether a watched unit changed (or may have:
+        True at once when the connection closed, a re-exec: the next read
+        reconnects). poll(2) on the connection's socket, not pystemd's
+        sd_bus_wait, which keeps the GIL (the daemon's other threads) for
+        the wait; the queue is read before, so what comes next is on the
+        socket. Other units' signals wake it too: it waits on."""
+        poller = select.poll()
+        poller.register(self._bus.get_fd(), select.POLLIN)
+        news = False
+        while not done(news) and (left := deadline - time.monotonic()) > 0:
+            events = poller.poll(max(1, math.ceil(left * 1000)))
+            news = self._read_signals() or news
+            if any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in events):
+                return True
+        return news
 
     def _read_signals(self) -> bool:
         """Process what the connection holds (sd_bus_process); True if a
@@ -557,11 +566,7 @@ class Systemd:
             deadline = time.monotonic() + EXIT_SIGNAL_WAIT
             try:
                 self._read_signals()  # it may have come during this read
-                poller = select.poll()
-                poller.register(self._bus.get_fd(), select.POLLIN)
-                while path not in self._exits and (left := deadline - time.monotonic()) > 0:
-                    poller.poll(max(1, math.ceil(left * 1000)))
-                    self._read_signals()
+                self._pump(deadline, lambda _news: path in self._exits)
             except Exception:  # the exit stays unknown
                 pass
         return self._exits.get(path, "")
