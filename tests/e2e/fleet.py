@@ -39,6 +39,9 @@ BIN = Path(sys.executable).parent
 # package's command. Every write of dpkg lands in the sandbox's overlays
 # (/usr, /etc, /var: agent/sandbox.py).
 AGENT = "/usr/bin/zdd-agent"
+# The role's pip path: its virtualenv on the sandbox's private /var (the
+# machine's /opt is shared by every sandbox).
+AGENT_VENV = "/var/lib/zdd-fleet/agent"
 SERVICE_PORT = 8080
 HOST_READY_PORT = 9470
 LB_PORT = 8000
@@ -199,14 +202,34 @@ class Fleet:
     def in_ctrl(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
 
-    def inventory(self, services: dict[str, Any]) -> Path:
+    def build_wheels(self) -> Path:
+        """The agent and its dependencies as wheels, for the role's pip path:
+        the hosts install from them with --no-index (they have no network),
+        as air-gapped fleets do."""
+        wheels = self.root / "wheels"
+        run([str(BIN / "pip"), "wheel", "-q", "--disable-pip-version-check", "--wheel-dir",
+             str(wheels), str(REPO)], timeout=900)
+        return wheels
+
+    def pip_install(self, wheels: Path) -> dict[str, Any]:
+        """The inventory's install variables for the role's pip path; the
+        hosts' agent is then the virtualenv's."""
+        for h in self.hosts:
+            h.agent = [f"{AGENT_VENV}/bin/zdd-agent"]
+        return {"zdd_agent_install_method": "pip", "zdd_agent_venv": AGENT_VENV,
+                "zdd_agent_pip_spec": "zdd-agent",
+                "zdd_agent_pip_extra_args": ["--no-index", "--find-links", str(wheels)]}
+
+    def inventory(self, services: dict[str, Any], install: dict[str, Any] | None = None) -> Path:
+        """The fleet's inventory; `install`: the role's install variables
+        (default: the .deb with apt)."""
         inv = {"zdd_fleet": {
             "hosts": {h.name: {"ansible_host": h.addr} for h in self.hosts},
             "vars": {
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
-                "zdd_agent_install_method": "deb",
-                "zdd_agent_deb": str(self.deb),
+                **(install or {"zdd_agent_install_method": "deb",
+                               "zdd_agent_deb": str(self.deb)}),
                 "zdd_agent_host_ready_listen": f"0.0.0.0:{HOST_READY_PORT}",
                 "zdd_agent_services": services,
             }}}

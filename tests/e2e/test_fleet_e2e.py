@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet import AGENT, SERVICE_PORT, Fleet, StateWatch
+from fleet import AGENT, AGENT_VENV, SERVICE_PORT, Fleet, StateWatch
 
 from agent.demo.run import RELEASES
 
@@ -156,3 +156,48 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
     assert res.failed == 0
     assert all(n > 0 for n in answered.values()), answered  # every host served the load
     assert '"version": "v2"' in fleet.get()
+
+
+def test_the_roles_pip_path_installs_a_virtualenv_that_deploys(deb: Path) -> None:
+    """zdd_agent_install_method: pip, on one host: the agent in a virtualenv
+    filled from wheels (--no-index, as on an air-gapped host), its units
+    running the virtualenv's command, a second run changing nothing, and a
+    first deploy through rolling-deploy.yml, which picks the same command."""
+    if os.geteuid() != 0:
+        pytest.skip("the fleet needs root")
+    f = Fleet(deb, 1)
+    try:
+        wheels = f.build_wheels()
+        f.boot()
+        (h,) = f.hosts
+        h.release("v1")
+        inv = f.inventory(SERVICES, f.pip_install(wheels))
+        site = f.playbook("site.yml", inv)
+        assert site.code == 0, show(site)
+        assert site.recap[h.name]["changed"] > 0, site.recap
+        for task in ("Install the system packages the virtualenv needs",
+                     "Install zdd-agent into its virtualenv"):
+            assert task_results(site.out, task) != {f"skipping: [{h.name}]"}, task
+        for task in ("Install the zdd-agent package file with apt",
+                     "Install the zdd-agent package from the host's apt sources"):
+            assert task_results(site.out, task) == {f"skipping: [{h.name}]"}, task
+        again = f.playbook("site.yml", inv)
+        assert again.code == 0 and again.changed() == {h.name: 0}, show(again)
+
+        version = h.zdd("--version").stdout
+        assert "Debian package" not in version, version
+        unit = h.sb.run(["systemctl", "cat", "zdd-agent.service"], capture=True).stdout
+        assert f"{AGENT_VENV}/bin/zdd-agent" in unit, unit
+        assert h.sb.run(["systemctl", "is-active", "zdd-agent.service"],
+                        capture=True, check=False).stdout.strip() == "active"
+        dpkg = h.sb.run(["dpkg-query", "-W", "zdd-agent"], capture=True, check=False)
+        assert dpkg.returncode != 0, dpkg.stdout  # apt was never asked
+        assert not os.path.lexists(AGENT_VENV)  # the virtualenv is the host's
+
+        first = f.playbook("rolling-deploy.yml", inv, "-e", "zdd_service=api",
+                           "-e", "zdd_version=v1")
+        assert first.code == 0, show(first)
+        assert h.serving(SERVICE) == "v1"
+        print(f"pip path: site.yml {site.recap[h.name]}; {version.strip()}")
+    finally:
+        f.close()
