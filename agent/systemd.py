@@ -126,8 +126,8 @@ def _gone(e: BaseException, opening: bool = False) -> bool:
 
 
 def bus_class(name: str) -> type:
-    """pystemd.dbuslib's `name` (DBus, DBusAddress) whose method calls and
-    property reads
+    """pystemd.dbuslib's `name` (DBus, DBusAddress) whose method calls,
+    property reads and signal matches (on the system bus an AddMatch call)
 
     - hold the agent's signals back until the reply came
       (signals.deferred): sd_bus_call would otherwise fail with EINTR when
@@ -154,7 +154,7 @@ def bus_class(name: str) -> type:
                 signals.restore(previous)
 
         def open_(self: Any) -> None:
-            # signal matches belong to a connection: Systemd.wait_change adds
+            # signal matches belong to a connection: Systemd._watch adds
             # them again when this count moved
             self.opens = getattr(self, "opens", 0) + 1
             if base is dbuslib.DBusAddress:
@@ -202,6 +202,9 @@ def bus_class(name: str) -> type:
 
         Bus = type(f"Deferring{name}", (base,), {
             "open": open_, "close": close,
+            # no resend: a match belongs to the connection; Systemd._watch
+            # adds them all again on a new one
+            "match_signal": lambda self, *a, **kw: call_once(base.match_signal, self, a, kw),
             "call_method": surviving(base.call_method, lambda a: a[3] not in NOT_RESENT),
             "get_property": surviving(base.get_property, lambda a: True)})
         _BUS_CLASSES[name] = Bus
@@ -217,9 +220,10 @@ class Systemd:
         self._manager: Any = None  # pystemd's Manager, introspected on first use
         self._version = ""
         self._private = False  # systemd's private socket (root), else the system bus
-        # wait_change: the object paths whose PropertiesChanged are matched on
-        # this connection, the connection's open count they belong to, and a
-        # count of the signals seen (pystemd keeps no reference to the
+        # _watch: the object paths whose PropertiesChanged are matched on
+        # this connection (before a start or a stop, or at wait_change), the
+        # connection's open count they belong to, and a count of the signals
+        # seen (pystemd keeps no reference to the
         # callback: this object holds it)
         self._watched: set[bytes] = set()
         self._watch_opens = 0
@@ -275,6 +279,7 @@ class Systemd:
             self._manager = None
             self._watched.clear()
             self._watch_opens = 0
+            self._reconnected = False
 
     @property
     def manager(self) -> Any:
@@ -331,6 +336,7 @@ class Systemd:
         except Exception as e:
             if not _gone(e) and getattr(e, "errno", None) != -errno.EINTR:
                 raise
+            self._reconnected = False  # this True says it
             return True  # the next read reconnects (bus_class)
         return changed
 
@@ -343,9 +349,7 @@ class Systemd:
         signals sent meanwhile: noted for wait_change as news."""
         bus = self._bus
         if getattr(bus, "opens", 0) != self._watch_opens:
-            self._watch_opens = getattr(bus, "opens", 0)
             self._watched.clear()
-            self._reconnected = self._reconnected or self._watch_opens > 1
             if not self._private:
                 # on the system bus systemd signals only its subscribers
                 # (its private socket's connections get every signal)
@@ -353,6 +357,10 @@ class Systemd:
                     self._method("Subscribe")
                 except Exception:  # AlreadySubscribed; else the waits time out
                     pass
+            # after Subscribe, which may itself have reconnected: the
+            # matches below belong to this connection
+            self._watch_opens = getattr(bus, "opens", 0)
+            self._reconnected = self._reconnected or self._watch_opens > 1
         for unit in units:
             path = unit_path(unit)
             if path not in self._watched:
@@ -553,7 +561,7 @@ class Systemd:
     def _exit(self, unit: str, active: str, job: str, read: str) -> str:
         """How the main process last ended: as read, or, for a stopped unit
         with no job that reads as never run (or not found: a transient one),
-        as its last PropertiesChanged said (wait_change): systemd had
+        as its last PropertiesChanged said (_watch): systemd had
         collected it before the agent read it. systemd collects a unit before
         it sends the signal that carries the exit (measured: a read can be
         answered by the fresh unit first), so a watched unit's read waits for

@@ -318,12 +318,26 @@ def test_a_collected_units_exit_waits_briefly_for_its_signal(
 
 class _RecordingBus:
     """A bus that records, in order, the signal matches added and the
-    manager methods called."""
+    manager methods called; `opens` counts its connections, as bus_class's
+    does; nothing ever comes on it."""
 
     opens = 1
 
     def __init__(self) -> None:
         self.log: list[tuple[str, bytes]] = []
+        self.r, self.w = os.pipe()
+
+    def get_fd(self) -> int:
+        return self.r
+
+    def process(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(is_empty=lambda: True)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
     def match_signal(self, _sender, path: bytes, _iface, _member, _cb) -> None:
         self.log.append(("match", path))
@@ -349,9 +363,34 @@ def test_a_unit_is_watched_before_it_is_started_or_stopped(
     sd = Systemd(unit_dir=tmp_path)
     sd._bus = bus = _RecordingBus()
     sd._private = True
-    getattr(sd, action)(unit)
-    matches = [i for i, (kind, _) in enumerate(bus.log) if kind == "match"]
-    assert [bus.log[i][1] for i in matches] == [unit_path(unit)]
-    assert matches[0] < bus.log.index(("call", method))
-    getattr(sd, action)(unit)  # once per unit and connection
-    assert sum(kind == "match" for kind, _ in bus.log) == 1
+    try:
+        getattr(sd, action)(unit)
+        matches = [i for i, (kind, _) in enumerate(bus.log) if kind == "match"]
+        assert [bus.log[i][1] for i in matches] == [unit_path(unit)]
+        assert matches[0] < bus.log.index(("call", method))
+        getattr(sd, action)(unit)  # once per unit and connection
+        assert sum(kind == "match" for kind, _ in bus.log) == 1
+    finally:
+        bus.close()
+
+
+def test_a_connection_replaced_under_a_start_or_stop_is_news_once(tmp_path) -> None:
+    """The signals sent while the connection was being replaced are lost: the
+    next wait_change says something may have changed (True at once), and only
+    that one; the matches are added again on the new connection."""
+    from agent.systemd import Systemd
+
+    unit = "zdd-api@v1.service"
+    sd = Systemd(unit_dir=tmp_path)
+    sd._bus = bus = _RecordingBus()
+    sd._private = True
+    try:
+        sd.start(unit)
+        assert sd.wait_change([unit], 0) is False  # first connection: no news
+        bus.opens = 2  # a call reconnected underneath (systemd re-executed)
+        sd.stop(unit)
+        assert sum(kind == "match" for kind, _ in bus.log) == 2
+        assert sd.wait_change([unit], 0) is True
+        assert sd.wait_change([unit], 0) is False
+    finally:
+        bus.close()
