@@ -364,7 +364,7 @@ def _swap_cmd(ctx: Ctx, cmd: str, args: dict[str, Any], as_json: bool, local: bo
 @cli.command(help="Swap SERVICE to VERSION: start it beside the serving one, admit it once "
                   "ready, drain and retire the old one. Also the first deploy. On failure "
                   "the old version keeps serving and the exit code is 4.",
-                  short_help="Swap SERVICE to VERSION, rolling back on failure.")
+                  short_help="Swap SERVICE to VERSION; on failure the old one keeps serving.")
 @click.argument("service")
 @click.option("--version", "version", required=True, help="The version to serve.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (the batches) and change nothing.")
@@ -424,7 +424,7 @@ def _render_host(out: dict[str, Any], _code: int) -> None:
                   "as it is when it exists (review it first). --undo: start UNIT again, "
                   "remove the redirect, drain the zdd instances, set the config aside. "
                   "Nothing of UNIT is ever deleted. Runs in this process, as root.",
-                  short_help="Take over a service that runs under a unit of its own.")
+                  short_help="Write a config for a unit of its own; --takeover, --undo.")
 @click.argument("unit")
 @click.option("--name", default=None, help="The service's name under zdd-agent (default: "
                                            "UNIT without .service).")
@@ -484,7 +484,8 @@ def _render_adopt(out: dict[str, Any], code: int) -> None:
                                 "answers 503 until undrain-host, across restarts and reboots. "
                                 "--wait then gives the balancers' health checks time to "
                                 "notice before maintenance starts.",
-                                short_help="Take this host out of its load balancers' rotation.")
+                                short_help="Make GET /ready answer 503: out of the balancers' "
+                                           "rotation.")
 @click.option("--reason", default="", help="Shown in the 503 body and in host-state.")
 @click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
               help="Seconds to wait after draining (e.g. 2 x the balancer's check interval "
@@ -923,7 +924,7 @@ def install(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
                   "socket: nat services go too: refused while such a service has rules "
                   "(its public port would stop answering) unless --remove-nat. Refused when "
                   "installed from the Debian package: apt remove or purge it.",
-                  short_help="Stop and remove the daemon's units; keep configs and state.")
+                  short_help="Remove the daemon's units and sysctls; keep configs and state.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @click.option("--remove-nat", is_flag=True, help="Remove the NAT rules even though socket: nat "
                                                  "services are served through them.")
