@@ -12,7 +12,8 @@ BUILD = REPO / "scripts" / "build-deb"
 
 
 def build(out: Path) -> Path:
-    """scripts/build-deb into `out`; the .deb's path. AssertionError with
+    """scripts/build-deb into `out`; the agent's .deb's path (the kit's is
+    beside it: kit()). AssertionError with
     the build's and lintian's output when either fails."""
     r = subprocess.run([str(BUILD)], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                           "ZDD_DEB_OUT": str(out), "LANG": "C.UTF-8"},
@@ -21,6 +22,13 @@ def build(out: Path) -> Path:
     deb = Path(r.stdout.strip().splitlines()[-1])
     assert deb.is_file() and deb.parent == out, r.stdout
     return deb
+
+
+def kit(deb: Path) -> Path:
+    """python3-zdd-drain's .deb, which scripts/build-deb puts beside the
+    agent's `deb` (the agent depends on it)."""
+    (found,) = deb.parent.glob("python3-zdd-drain_*_all.deb")
+    return found
 
 
 def field(deb: Path, name: str) -> str:

@@ -31,6 +31,7 @@ import yaml
 from agent.demo.load import Load, wrk_argv, write_script
 from agent.demo.run import DemoHost
 from agent.sandbox import DEFAULT_ROOT, Sandbox
+from debpkg import kit
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
@@ -123,7 +124,7 @@ class Playbook:
 class Fleet:
     def __init__(self, deb: Path, size: int = 3) -> None:
         tag = uuid.uuid4().hex[:8]
-        self.deb = deb  # under /srv: each host sees the machine's file there
+        self.deb = deb  # under /srv: each host sees the machine's files there
         self.root = DEFAULT_ROOT / f"fleet-{tag}"
         self.netns = f"zdd-fleet-{tag}"
         self.hosts = [Host(f"host{i}", i, self.root / f"host{i}") for i in range(1, size + 1)]
@@ -229,7 +230,7 @@ class Fleet:
                 "ansible_user": "root",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 **(install or {"zdd_agent_install_method": "deb",
-                               "zdd_agent_deb": str(self.deb)}),
+                               "zdd_agent_deb": [str(kit(self.deb)), str(self.deb)]}),
                 "zdd_agent_host_ready_listen": f"0.0.0.0:{HOST_READY_PORT}",
                 "zdd_agent_services": services,
             }}}

@@ -1,7 +1,8 @@
-"""The Debian package in a fresh sandboxed host: apt installs the .deb that
-scripts/build-deb made (its dependencies are Debian's, already on the
-machine: no pip, no compiler, no network), the units are enabled and not
-started, `zdd-agent install` says what it leaves to the package manager and
+"""The Debian packages in a fresh sandboxed host: apt installs the .debs that
+scripts/build-deb made, the agent and python3-zdd-drain, the drain kit
+(their dependencies are Debian's, already on the machine: no pip, no
+compiler, no network), the units are enabled and not started, `zdd-agent
+install` says what it leaves to the package manager and
 starts the daemon on Debian's python3 and pystemd, then apt purges it and
 nothing is left but the file the operator wrote. Everything dpkg writes
 lands in the sandbox's overlays (agent/sandbox.py): the machine's own /usr,
@@ -21,6 +22,7 @@ import pytest
 
 from agent.demo.release import make_release
 from agent.sandbox import Sandbox
+from debpkg import kit
 
 OPERATOR_FILE = "/etc/zdd-agent/services/api.yaml"
 # The operator's releases, inside the sandbox's /var overlay: the demo API of
@@ -33,7 +35,8 @@ listen: ["127.0.0.1:8080"]
 """
 # Files of the package and of what it starts, on the machine: none may appear.
 MACHINE_PATHS = ("/usr/bin/zdd-agent", "/usr/share/zdd-agent", "/lib/systemd/system/zdd.target",
-                 "/var/lib/dpkg/info/zdd-agent.list", "/etc/zdd-agent/agent.yaml")
+                 "/var/lib/dpkg/info/zdd-agent.list", "/etc/zdd-agent/agent.yaml",
+                 "/usr/lib/python3/dist-packages/zdd_drain")
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
@@ -94,11 +97,12 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     sb = fresh
     assert not zdd_files(sb.root / "upper")
 
-    out = run(sb, "apt-get", "install", "-y", "--no-install-recommends", str(deb)).stdout
+    out = run(sb, "apt-get", "install", "-y", "--no-install-recommends", str(kit(deb)),
+              str(deb)).stdout
     print(out[-1500:])
-    assert "Setting up zdd-agent" in out
-    # the package alone: its dependencies are Debian's, already in place
-    assert "0 upgraded, 1 newly installed, 0 to remove" in out
+    assert "Setting up zdd-agent" in out and "Setting up python3-zdd-drain" in out
+    # the two packages alone: their dependencies are Debian's, already in place
+    assert "0 upgraded, 2 newly installed, 0 to remove" in out
     status = run(sb, "dpkg-query", "-W", "-f=${Status} ${Version}", "zdd-agent").stdout
     assert status.startswith("install ok installed ")
 
@@ -112,6 +116,10 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     assert version.startswith("zdd-agent 0.1.0 (Debian package zdd-agent; units in "
                               "/lib/systemd/system, data in /usr/share/zdd-agent)"), version
     assert run(sb, "head", "-1", "/usr/bin/zdd-agent").stdout.startswith("#!/usr/bin/python3")
+    # a service on Debian's python3 imports the drain kit as it is (-I: no
+    # PYTHONPATH, no user site)
+    assert run(sb, "python3", "-I", "-c", "import zdd_drain; print(zdd_drain.__file__)"
+               ).stdout.strip() == "/usr/lib/python3/dist-packages/zdd_drain/__init__.py"
     for unit in ("zdd-agent.service", "zdd-agent.socket"):
         assert run(sb, "systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled"
         assert run(sb, "systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
@@ -158,10 +166,11 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
 
     # purge keeps the operator's config and the service, which still serves
     # and comes back at boot (zdd.target and its units are not the package's)
-    out = run(sb, "apt-get", "purge", "-y", "zdd-agent").stdout
+    out = run(sb, "apt-get", "purge", "-y", "zdd-agent", "python3-zdd-drain").stdout
     print(out[-1500:])
-    assert run(sb, "dpkg-query", "-W", "-f=${Status}", "zdd-agent",
-               check=False).stdout.strip() in ("", "unknown ok not-installed")
+    for pkg in ("zdd-agent", "python3-zdd-drain"):
+        assert run(sb, "dpkg-query", "-W", "-f=${Status}", pkg,
+                   check=False).stdout.strip() in ("", "unknown ok not-installed"), pkg
     assert run(sb, "systemctl", "is-active", "zdd-agent.service",
                check=False).stdout.strip() == "inactive"
     assert sb.path(OPERATOR_FILE).read_text() == OPERATOR_CONFIG

@@ -77,9 +77,10 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
     for h in fleet.hosts:
         assert h.zdd_json("host-state")[1]["drained"] is False
         # from the package, by apt: Debian's python3 and libraries, no virtualenv
-        status = h.sb.run(["dpkg-query", "-W", "-f=${Status} ${Version}", "zdd-agent"],
-                          capture=True).stdout
-        assert status.startswith("install ok installed "), status
+        for pkg in ("zdd-agent", "python3-zdd-drain"):
+            status = h.sb.run(["dpkg-query", "-W", "-f=${Status} ${Version}", pkg],
+                              capture=True).stdout
+            assert status.startswith("install ok installed "), (pkg, status)
         version = h.zdd("--version").stdout
         assert "(Debian package zdd-agent; units in /lib/systemd/system" in version, version
         assert h.sb.run(["head", "-1", AGENT], capture=True).stdout.startswith(
@@ -87,7 +88,7 @@ def test_fleet_install_roll_out_and_stop_at_a_broken_version(fleet: Fleet) -> No
         pips = h.sb.run(["find", "/opt", "/var/lib", "/usr/local", "-name", "pyvenv.cfg"],
                         capture=True, check=False).stdout
         assert not pips.strip(), pips
-    assert task_results(site.out, "Install the zdd-agent package file with apt") == {
+    assert task_results(site.out, "Install the zdd-agent package files with apt") == {
         f"changed: [{n}]" for n in names}
     for pip_task in ("Install the system packages the virtualenv needs",
                      "Install zdd-agent into its virtualenv"):
@@ -178,7 +179,7 @@ def test_the_roles_pip_path_installs_a_virtualenv_that_deploys(deb: Path) -> Non
         for task in ("Install the system packages the virtualenv needs",
                      "Install zdd-agent into its virtualenv"):
             assert task_results(site.out, task) != {f"skipping: [{h.name}]"}, task
-        for task in ("Install the zdd-agent package file with apt",
+        for task in ("Install the zdd-agent package files with apt",
                      "Install the zdd-agent package from the host's apt sources"):
             assert task_results(site.out, task) == {f"skipping: [{h.name}]"}, task
         again = f.playbook("site.yml", inv)

@@ -15,7 +15,7 @@ import pytest
 
 from agent import install, origin
 from agent.install import Step
-from debpkg import REPO, relations
+from debpkg import REPO, field, kit, relations
 
 # pyproject's runtime dependencies -> the Debian packages that provide them
 DEBIAN_NAME = {"pystemd": "python3-pystemd", "psutil": "python3-psutil",
@@ -58,8 +58,10 @@ def test_every_runtime_dependency_comes_from_debian(deb: Path) -> None:
     assert "systemd" in deps and "python3" in deps
     # no pip, no compiler, no -dev package on the host
     assert not [d for d in deps if d.endswith("-dev") or d in ("gcc", "python3-pip")], deps
-    # each one is known to this machine's apt (Debian 12 has them all)
-    for pkg in deps + recommends:
+    # each one but the drain kit (built beside it) is known to this machine's
+    # apt (Debian 12 has them all)
+    assert "python3-zdd-drain" in deps
+    for pkg in [d for d in deps + recommends if d != "python3-zdd-drain"]:
         r = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True)
         assert "Candidate: (none)" not in r.stdout and r.stdout.strip(), pkg
 
@@ -91,6 +93,25 @@ def test_files_are_where_debian_puts_them(deb: Path) -> None:
     # nothing in the shared dist-packages, nothing under /usr/local or /opt
     assert not [f for f in files if "dist-packages" in f or f.startswith(("/usr/local",
                                                                           "/opt"))]
+    assert not [f for f in files if "zdd_drain" in f]  # python3-zdd-drain's
+
+
+def test_the_drain_kit_is_its_own_package_for_debians_python3(deb: Path) -> None:
+    """Services import zdd_drain: from Debian's python3 with no PYTHONPATH,
+    so it is a public module, packaged as python3-<module> (Debian Python
+    Policy), of the agent's version, and the agent depends on that version."""
+    k = kit(deb)
+    files = members(k)
+    dist = "/usr/lib/python3/dist-packages/zdd_drain"
+    shipped = {f.removeprefix(dist + "/") for f in files if f.startswith(dist + "/")}
+    assert shipped == {p.name for p in (REPO / "zdd_drain").glob("*.py")}
+    assert not [f for f, m in files.items() if m.isfile() and not f.startswith(
+        (dist, "/usr/share/doc/python3-zdd-drain/"))], sorted(files)
+    assert field(k, "Version") == field(deb, "Version")
+    assert f"python3-zdd-drain (= {field(deb, 'Version')})" in field(deb, "Depends")
+    # standard library only: it needs python3 and nothing else
+    assert relations(k, "Depends") == ["python3"]
+    assert "py3compile -p python3-zdd-drain" in control(k, "postinst")
 
 
 def test_maintainer_scripts_follow_policy(deb: Path) -> None:
