@@ -145,12 +145,32 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     state = json.loads(run(sb, "zdd-agent", "host-state", "--json").stdout)
     assert state["drained"] is False  # answered by the daemon: Debian's pystemd drives it
     # an upgrade (here the same version again) restarts the running daemon
-    # (postinst: daemon-reload, try-restart) and leaves it running
-    pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
-    run(sb, "apt-get", "install", "-y", "--reinstall", str(deb))
-    wait_active(sb)
-    again_pid = run(sb, "systemctl", "show", "-P", "MainPID", "zdd-agent.service").stdout.strip()
+    # (postinst: daemon-reload, try-restart) and leaves it running; its
+    # control socket stays open throughout (commands wait in its backlog)
+    def show(unit: str, prop: str) -> str:
+        return run(sb, "systemctl", "show", "-P", prop, unit).stdout.strip()
+
+    pid = show("zdd-agent.service", "MainPID")
+    socket_since = show("zdd-agent.socket", "ActiveEnterTimestampMonotonic")
+    # commands through the daemon all along the upgrade (bounded: 600 calls,
+    # until the stop file)
+    asking = sb.popen(["sh", "-c", "n=0; f=0; while [ $n -lt 600 ] && [ ! -e /run/zdd-e2e.stop ]; "
+                       "do zdd-agent host-state >/dev/null 2>&1 || f=$((f+1)); n=$((n+1)); "
+                       "done; echo $n $f"], stdout=subprocess.PIPE, env=APT_ENV)
+    try:
+        time.sleep(1)
+        run(sb, "apt-get", "install", "-y", "--reinstall", str(deb))
+        wait_active(sb)
+        time.sleep(1)
+    finally:
+        sb.path("/run/zdd-e2e.stop").touch()
+        asked, failed = map(int, asking.communicate(timeout=120)[0].split())
+    print(f"during the upgrade: {asked} commands, {failed} failed")
+    assert asked >= 3 and failed == 0, (asked, failed)
+    again_pid = show("zdd-agent.service", "MainPID")
     assert pid != "0" and again_pid not in ("0", pid), (pid, again_pid)
+    assert show("zdd-agent.socket", "ActiveEnterTimestampMonotonic") == socket_since
+    assert show("zdd-agent.socket", "ActiveState") == "active"
     r = run(sb, "zdd-agent", "uninstall", check=False)
     assert r.returncode != 0 and "apt purge zdd-agent" in r.stderr, r.stderr
 
