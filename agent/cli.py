@@ -895,7 +895,7 @@ def check_config(file: Path, name: str | None, is_agent: bool) -> None:
                   "Debian package, the units and the sysctl.d file are the package's: it says "
                   "so (\"package\" lines), writes only agent.yaml's sysctl overrides, and "
                   "enables and starts the daemon.",
-                  short_help="Install and start the daemon's units, sysctls and config.")
+                  short_help="Start the daemon with its units, sysctls and config in place.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @json_option
 @click.pass_obj
