@@ -180,7 +180,7 @@ def test_the_roles_pip_path_installs_a_virtualenv_that_deploys(deb: Path) -> Non
                      "Install zdd-agent into its virtualenv"):
             assert task_results(site.out, task) != {f"skipping: [{h.name}]"}, task
         for task in ("Install the zdd-agent package files with apt",
-                     "Install the zdd-agent package from the host's apt sources"):
+                     "Install the zdd-agent packages from the host's apt sources"):
             assert task_results(site.out, task) == {f"skipping: [{h.name}]"}, task
         again = f.playbook("site.yml", inv)
         assert again.code == 0 and again.changed() == {h.name: 0}, show(again)
