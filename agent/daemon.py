@@ -47,6 +47,7 @@ from .state import StateStore, secure_state_dir
 from .errors import StateError
 
 READ_DEADLINE = 5.0  # seconds a client has to send its whole request
+STOP_GRACE = 2.0  # seconds the accepted clients have to send theirs when the daemon stops
 MAX_CLIENTS = 256  # connections being read at once; beyond it the oldest is closed
 MAX_CLIENTS_PER_UID = 64  # of those, one user's; beyond it that user's oldest is closed
 # Requests being executed at once; more get a "busy" error. Root and the
@@ -223,18 +224,30 @@ class ControlServer:
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        """Serve until `stopping`; then accept no more (the connections that
+        come wait in the socket's queue, which systemd holds, for the next
+        daemon) and serve the clients already accepted, STOP_GRACE seconds at
+        most: closed unread, a request sent during a restart (an upgrade)
+        was reset."""
         self.sock.setblocking(False)
         self.sel.register(self.sock, selectors.EVENT_READ)
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
             self.handle(self.sel.select(timeout=0.5))
-            now = time.monotonic()
-            for c in [c for c in self.clients.values() if c.deadline < now]:
-                self._refuse(c, "request not received within "
-                                f"{READ_DEADLINE:g}s", quiet=True)
+            self._expire()
         self.sel.unregister(self.sock)
+        end = time.monotonic() + STOP_GRACE
+        while self.clients and (left := end - time.monotonic()) > 0:
+            self.handle(self.sel.select(timeout=min(left, 0.5)))
+            self._expire()
         for c in list(self.clients.values()):
             self._drop(c)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.clients.values() if c.deadline < now]:
+            self._refuse(c, "request not received within "
+                            f"{READ_DEADLINE:g}s", quiet=True)
 
     def handle(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
         """One select round. A client evicted by _accept earlier in the same

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,25 @@ def answer(sb: Sandbox) -> str | None:
         return None
 
 
+def later(deb: Path, out: Path, version: str) -> Path:
+    """`deb` as a later build would be: the same files under `version`, its
+    drain kit dependency (>= this version, as debian/control writes it)
+    raised along; written into `out`."""
+    tree = out / f"tree-{deb.name}"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    old = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    text = control.read_text().replace(f"Version: {old}\n", f"Version: {version}\n")
+    control.write_text(text.replace(f"python3-zdd-drain (>= {old})",
+                                    f"python3-zdd-drain (>= {version})"))
+    built = out / deb.name.replace(f"_{old}_", f"_{version}_")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(built)], check=True,
+                   capture_output=True)
+    shutil.rmtree(tree)
+    return built
+
+
 def zdd_files(upper: Path) -> set[str]:
     """Paths under the sandbox's overlay upper directories that say zdd:
     what the package, dpkg and the agent wrote and left."""
@@ -144,29 +164,43 @@ def test_deb_installs_enabled_not_started_and_purges_clean(fresh: Sandbox, deb: 
     assert again["changed"] is False and again["package"] == "zdd-agent", again
     state = json.loads(run(sb, "zdd-agent", "host-state", "--json").stdout)
     assert state["drained"] is False  # answered by the daemon: Debian's pystemd drives it
-    # an upgrade (here the same version again) restarts the running daemon
-    # (postinst: daemon-reload, try-restart) and leaves it running; its
-    # control socket stays open throughout (commands wait in its backlog)
+    # An upgrade, one apt run a file as the Ansible role installs them, the
+    # kit first (the new kit must not break the old agent): it restarts the
+    # running daemon (postinst: daemon-reload, try-restart) and leaves it
+    # running; its control socket stays open throughout (commands wait in its
+    # backlog).
     def show(unit: str, prop: str) -> str:
         return run(sb, "systemctl", "show", "-P", prop, unit).stdout.strip()
+
+    up = Path(tempfile.mkdtemp(prefix="zdd-deb-up-", dir="/srv"))
+    os.chmod(up, 0o755)
+    newer = [later(kit(deb), up, "0.1.0+up1"), later(deb, up, "0.1.0+up1")]
 
     pid = show("zdd-agent.service", "MainPID")
     socket_since = show("zdd-agent.socket", "ActiveEnterTimestampMonotonic")
     # commands through the daemon all along the upgrade (bounded: 600 calls,
     # until the stop file)
     asking = sb.popen(["sh", "-c", "n=0; f=0; while [ $n -lt 600 ] && [ ! -e /run/zdd-e2e.stop ]; "
-                       "do zdd-agent host-state >/dev/null 2>&1 || f=$((f+1)); n=$((n+1)); "
+                       "do zdd-agent host-state >/dev/null 2>>/run/zdd-e2e.err || f=$((f+1)); "
+                       "n=$((n+1)); "
                        "done; echo $n $f"], stdout=subprocess.PIPE, env=APT_ENV)
     try:
         time.sleep(1)
-        run(sb, "apt-get", "install", "-y", "--reinstall", str(deb))
+        for file in newer:
+            out = run(sb, "apt-get", "install", "-y", "--no-install-recommends", str(file)).stdout
+            assert "1 upgraded, 0 newly installed, 0 to remove" in out, out[-1500:]
         wait_active(sb)
         time.sleep(1)
     finally:
         sb.path("/run/zdd-e2e.stop").touch()
         asked, failed = map(int, asking.communicate(timeout=120)[0].split())
-    print(f"during the upgrade: {asked} commands, {failed} failed")
-    assert asked >= 3 and failed == 0, (asked, failed)
+        shutil.rmtree(up)
+    for pkg in ("zdd-agent", "python3-zdd-drain"):
+        assert run(sb, "dpkg-query", "-W", "-f=${Version}", pkg).stdout == "0.1.0+up1"
+    errors = [line for line in sb.path("/run/zdd-e2e.err").read_text().splitlines()
+              if "no host_ready.listen" not in line]
+    print(f"during the upgrade: {asked} commands, {failed} failed {errors}")
+    assert asked >= 3 and failed == 0, (asked, failed, errors)
     again_pid = show("zdd-agent.service", "MainPID")
     assert pid != "0" and again_pid not in ("0", pid), (pid, again_pid)
     assert show("zdd-agent.socket", "ActiveEnterTimestampMonotonic") == socket_since

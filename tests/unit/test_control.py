@@ -155,3 +155,49 @@ def test_recovery_may_last_as_long_as_the_services_limits(tmp_path: Path) -> Non
                    "strategy: {min_ready: 5s}\n")
     cfg.chmod(0o644)
     assert d.recovery_limit() == 2 * (60 + 5 + 10 + 3600) + 60
+
+
+def test_a_stopping_daemon_serves_whom_it_accepted_and_leaves_the_rest_queued(
+        tmp_path: Path) -> None:
+    """A restart (an upgrade: systemd keeps the socket) must fail no command:
+    a client accepted before the stop still has its request read and
+    dispatched; one that connects after it waits in the socket's queue for
+    the next daemon, unread (it was reset when the daemon closed it)."""
+    import threading
+    import time
+
+    path = str(tmp_path / "c.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(16)
+    got: list[bytes] = []
+    server = daemon.ControlServer(lst, lambda conn, peer, line: (got.append(line), conn.close()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    early, late = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    try:
+        thread.start()
+        early.connect(path)
+        deadline = time.monotonic() + 5
+        while not server.clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.clients) == 1  # accepted, its request not sent yet
+        server.stopping.set()
+        time.sleep(0.6)  # the loop has seen it: it accepts no more
+        late.connect(path)
+        late.sendall(b'{"v":1,"cmd":"status"}\n')
+        early.sendall(b'{"v":1,"cmd":"host-state"}\n')
+        thread.join(timeout=daemon.STOP_GRACE + 2)
+        assert not thread.is_alive()
+        assert got == [b'{"v":1,"cmd":"host-state"}']
+        # the late one is still queued, whole, for the next daemon
+        lst.setblocking(True)
+        lst.settimeout(1)
+        conn, _ = lst.accept()
+        with conn:
+            assert conn.recv(100) == b'{"v":1,"cmd":"status"}\n'
+    finally:
+        server.stopping.set()
+        early.close()
+        late.close()
+        server.sel.close()
+        lst.close()
