@@ -95,7 +95,9 @@ def decode_request(line: bytes) -> Request:
     _, allowed, required = COMMANDS[cmd]
     unknown = set(args) - allowed
     if unknown:
-        raise ProtocolError(f"{cmd}: unknown argument(s) {', '.join(sorted(unknown))}")
+        # as repr: a client's name goes into one line of the daemon's log
+        raise ProtocolError(f"{cmd}: unknown argument(s) "
+                            f"{', '.join(repr(a) for a in sorted(unknown))}")
     missing = required - set(args)
     if missing:
         raise ProtocolError(f"{cmd}: missing argument(s) {', '.join(sorted(missing))}")

@@ -289,6 +289,7 @@ REQUESTS = st.fixed_dictionaries(
 @example(b'{"v": 1, "cmd": {}}')
 @example(b'{"v": 1, "cmd": "status", "args": {"service": []}}')
 @example(b"9" * 5000)
+@example(b'{"v":1,"cmd":"ping","args":{"\\n":null}}')  # once a two-line error
 def test_decode_request_accepts_or_raises_protocol_error(line: bytes) -> None:
     try:
         req = protocol.decode_request(line)

@@ -31,7 +31,7 @@ def test_good_requests() -> None:
     (b"[1, 2]", "JSON object"),
     (req(cmd="swap", args={"service": "api"}), "missing argument(s) version"),
     (req(cmd="swap", args={"service": "api", "version": "v2", "force": True}),
-     "unknown argument(s) force"),
+     "unknown argument(s) 'force'"),
     (req(cmd="reboot"), "unknown command"),
     (json.dumps({"v": 2, "cmd": "status"}).encode(), "protocol version 2"),
     (req(cmd="swap", args={"service": "../x", "version": "v2"}), "invalid service name"),
