@@ -23,7 +23,7 @@ import pytest
 
 from agent.demo.release import make_release
 from agent.sandbox import Sandbox
-from debpkg import kit
+from debpkg import field, kit
 
 OPERATOR_FILE = "/etc/zdd-agent/services/api.yaml"
 # The operator's releases, inside the sandbox's /var overlay: the demo API of
@@ -94,8 +94,7 @@ def later(deb: Path, out: Path, version: str) -> Path:
     tree = out / f"tree-{deb.name}"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
     control = tree / "DEBIAN" / "control"
-    old = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    old = field(deb, "Version")
     text = control.read_text().replace(f"Version: {old}\n", f"Version: {version}\n")
     control.write_text(text.replace(f"python3-zdd-drain (>= {old})",
                                     f"python3-zdd-drain (>= {version})"))
