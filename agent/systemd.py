@@ -223,8 +223,8 @@ class Systemd:
         # _watch: the object paths whose PropertiesChanged are matched on
         # this connection (before a start or a stop, or at wait_change), the
         # connection's open count they belong to, and a count of the signals
-        # seen (pystemd keeps no reference to the
-        # callback: this object holds it)
+        # seen (pystemd keeps no reference to the callback: this object
+        # holds it)
         self._watched: set[bytes] = set()
         self._watch_opens = 0
         self._reconnected = False  # _watch saw a new connection: wait_change's news
